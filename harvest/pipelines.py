@@ -1,0 +1,46 @@
+"""Named settings from pipelines.yaml; one place that resolves a pipeline by name."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import PipelineError
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINES_FILE = ROOT / "pipelines.yaml"
+DATA_DIR = ROOT / "data"
+
+
+def load_all(path: Path = PIPELINES_FILE) -> dict[str, Any]:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def default_name(path: Path = PIPELINES_FILE) -> str:
+    return load_all(path)["default"]
+
+
+def get(name: str | None, path: Path = PIPELINES_FILE) -> tuple[str, dict[str, Any]]:
+    """Return (name, settings) for a pipeline; None means the default one."""
+    spec = load_all(path)
+    name = name or spec["default"]
+    pipes = spec["pipelines"]
+    if name not in pipes:
+        raise PipelineError(f"unknown pipeline {name!r}; pipelines.yaml has: {', '.join(sorted(pipes))}")
+    p = copy.deepcopy(pipes[name])
+    for section in ("harvest", "train", "eval"):
+        p.setdefault(section, {})
+    return name, p
+
+
+def resolve_path(value: str) -> str:
+    """Paths in pipelines.yaml are relative to the repository root; URLs and hub ids pass through."""
+    if "://" in value:
+        return value
+    p = Path(value)
+    if not p.is_absolute() and (value.startswith(".") or (ROOT / p).exists()):
+        return str((ROOT / p).resolve())
+    return value
