@@ -223,8 +223,11 @@ def _prepare(p: Plan) -> None:
         "code_version": _code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "complete": False, "tokens_complete": False,
     }
-    group = store.open_group(p.location, mode="w")  # (re)start phase 1 from scratch
-    group.attrs.update(manifest)
+    group = store.open_group(p.location, mode="a")
+    for name in ("tokens", "activations", "checksums"):  # (re)start phase 1 from scratch
+        if name in group:
+            del group[name]
+    group.attrs.put(manifest)
     from .models import load_tokenizer
     tok = load_tokenizer(p.model)
     target = s.tokens // s.ctx_len if s.tokens is not None else None
