@@ -185,3 +185,55 @@ def compute_stats(arr, dtype: str) -> dict[str, Any]:
         # E||x - mean||^2: the NMSE denominator per token
         "mean_centered_sq_norm": float(norm_sq - float((mean ** 2).sum())),
     }
+
+
+def write_cache(location: str, tokens: np.ndarray, activations: dict[str, np.ndarray], dtype: str = "float32",
+                chunk_seqs: int = 16, **manifest: Any) -> Cache:
+    """Write a complete cache from in-memory arrays (activations computed elsewhere, synthetic data).
+
+    tokens [n_seq, ctx_len]; activations {site: [n_seq*ctx_len, d]} float32. `manifest` adds or
+    overrides attributes (model, dataset, ...). Harvests use harvest.run instead, which streams.
+    """
+    import json as _json
+
+    from . import store as _store
+
+    n_seq, ctx_len = tokens.shape
+    sites = list(activations)
+    d = next(iter(activations.values())).shape[1]
+    settings = {"imported": True, "sites": sites, "ctx_len": ctx_len, "n_sequences": n_seq, "dtype": dtype,
+                **{k: v for k, v in manifest.items() if isinstance(v, (str, int, float))}}
+    cache_id = hashlib.sha256(_json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    group = _store.open_group(location, mode="w")
+    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "cache_id": cache_id, "settings": settings,
+             "model": "imported", "dataset": {"dataset": "imported"}, "sites": sites, "layers": [],
+             "d_model": d, "ctx_len": ctx_len, "dtype": dtype, "chunk_seqs": chunk_seqs, "n_sequences": n_seq,
+             "n_tokens": n_seq * ctx_len, "complete": False, "tokens_complete": True, **manifest}
+    group.attrs.put(attrs)
+    t = group.create_array("tokens", shape=tokens.shape, chunks=(chunk_seqs, ctx_len), dtype="int32",
+                           compressors=None, fill_value=0)
+    t[:] = tokens.astype(np.int32)
+    n_chunks = -(-n_seq // chunk_seqs)
+    sums = np.zeros((n_chunks, 1 + len(sites)), dtype=np.uint64)
+    rows = chunk_seqs * ctx_len
+    for j, site in enumerate(sites):
+        x = activations[site]
+        if dtype == "bfloat16":
+            import torch
+            stored = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        else:
+            stored = x.astype(storage_numpy_dtype(dtype))
+        a = group.create_array(f"activations/{site}", shape=stored.shape, chunks=(rows, d),
+                               dtype=storage_numpy_dtype(dtype), compressors=None, fill_value=0,
+                               attributes={"dtype": dtype, "site": site})
+        a[:] = stored
+        for i in range(n_chunks):
+            sums[i, 1 + j] = chunk_hash(stored[i * rows:(i + 1) * rows])
+    for i in range(n_chunks):
+        sums[i, 0] = chunk_hash(tokens[i * chunk_seqs:(i + 1) * chunk_seqs].astype(np.int32))
+    s = group.create_array("checksums", shape=sums.shape, chunks=(1, sums.shape[1]), dtype="uint64",
+                           compressors=None, fill_value=0)
+    s[:] = sums
+    stats = {site: compute_stats(group[f"activations/{site}"], dtype) for site in sites}
+    group.attrs.update({"stats": stats, "complete": True})
+    return Cache(_store.normalize(location), group)

@@ -1,0 +1,138 @@
+"""The SAE math: selection, decoding, thresholds, constraints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from train.sae import SAE, SAEConfig
+from train.sparsity import Code, batch_topk_code, batch_topk_indices, sparse_decode, topk_code
+
+
+def brute_batch_topk(a: torch.Tensor, k: int) -> set[int]:
+    flat = a.flatten()
+    order = torch.argsort(flat, descending=True)[: a.shape[0] * k]
+    return {int(i) for i in order if flat[i] > 0}
+
+
+@pytest.mark.parametrize("skew", [False, True])
+def test_batch_topk_is_exact(skew):
+    torch.manual_seed(0)
+    a = torch.randn(64, 300).relu()
+    if skew:  # one token holds far more than candidates*k large values: the fallback path
+        a[3] += 50
+    idx = batch_topk_indices(a, 8)
+    assert len(idx) == 64 * 8
+    assert set(idx.tolist()) == brute_batch_topk(a, 8)
+    code = batch_topk_code(a, 8)
+    counts = code.counts
+    assert int(counts.sum()) == 64 * 8 and counts.min() < counts.max()  # variable per token
+    if skew:
+        assert counts[3] == 300
+
+
+def test_batch_topk_drops_zeros():
+    a = torch.zeros(4, 10)
+    a[0, :3] = 1.0
+    assert batch_topk_code(a, 2).vals.numel() == 3
+
+
+def test_topk_exactly_k_per_row():
+    torch.manual_seed(1)
+    a = torch.randn(50, 100).relu() + 0.01
+    code = topk_code(a, 7)
+    assert (code.counts == 7).all()
+    dense = code.dense()
+    np.testing.assert_array_equal(dense.topk(7, dim=1).values.sort(1).values, a.topk(7, dim=1).values.sort(1).values)
+
+
+def test_threshold_mode_is_jumprelu():
+    torch.manual_seed(2)
+    sae = SAE(SAEConfig("batchtopk", d_in=16, d_sae=64, k=4))
+    sae.theta.fill_(0.3)
+    x = torch.randn(20, 16)
+    pre = sae.pre(x)
+    want = pre * (pre > 0.3)
+    torch.testing.assert_close(sae.encode(x, "threshold"), want)
+
+
+def test_batch_and_threshold_modes_agree_when_theta_from_that_batch():
+    torch.manual_seed(3)
+    sae = SAE(SAEConfig("batchtopk", d_in=16, d_sae=64, k=4))
+    x = torch.randn(32, 16)
+    batch = sae.encode(x, "batch")
+    sae.theta.fill_(float(batch[batch > 0].min().detach()) - 1e-6)
+    torch.testing.assert_close(sae.encode(x, "threshold"), batch)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "relu"])
+def test_sparse_and_dense_decoders_agree(arch):
+    torch.manual_seed(4)
+    sae = SAE(SAEConfig(arch, d_in=24, d_sae=96, k=5))
+    x = torch.randn(40, 24)
+    code = sae.code(sae.pre(x), "train")
+    grads = []
+    for decode in ("sparse", "dense"):
+        sae.zero_grad()
+        out = (sparse_decode(code, sae.W_dec) if decode == "sparse" else code.dense() @ sae.W_dec) + sae.b_dec
+        (out * torch.linspace(-1, 1, 24)).pow(2).sum().backward(retain_graph=True)
+        grads.append((out.detach(), sae.W_dec.grad.clone(), sae.W_enc.grad.clone(), sae.b_enc.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_rows_stay_unit_norm_and_grad_is_orthogonal():
+    torch.manual_seed(5)
+    sae = SAE(SAEConfig("topk", d_in=16, d_sae=32, k=4))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        out, _ = sae.losses(torch.randn(64, 16), None)
+        out["loss"].backward()
+        sae.project_decoder_grad()
+        assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-5
+        opt.step()
+        sae.normalize_decoder()
+        torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(32))
+
+
+def test_aux_loss_revives_dead_latents():
+    torch.manual_seed(6)
+    d, m = 16, 64
+    sae = SAE(SAEConfig("topk", d_in=d, d_sae=m, k=2, dead_tokens=1))
+    with torch.no_grad():  # half the latents can never fire: hugely negative encoder bias
+        sae.b_enc[m // 2:] = -100.0
+    dead = torch.zeros(m, dtype=torch.bool)
+    dead[m // 2:] = True
+    x = torch.randn(256, d)
+    out, _ = sae.losses(x, dead)
+    assert "aux" in out and out["aux"] > 0
+    out["aux"].backward()
+    assert sae.b_enc.grad[m // 2:].abs().sum() == 0  # relu is closed for them ...
+    sae.zero_grad()
+    with torch.no_grad():
+        sae.b_enc[m // 2:] = 0.0
+    out, _ = sae.losses(x, dead)
+    out["aux"].backward()
+    assert sae.W_enc.grad[:, m // 2:].abs().sum() > 0  # ... and once they can, the aux loss trains them
+    assert sae.W_dec.grad[m // 2:].abs().sum() > 0
+
+
+def test_jumprelu_threshold_gets_gradient():
+    torch.manual_seed(7)
+    sae = SAE(SAEConfig("jumprelu", d_in=8, d_sae=16, bandwidth=0.5))
+    x = torch.randn(128, 8)
+    sae.init_from_data(x)
+    out, _ = sae.losses(x, None)
+    out["loss"].backward()
+    assert sae.log_threshold.grad.abs().sum() > 0
+
+
+def test_bad_configs():
+    from harvest.errors import PipelineError
+
+    for kw, msg in [(dict(arch="topk", k=0), "0 < k"), (dict(arch="topk", k=99), "0 < k"),
+                    (dict(arch="batchtopk", k=4, d_sae=0), "at least 1"), (dict(arch="gated", k=4), "unknown")]:
+        kw = {"d_in": 8, "d_sae": 16} | kw
+        with pytest.raises(PipelineError, match=msg):
+            SAEConfig(**kw)

@@ -1,0 +1,165 @@
+"""Training end to end on synthetic caches: recovery, resume, SAELens export, bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from harvest.cache import write_cache
+from harvest.errors import PipelineError
+from train.cli import main as train_cli
+from train.sae import load_sae
+from train.trainer import TrainSettings, Trainer
+
+SITE = "blocks.0.hook_resid_pre"
+
+
+def sparse_dictionary_data(n_seq=96, ctx=64, d=32, atoms=64, per_token=3, seed=0):
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((atoms, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    n = n_seq * ctx
+    f = np.zeros((n, atoms))
+    for i in range(n):
+        f[i, rng.choice(atoms, per_token, replace=False)] = rng.uniform(1.0, 3.0, per_token)
+    return (f @ D).astype(np.float32), D
+
+
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory):
+    x, D = sparse_dictionary_data()
+    loc = tmp_path_factory.mktemp("syn") / "cache"
+    tokens = np.zeros((96, 64), dtype=np.int32)
+    write_cache(str(loc), tokens, {SITE: x}, dtype="float32", chunk_seqs=8)
+    return str(loc), D
+
+
+def settings(cache, out, **kw):
+    base = dict(cache=cache, out=str(out), saes=[{"arch": "batchtopk", "d_sae": 128, "k": 3}], tokens=4096 * 12,
+                batch_size=512, lr=3e-3, log_every=4, checkpoint_every=5, device="cpu", val_fraction=0.1)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+def test_recovers_known_dictionary(synthetic_cache, tmp_path, arch):
+    cache, D = synthetic_cache
+    [d] = Trainer(settings(cache, tmp_path / arch, saes=[{"arch": arch, "d_sae": 128, "k": 3}],
+                           tokens=512 * 400)).run()
+    sae, meta = load_sae(d)
+    W = sae.W_dec.detach().numpy()
+    W = W / np.linalg.norm(W, axis=1, keepdims=True)
+    best = (D @ W.T).max(axis=1)  # for each true atom, the best-matching latent
+    assert (best > 0.9).mean() > 0.9, np.sort(best)[:10]
+    log = [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["nmse"] < 0.1 and abs(log[-1]["l0"] - 3) < 1e-6
+    assert meta["metadata"]["architecture"] == arch and meta["metadata"]["heldout_sequences"][1] == 96
+    if arch == "batchtopk":
+        assert meta["metadata"]["theta"] > 0 and meta["architecture"] == "jumprelu"
+        assert meta["metadata"]["val_nmse_threshold"] < 0.1
+
+
+def test_resume_equals_uninterrupted(synthetic_cache, tmp_path, monkeypatch):
+    cache, _ = synthetic_cache
+    sweep = [{"arch": "batchtopk", "d_sae": 64, "k": 3}, {"arch": "topk", "d_sae": 64, "k": 3},
+             {"arch": "jumprelu", "d_sae": 64}]
+    full = Trainer(settings(cache, tmp_path / "full", saes=sweep, tokens=512 * 23)).run()
+    real = Trainer._train_step
+
+    def interrupt_at_13(self, i, x):
+        if self.step == 13:
+            raise KeyboardInterrupt
+        return real(self, i, x)
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_13)
+    with pytest.raises(PipelineError, match="interrupted at step 13"):
+        Trainer(settings(cache, tmp_path / "cut", saes=sweep, tokens=512 * 23)).run()
+    monkeypatch.setattr(Trainer, "_train_step", real)
+    resumed = Trainer(settings(cache, tmp_path / "cut", saes=sweep, tokens=512 * 23)).run()
+    for a, b in zip(full, resumed):
+        sa, ma = load_sae(a)
+        sb, mb = load_sae(b)
+        for name, p in sa.state_dict().items():
+            torch.testing.assert_close(p, sb.state_dict()[name], rtol=0, atol=0, msg=name)  # bit-identical on CPU
+        assert ma["metadata"]["theta"] == mb["metadata"]["theta"]
+
+
+def test_saelens_loads_and_encodes_the_same(synthetic_cache, tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    cache, _ = synthetic_cache
+    sweep = [{"arch": "batchtopk", "d_sae": 64, "k": 3}, {"arch": "topk", "d_sae": 64, "k": 3},
+             {"arch": "jumprelu", "d_sae": 64}, {"arch": "relu", "d_sae": 64}]
+    dirs = Trainer(settings(cache, tmp_path / "r", saes=sweep, tokens=512 * 6)).run()
+    x = torch.randn(50, 32) * 3.0  # raw (unnormalised) activations
+    for d in dirs:
+        ours, meta = load_sae(d)
+        theirs = sae_lens.SAE.load_from_disk(str(d))
+        torch.testing.assert_close(theirs.encode(x), ours.encode(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours(x), rtol=1e-4, atol=1e-4)
+        assert meta["architecture"] == {"batchtopk": "jumprelu", "topk": "topk", "jumprelu": "jumprelu",
+                                        "relu": "standard"}[meta["metadata"]["architecture"]]
+
+
+def run_cli(*args):
+    r = CliRunner().invoke(train_cli, list(args))
+    return r
+
+
+def error_of(r) -> str:
+    assert r.exit_code == 2, (r.output, r.exception)
+    [line] = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    return line
+
+
+def test_bad_input(synthetic_cache, tmp_path):
+    cache, _ = synthetic_cache
+    common = ["--cache", cache, "--batch-size", "512", "--tokens", "1024", "--device", "cpu"]
+    assert "0 < k" in error_of(run_cli(*common, "--k", "0", "--dict", "64", "--out", str(tmp_path / "a")))
+    assert "0 < k" in error_of(run_cli(*common, "--k", "65", "--dict", "64", "--out", str(tmp_path / "a")))
+    assert "at least 1" in error_of(run_cli(*common, "--dict", "0", "--out", str(tmp_path / "a")))
+    assert "unknown architecture" in error_of(run_cli(*common, "--arch", "gated", "--out", str(tmp_path / "a")))
+    assert "no cache at" in error_of(run_cli("--cache", str(tmp_path / "nope"), "--out", str(tmp_path / "a")))
+    assert "no site blocks.9.hook_resid_pre" in error_of(run_cli(*common, "--site", "blocks.9.hook_resid_pre",
+                                                                 "--out", str(tmp_path / "a")))
+    ok = run_cli(*common, "--k", "3", "--dict", "64", "--out", str(tmp_path / "b"))
+    assert ok.exit_code == 0, ok.output
+    before = (tmp_path / "b" / "batchtopk_k3_m64" / "sae_weights.safetensors").read_bytes()
+    msg = error_of(run_cli(*common, "--k", "4", "--dict", "64", "--out", str(tmp_path / "b")))
+    assert "different training run" in msg
+    assert (tmp_path / "b" / "batchtopk_k3_m64" / "sae_weights.safetensors").read_bytes() == before
+    again = run_cli(*common, "--k", "3", "--dict", "64", "--out", str(tmp_path / "b"))  # finished run: no-op
+    assert again.exit_code == 0 and again.stdout.strip().endswith("batchtopk_k3_m64")
+
+
+def test_incomplete_and_corrupt_caches(synthetic_cache, tmp_path):
+    import shutil
+    import zarr
+
+    cache, _ = synthetic_cache
+    part = tmp_path / "partial"
+    shutil.copytree(cache, part)
+    g = zarr.open_group(str(part), mode="r+")
+    g.attrs["complete"] = False
+    assert "incomplete" in error_of(run_cli("--cache", str(part), "--out", str(tmp_path / "o1")))
+    bad = tmp_path / "bad"
+    shutil.copytree(cache, bad)
+    chunk = bad / "activations" / SITE / "c" / "2" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[7] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    msg = error_of(run_cli("--cache", str(bad), "--out", str(tmp_path / "o2"), "--batch-size", "512",
+                           "--tokens", "8192", "--device", "cpu"))
+    assert "chunk 2" in msg and "fails its checksum" in msg
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(synthetic_cache, tmp_path):
+    cache, _ = synthetic_cache
+    out = tmp_path / "nan"
+    s = settings(cache, out, lr=1e30, tokens=512 * 20, checkpoint_every=1)
+    with pytest.raises(PipelineError, match=r"loss became (nan|inf) at step \d+ .*last good checkpoint"):
+        Trainer(s).run()
+    assert (out / "state.pt").exists()

@@ -1,0 +1,1 @@
+"""Train: BatchTopK and baseline sparse autoencoders on cached activations."""

@@ -1,0 +1,318 @@
+"""Train one or several SAEs (a sweep) in a single pass over a cache, with checkpoints and resume."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from harvest import distributed
+from harvest.cache import Cache
+from harvest.errors import PipelineError
+
+from .data import ActivationStream, Split, heldout_rows, warn_epochs
+from .sae import SAE, SAEConfig, save_sae
+
+STATE_FILE = "state.pt"
+RUN_FILE = "run.json"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainSettings:
+    cache: str
+    saes: list[dict[str, Any]]          # SAEConfig fields except d_in
+    out: str
+    site: str | None = None             # default: the cache's only (first) site
+    tokens: int | None = None           # None: one epoch of the training part
+    batch_size: int = 4096
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    seed: int = 0
+    val_fraction: float = 0.05
+    theta_window: float = 0.2           # theta = mean over the last 20% of training batches
+    log_every: int = 10
+    checkpoint_every: int = 200
+    shuffle_mb: float = 512
+    device: str | None = None
+    pipeline: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same run (resume only a matching one)."""
+        keep = ("saes", "site", "tokens", "batch_size", "lr", "betas", "seed", "val_fraction", "theta_window")
+        return {"cache_id": None, **{k: getattr(self, k) for k in keep}}
+
+
+class Objective(nn.Module):
+    """Wraps an SAE so DistributedDataParallel sees the training loss as its forward."""
+
+    def __init__(self, sae: SAE):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor, dead: torch.Tensor):
+        return self.sae.losses(x, dead)
+
+
+def _autocast(device: str):
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, s: TrainSettings):
+        self.s = s
+        self.rank, self.world, dev = distributed.init_from_env()
+        self.device = s.device or dev
+        self.cache = Cache.open(s.cache)  # complete, or a clear error
+        self.site = s.site or self.cache.sites[0]
+        self.cache.check_site(self.site)
+        stats = self.cache.stats(self.site)
+        self.d = self.cache.d_model()
+        self.scale = math.sqrt(self.d) / float(stats["mean_norm"])
+        self.split = Split.of(self.cache, s.val_fraction)
+        self.stream = ActivationStream(self.cache, self.site, self.split.train_chunks, s.batch_size, self.scale,
+                                       seed=s.seed, parts=self.world, my_parts=(self.rank,),
+                                       shuffle_mb=s.shuffle_mb, device=self.device)
+        self.tokens = s.tokens if s.tokens is not None else self.stream.epoch_tokens
+        self.total_steps = max(1, math.ceil(self.tokens / s.batch_size))
+        self.out = Path(s.out)
+        self.identity = s.identity() | {"cache_id": self.cache.attrs["cache_id"], "site": self.site}
+        torch.manual_seed(s.seed)
+        gen = torch.Generator().manual_seed(s.seed)
+        self.cfgs = [SAEConfig(d_in=self.d, **c) for c in s.saes]
+        names = [c.name for c in self.cfgs]
+        if len(set(names)) != len(names):
+            raise PipelineError(f"the sweep names the same SAE twice: {', '.join(names)}")
+        self.saes = [SAE(c, gen).to(self.device) for c in self.cfgs]
+        mean = torch.as_tensor(stats["mean"], dtype=torch.float32) * self.scale
+        for sae in self.saes:
+            with torch.no_grad():
+                sae.b_dec.copy_(mean)
+        self.objectives: list[nn.Module] = [Objective(sae) for sae in self.saes]
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.objectives = [DDP(o, device_ids=[torch.device(self.device).index] if self.device.startswith("cuda")
+                                   else None) for o in self.objectives]
+        self.opts = [torch.optim.Adam(sae.parameters(), lr=s.lr, betas=tuple(s.betas)) for sae in self.saes]
+        self.since_fired = [torch.zeros(c.d_sae, dtype=torch.long, device=self.device) for c in self.cfgs]
+        self.theta_sum = [0.0] * len(self.saes)
+        self.theta_n = [0] * len(self.saes)
+        self.step = 0
+        self.theta_from = self.total_steps - max(1, round(self.total_steps * s.theta_window))
+
+    # ------------------------------------------------------------ state
+    def sae_dir(self, cfg: SAEConfig) -> Path:
+        return self.out / cfg.name
+
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "identity": self.identity,
+                "saes": [s.state_dict() for s in self.saes], "opts": [o.state_dict() for o in self.opts],
+                "since_fired": [t.cpu() for t in self.since_fired], "theta_sum": self.theta_sum,
+                "theta_n": self.theta_n, "torch_rng": torch.get_rng_state()}
+
+    def save_state(self) -> None:
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / (STATE_FILE + ".tmp")
+        torch.save(self._state(), tmp)
+        tmp.replace(self.out / STATE_FILE)
+
+    def _check_out(self) -> bool:
+        """True when OUT already holds this finished run. Refuse an OUT holding another run."""
+        run_file = self.out / RUN_FILE
+        if not run_file.exists():
+            if self.out.exists() and any(self.out.iterdir()):
+                raise PipelineError(f"OUT {self.out} is not empty and holds no training run; choose another OUT")
+            return False
+        run = json.loads(run_file.read_text())
+        if run.get("identity") != json.loads(json.dumps(self.identity)):
+            raise PipelineError(f"OUT {self.out} holds a different training run; refusing to touch it "
+                                "(choose another OUT, or delete it yourself)")
+        return bool(run.get("complete"))
+
+    def _resume(self) -> None:
+        path = self.out / STATE_FILE
+        if not path.exists():
+            return
+        st = torch.load(path, map_location=self.device, weights_only=False)
+        for sae, sd in zip(self.saes, st["saes"]):
+            sae.load_state_dict(sd)
+        for opt, sd in zip(self.opts, st["opts"]):
+            opt.load_state_dict(sd)
+        self.since_fired = [t.to(self.device) for t in st["since_fired"]]
+        self.theta_sum, self.theta_n, self.step = st["theta_sum"], st["theta_n"], st["step"]
+        torch.set_rng_state(st["torch_rng"])
+        if self.rank == 0:
+            print(f"resuming {self.out} at step {self.step}/{self.total_steps}", file=sys.stderr)
+
+    # ------------------------------------------------------------ loop
+    def run(self) -> list[Path]:
+        if self._check_out():
+            return [self.sae_dir(c) for c in self.cfgs]
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / RUN_FILE).write_text(json.dumps({"identity": self.identity, "complete": False,
+                                                         "settings": asdict(self.s)}, indent=2))
+        distributed.barrier()
+        self._resume()
+        warn_epochs(self.tokens, self.stream.epoch_tokens)
+        logs = []
+        for c in self.cfgs:
+            if self.rank == 0:
+                self.sae_dir(c).mkdir(parents=True, exist_ok=True)
+            logs.append(open(self.sae_dir(c) / LOG_FILE, "a") if self.rank == 0 else None)
+        tb = _tensorboard(self.out) if self.rank == 0 else None
+        bar = tqdm(total=self.total_steps * self.s.batch_size, initial=self.step * self.s.batch_size, unit="tok",
+                   unit_scale=True, desc="train", file=sys.stderr, disable=None if self.rank == 0 else True)
+        interrupted = {"flag": False}
+        old = signal.signal(signal.SIGTERM, lambda *a: interrupted.update(flag=True))
+        t0, tok0 = time.perf_counter(), self.step * self.s.batch_size
+        batches = self.stream.batches(self.step)
+        try:
+            if self.step == 0:
+                first = self.stream.batches(0)
+                x0 = next(first)
+                first.close()
+                for sae in self.saes:
+                    sae.init_from_data(x0)
+            while self.step < self.total_steps:
+                x = next(batches)
+                metrics = [self._train_step(i, x) for i in range(len(self.saes))]
+                self.step += 1
+                bar.update(self.s.batch_size)
+                if self.step % self.s.log_every == 0 or self.step == self.total_steps:
+                    rate = (self.step * self.s.batch_size - tok0) / (time.perf_counter() - t0)
+                    for cfg, m, f in zip(self.cfgs, metrics, logs):
+                        if f is not None:
+                            rec = {"step": self.step, "tokens": self.step * self.s.batch_size, **m,
+                                   "tokens_per_s": rate}
+                            f.write(json.dumps(rec) + "\n")
+                            f.flush()
+                            if tb is not None:
+                                for k, v in m.items():
+                                    tb.add_scalar(f"{cfg.name}/{k}", v, self.step)
+                if self.step % self.s.checkpoint_every == 0:
+                    self.save_state()
+                if interrupted["flag"]:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            self.save_state()
+            bar.close()
+            raise PipelineError(f"interrupted at step {self.step}/{self.total_steps}; state saved in {self.out}, "
+                                "run the same command to resume") from None
+        finally:
+            signal.signal(signal.SIGTERM, old)
+            batches.close()
+            for f in logs:
+                if f is not None:
+                    f.close()
+        bar.close()
+        return self._finish()
+
+    def _train_step(self, i: int, x: torch.Tensor) -> dict[str, float]:
+        sae, opt, obj = self.saes[i], self.opts[i], self.objectives[i]
+        dead = self.since_fired[i] >= sae.cfg.dead_tokens
+        opt.zero_grad(set_to_none=True)
+        with _autocast(self.device):
+            out, code = obj(x, dead)
+        loss = out["loss"]
+        if not bool(torch.isfinite(loss)):
+            raise PipelineError(f"loss became {float(loss)} at step {self.step + 1} for {sae.cfg.name}; stopped; "
+                                f"the last good checkpoint in {self.out} is kept (step "
+                                f"{self._saved_step()}); try a lower learning rate")
+        loss.backward()
+        sae.project_decoder_grad()
+        opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            fired = torch.bincount(code.cols, minlength=sae.cfg.d_sae)
+            distributed.all_reduce_(fired)
+            self.since_fired[i] = torch.where(fired > 0, 0, self.since_fired[i] + x.shape[0] * self.world)
+            if sae.cfg.arch == "batchtopk" and self.step >= self.theta_from and code.vals.numel():
+                mn = code.vals.detach().min().float().reshape(1)
+                distributed.all_reduce_(mn, "sum")
+                self.theta_sum[i] += float(mn) / self.world
+                self.theta_n[i] += 1
+            if (self.step + 1) % self.s.log_every and self.step + 1 != self.total_steps:
+                return {}
+            x_hat = out["x_hat"].float()
+            err = (x - x_hat).pow(2).sum()
+            var = (x - x.mean(0)).pow(2).sum()
+            m = {k: float(v) for k, v in out.items() if k != "x_hat"}
+            m.update(nmse=float(err / var), l0=code.vals.numel() / x.shape[0],
+                     dead=int((self.since_fired[i] >= sae.cfg.dead_tokens).sum()))
+            if self.theta_n[i]:
+                m["theta"] = self.theta_sum[i] / self.theta_n[i]
+            return m
+
+    def _saved_step(self) -> int | str:
+        p = self.out / STATE_FILE
+        return torch.load(p, weights_only=False)["step"] if p.exists() else "none"
+
+    def _finish(self) -> list[Path]:
+        dirs = []
+        for i, (sae, cfg) in enumerate(zip(self.saes, self.cfgs)):
+            if cfg.arch == "batchtopk":
+                sae.theta.fill_(self.theta_sum[i] / max(1, self.theta_n[i]))
+            dirs.append(self.sae_dir(cfg))
+        if self.rank == 0:
+            val = heldout_rows(self.cache, self.site, self.split, 8192, self.scale).to(self.device)
+            for sae, cfg, d in zip(self.saes, self.cfgs, dirs):
+                meta = self._metadata(cfg)
+                with torch.no_grad():
+                    for mode in (("batch", "threshold") if cfg.arch == "batchtopk" else ("threshold",)):
+                        x_hat = sae(val, mode)
+                        meta[f"val_nmse_{mode}"] = float((val - x_hat).pow(2).sum() / (val - val.mean(0)).pow(2).sum())
+                save_sae(sae, d, self.scale, meta)
+            self.save_state()
+            run = json.loads((self.out / RUN_FILE).read_text())
+            (self.out / RUN_FILE).write_text(json.dumps(run | {"complete": True, "saes": [str(d) for d in dirs]},
+                                                        indent=2))
+        distributed.barrier()
+        return dirs
+
+    def _metadata(self, cfg: SAEConfig) -> dict[str, Any]:
+        a = self.cache.attrs
+        held = self.split.heldout_chunks
+        return {
+            "model_name": a["model"], "hook_name": self.site, "context_size": a["ctx_len"], "prepend_bos": True,
+            "dataset_path": a["dataset"].get("dataset"), "cache": self.cache.location, "cache_id": a["cache_id"],
+            "architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae, "pipeline": self.s.pipeline,
+            "heldout_sequences": [self.cache.seq_range(held[0])[0], self.cache.n_sequences] if held else None,
+            "training_tokens": self.step * self.s.batch_size, "batch_size": self.s.batch_size, "lr": self.s.lr,
+            "seed": self.s.seed, "world_size": self.world,
+            "theta": float(self.saes[self.cfgs.index(cfg)].theta) if cfg.arch == "batchtopk" else None,
+            "theta_estimate": f"mean over the last {self.s.theta_window:.0%} of training batches of the smallest "
+                              "kept activation" if cfg.arch == "batchtopk" else None,
+        }
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def run_id(cache_id: str, s: TrainSettings) -> str:
+    ident = s.identity() | {"cache_id": cache_id}
+    h = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    if len(s.saes) == 1:
+        cfg = SAEConfig(d_in=1, **s.saes[0]) if s.saes[0].get("k", 1) <= s.saes[0]["d_sae"] else None
+        return f"{cfg.name if cfg else 'run'}-{h}"
+    return f"sweep{len(s.saes)}-{h}"
