@@ -106,6 +106,13 @@ class Cache:
             raise PipelineError(f"cache {self.location} has no statistics for {site} (incomplete harvest?)")
         return {k: (np.asarray(v, dtype=np.float64) if isinstance(v, list) else v) for k, v in s.items()}
 
+    def train_stats(self, site: str, include_bos: bool) -> dict[str, Any]:
+        """Statistics of the tokens an SAE sees: all, or non-BOS positions only."""
+        st = self.stats(site)
+        if include_bos or "non_bos" not in st:
+            return st
+        return {k: (np.asarray(v, dtype=np.float64) if isinstance(v, list) else v) for k, v in st["non_bos"].items()}
+
     def check_site(self, site: str) -> None:
         if site not in self.sites:
             raise PipelineError(f"cache {self.location} has no site {site}; it holds: {', '.join(self.sites)}")
@@ -166,25 +173,39 @@ class Cache:
             return [p for ps in pool.map(check, range(self.n_chunks)) for p in ps]
 
 
-def compute_stats(arr, dtype: str) -> dict[str, Any]:
-    """Out-of-core statistics of one site with dask: mean, mean norm, E[x^2], max |x| per dimension."""
+def compute_stats(arr, dtype: str, tokens=None) -> dict[str, Any]:
+    """Out-of-core statistics of one site with dask: mean, E[x^2], max |x| per dimension, mean norm.
+
+    With `tokens` (the cache's token array), the same statistics over non-BOS positions go
+    under "non_bos" (BOS = tokens[0, 0]; its residual is often huge and constant).
+    """
     import dask
     import dask.array as da
 
     x = da.from_zarr(arr).map_blocks(to_float32, dtype, dtype=np.float32).astype(np.float64)
-    norms = da.sqrt((x ** 2).sum(axis=1))
+    sq = (x ** 2).sum(axis=1)
+    todo = {"sum": x.sum(axis=0), "sum_sq": (x ** 2).sum(axis=0), "abs_max": abs(x).max(axis=0),
+            "sum_norm": da.sqrt(sq).sum(), "sum_sq_norm": sq.sum()}
+    if tokens is not None:
+        bos = int(tokens[0, 0])
+        w = (da.from_zarr(tokens).reshape(-1).rechunk(x.chunks[0]) != bos).astype(np.float64)
+        todo.update(nb_n=w.sum(), nb_sum=(x * w[:, None]).sum(axis=0), nb_sum_sq=((x ** 2) * w[:, None]).sum(axis=0),
+                    nb_sum_norm=(da.sqrt(sq) * w).sum(), nb_sum_sq_norm=(sq * w).sum())
     with dask.config.set(scheduler="threads"):
-        mean, sq, absmax, mean_norm, norm_sq = dask.compute(
-            x.mean(axis=0), (x ** 2).mean(axis=0), abs(x).max(axis=0), norms.mean(), (norms ** 2).mean())
-    return {
-        "n": int(arr.shape[0]),
-        "mean": mean.tolist(),
-        "mean_sq": sq.tolist(),
-        "abs_max": absmax.tolist(),
-        "mean_norm": float(mean_norm),
-        # E||x - mean||^2: the NMSE denominator per token
-        "mean_centered_sq_norm": float(norm_sq - float((mean ** 2).sum())),
-    }
+        r = dict(zip(todo, dask.compute(*todo.values())))
+
+    def summary(n, s, s2, snorm, s2norm) -> dict[str, Any]:
+        mean = s / n
+        return {"n": int(n), "mean": mean.tolist(), "mean_sq": (s2 / n).tolist(), "mean_norm": float(snorm / n),
+                # E||x - mean||^2: the NMSE denominator per token
+                "mean_centered_sq_norm": float(s2norm / n - float((mean ** 2).sum()))}
+
+    out = summary(arr.shape[0], r["sum"], r["sum_sq"], r["sum_norm"], r["sum_sq_norm"])
+    out["abs_max"] = r["abs_max"].tolist()
+    if tokens is not None and r["nb_n"] > 0:
+        out["non_bos"] = summary(r["nb_n"], r["nb_sum"], r["nb_sum_sq"], r["nb_sum_norm"], r["nb_sum_sq_norm"])
+        out["bos_token"] = bos
+    return out
 
 
 def write_cache(location: str, tokens: np.ndarray, activations: dict[str, np.ndarray], dtype: str = "float32",
@@ -234,6 +255,6 @@ def write_cache(location: str, tokens: np.ndarray, activations: dict[str, np.nda
     s = group.create_array("checksums", shape=sums.shape, chunks=(1, sums.shape[1]), dtype="uint64",
                            compressors=None, fill_value=0)
     s[:] = sums
-    stats = {site: compute_stats(group[f"activations/{site}"], dtype) for site in sites}
+    stats = {site: compute_stats(group[f"activations/{site}"], dtype, group["tokens"]) for site in sites}
     group.attrs.update({"stats": stats, "complete": True})
     return Cache(_store.normalize(location), group)

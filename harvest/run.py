@@ -389,7 +389,7 @@ def _finish(p: Plan, cache: Cache) -> None:
     missing = int((~cache.done_chunks()).sum())
     if missing:
         raise PipelineError(f"{missing} chunks of {p.location} are still missing after the harvest; rerun it")
-    stats = {site: compute_stats(cache.activations(site), cache.dtype) for site in p.sites}
+    stats = {site: compute_stats(cache.activations(site), cache.dtype, cache.tokens) for site in p.sites}
     # One metadata write: statistics and `complete: true` together, last of all.
     cache.group.attrs.update({"stats": stats, "complete": True,
                               "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

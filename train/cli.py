@@ -88,11 +88,12 @@ def sweep_from(train: dict[str, Any], cli: dict[str, Any], d_in: int, extra: dic
 @click.option("--val-fraction", type=float, help="Fraction of the cache's chunks held out (default 0.05).")
 @click.option("--log-every", type=int, help="Steps between log records.")
 @click.option("--checkpoint-every", type=int, help="Steps between training-state checkpoints.")
+@click.option("--include-bos", is_flag=True, default=None, help="Train on BOS positions too (default: left out).")
 @click.option("--device", help="cuda or cpu (default: CUDA when present).")
 @click.option("--out", help="Run directory (default data/saes/<pipeline>/<run id>).")
 @one_line_errors
 def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, tokens, batch_size, lr, seed, dead_tokens,
-         val_fraction, log_every, checkpoint_every, device, out) -> None:
+         val_fraction, log_every, checkpoint_every, include_bos, device, out) -> None:
     """Train BatchTopK (default) and baseline SAEs; one pass over the cache feeds a whole sweep.
 
     Rerunning after an interruption resumes; rerunning a finished run prints its SAEs again.
@@ -119,7 +120,8 @@ def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, tokens, batc
     s = TrainSettings(cache=c.location, saes=saes, out="", site=site or train.get("site"), pipeline=name,
                       tokens=parse_tokens(tokens if tokens is not None else train.get("tokens", "all")))
     for key, val in (("batch_size", batch_size), ("lr", lr), ("seed", seed), ("val_fraction", val_fraction),
-                     ("log_every", log_every), ("checkpoint_every", checkpoint_every), ("device", device)):
+                     ("log_every", log_every), ("checkpoint_every", checkpoint_every), ("device", device),
+                     ("include_bos", include_bos)):
         if val is None and key in train:
             val = train[key]
         if val is not None:

@@ -43,7 +43,7 @@ class ActivationStream:
 
     def __init__(self, cache: Cache, site: str, chunks: tuple[int, ...], batch_size: int, scale: float,
                  seed: int = 0, parts: int = 1, my_parts: tuple[int, ...] = (0,), shuffle_mb: float = 512,
-                 read_threads: int = 4, device: str = "cpu", prefetch: int = 4):
+                 read_threads: int = 4, device: str = "cpu", prefetch: int = 4, drop_token: int | None = None):
         if batch_size % parts:
             raise PipelineError(f"batch size {batch_size} is not divisible by the {parts} data parts (ranks)")
         self.cache, self.site, self.chunks = cache, site, tuple(chunks)
@@ -53,6 +53,12 @@ class ActivationStream:
         self.local = batch_size // parts
         self.scale, self.seed, self.parts, self.my_parts = scale, seed, parts, tuple(my_parts)
         self.device, self.prefetch, self.read_threads = device, prefetch, read_threads
+        self.drop_token = drop_token
+        # rows each chunk contributes (positions holding drop_token, e.g. BOS, are left out)
+        self.rows_in = {c: cache.row_range(c)[1] - cache.row_range(c)[0] for c in self.chunks}
+        if drop_token is not None:
+            toks = cache.tokens
+            self.rows_in = {c: int((toks[slice(*cache.seq_range(c))] != drop_token).sum()) for c in self.chunks}
         d = cache.d_model()
         chunk_rows = cache.chunk_seqs * cache.ctx_len
         self.window = max(1, int(shuffle_mb * 2**20 // (chunk_rows * d * 4)))
@@ -67,7 +73,7 @@ class ActivationStream:
         return [int(c) for c in perm[part::self.parts]]
 
     def _rows_of_part(self, part: int, epoch: int) -> int:
-        return sum(self.cache.row_range(c)[1] - self.cache.row_range(c)[0] for c in self._epoch_chunks(epoch, part))
+        return sum(self.rows_in[c] for c in self._epoch_chunks(epoch, part))
 
     @property
     def epoch_tokens(self) -> int:
@@ -80,6 +86,8 @@ class ActivationStream:
             if chunk_hash(block) != int(self.sums[c, self.col]):
                 raise PipelineError(f"chunk {c} of {self.site} in {self.cache.location} fails its checksum "
                                     "(corrupt cache); run `python -m harvest verify` on it")
+            if self.drop_token is not None:
+                block = block[(self.cache.tokens[slice(*self.cache.seq_range(c))] != self.drop_token).reshape(-1)]
             return block
         raw = np.concatenate(list(pool.map(read, chunks)))
         return to_float32(raw, self.cache.dtype)
@@ -94,7 +102,7 @@ class ActivationStream:
             carry = np.empty((0, self.arr.shape[1]), dtype=np.float32)
             emitted = j
             for w, wchunks in enumerate(windows):
-                n_rows = sum(self.cache.row_range(c)[1] - self.cache.row_range(c)[0] for c in wchunks)
+                n_rows = sum(self.rows_in[c] for c in wchunks)
                 if skip >= n_rows:  # whole window already consumed: don't read it
                     skip -= n_rows
                     continue
@@ -148,10 +156,16 @@ def warn_epochs(tokens: int, epoch_tokens: int) -> None:
                       f"{tokens:,} tokens repeats it {tokens / epoch_tokens:.1f} times", stacklevel=2)
 
 
-def heldout_rows(cache: Cache, site: str, split: Split, max_rows: int, scale: float = 1.0) -> torch.Tensor:
-    """The first max_rows held-out rows of a site (float32, times scale)."""
+def heldout_rows(cache: Cache, site: str, split: Split, max_rows: int, scale: float = 1.0,
+                 drop_token: int | None = None) -> torch.Tensor:
+    """Up to max_rows held-out rows of a site (float32, times scale), without drop_token positions."""
     if not split.heldout_chunks:
         raise PipelineError("no held-out chunks (val_fraction is 0)")
     r0 = cache.row_range(split.heldout_chunks[0])[0]
     r1 = min(cache.row_range(split.heldout_chunks[-1])[1], r0 + max_rows)
-    return torch.from_numpy(cache.read_rows(site, r0, r1)).mul_(scale)
+    x = cache.read_rows(site, r0, r1)
+    if drop_token is not None:
+        ctx = cache.ctx_len
+        toks = cache.tokens[r0 // ctx: -(-r1 // ctx)].reshape(-1)[: r1 - r0 + (r0 % ctx)][r0 % ctx:]
+        x = x[toks != drop_token]
+    return torch.from_numpy(np.ascontiguousarray(x)).mul_(scale)

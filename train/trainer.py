@@ -45,12 +45,14 @@ class TrainSettings:
     log_every: int = 10
     checkpoint_every: int = 200
     shuffle_mb: float = 512
+    include_bos: bool = False           # BOS rows (huge, constant residuals) are left out by default
     device: str | None = None
     pipeline: str | None = None
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (resume only a matching one)."""
-        keep = ("saes", "site", "tokens", "batch_size", "lr", "betas", "seed", "val_fraction", "theta_window")
+        keep = ("saes", "site", "tokens", "batch_size", "lr", "betas", "seed", "val_fraction", "theta_window",
+                "include_bos")
         return {"cache_id": None, **{k: getattr(self, k) for k in keep}}
 
 
@@ -79,13 +81,14 @@ class Trainer:
         self.cache = Cache.open(s.cache)  # complete, or a clear error
         self.site = s.site or self.cache.sites[0]
         self.cache.check_site(self.site)
-        stats = self.cache.stats(self.site)
+        stats = self.cache.train_stats(self.site, s.include_bos)
+        self.drop = None if s.include_bos else int(self.cache.tokens[0, 0])
         self.d = self.cache.d_model()
         self.scale = math.sqrt(self.d) / float(stats["mean_norm"])
         self.split = Split.of(self.cache, s.val_fraction)
         self.stream = ActivationStream(self.cache, self.site, self.split.train_chunks, s.batch_size, self.scale,
                                        seed=s.seed, parts=self.world, my_parts=(self.rank,),
-                                       shuffle_mb=s.shuffle_mb, device=self.device)
+                                       shuffle_mb=s.shuffle_mb, device=self.device, drop_token=self.drop)
         self.tokens = s.tokens if s.tokens is not None else self.stream.epoch_tokens
         self.total_steps = max(1, math.ceil(self.tokens / s.batch_size))
         self.out = Path(s.out)
@@ -270,7 +273,7 @@ class Trainer:
                 sae.theta.fill_(self.theta_sum[i] / max(1, self.theta_n[i]))
             dirs.append(self.sae_dir(cfg))
         if self.rank == 0:
-            val = heldout_rows(self.cache, self.site, self.split, 8192, self.scale).to(self.device)
+            val = heldout_rows(self.cache, self.site, self.split, 8192, self.scale, self.drop).to(self.device)
             for sae, cfg, d in zip(self.saes, self.cfgs, dirs):
                 meta = self._metadata(cfg)
                 with torch.no_grad():
@@ -294,7 +297,7 @@ class Trainer:
             "architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae, "pipeline": self.s.pipeline,
             "heldout_sequences": [self.cache.seq_range(held[0])[0], self.cache.n_sequences] if held else None,
             "training_tokens": self.step * self.s.batch_size, "batch_size": self.s.batch_size, "lr": self.s.lr,
-            "seed": self.s.seed, "world_size": self.world,
+            "seed": self.s.seed, "world_size": self.world, "include_bos": self.s.include_bos,
             "theta": float(self.saes[self.cfgs.index(cfg)].theta) if cfg.arch == "batchtopk" else None,
             "theta_estimate": f"mean over the last {self.s.theta_window:.0%} of training batches of the smallest "
                               "kept activation" if cfg.arch == "batchtopk" else None,

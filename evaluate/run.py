@@ -1,0 +1,185 @@
+"""Evaluate SAEs on held-out tokens: reconstruction metrics and spliced-in cross-entropy."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from harvest import models
+from harvest.cache import Cache
+from harvest.errors import PipelineError
+from harvest.pipelines import DATA_DIR
+from train.sae import SAE, load_sae
+
+from .metrics import CE, DEFINITIONS, Recon, token_ce, token_kl
+from .splice import Splicer
+
+METRICS_FILE = "metrics.json"
+# x [n, d] -> (x_hat [n, d], active latents per token [n], firings per latent [m])
+Reconstructor = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class EvalSettings:
+    saes: list[str]
+    tokens: int = 4096
+    batch_seqs: int = 8
+    exclude_bos: bool = True
+    device: str | None = None
+    dataset: str | None = None  # evaluate on another corpus instead of the cache's held-out part
+
+
+def sae_reconstructor(sae: SAE, mode: str) -> Reconstructor:
+    def run(x: torch.Tensor):
+        code = sae.code(sae.pre(x), mode)
+        return sae.decode_code(code), code.counts, torch.bincount(code.cols, minlength=sae.cfg.d_sae)
+    return run
+
+
+def modes_of(sae: SAE) -> tuple[str, ...]:
+    """BatchTopK both ways (threshold first: it is the inference mode); others one way."""
+    return ("threshold", "batch") if sae.cfg.arch == "batchtopk" else ("threshold",)
+
+
+@torch.inference_mode()
+def evaluate_site(model, site: str, batches: Iterable[torch.Tensor], recons: dict[str, tuple[Reconstructor, int]],
+                  mean: torch.Tensor, bos_id: int | None, progress: bool = True) -> dict[str, dict]:
+    """Metrics for each reconstructor on the given token batches.
+
+    recons: name -> (reconstructor, d_sae). Positions holding bos_id (when not None) keep their
+    clean activation and are left out of the reconstruction metrics.
+    """
+    sp = Splicer(model, site)
+    clean_ce, zero_ce, mean_ce = CE(), CE(), CE()
+    stats = {name: Recon(d_sae) for name, (_, d_sae) in recons.items()}
+    batches = list(batches)
+    bar = tqdm(batches, desc=f"eval {site}", unit="batch", file=sys.stderr, disable=None if progress else True)
+    try:
+        for ids in bar:
+            logits, act = sp.clean(ids)
+            clean_ce.add(token_ce(logits, ids))
+            mask = (ids != bos_id) if bos_id is not None else torch.ones_like(ids, dtype=torch.bool)
+
+            def put(values: torch.Tensor):
+                def fn(h: torch.Tensor) -> torch.Tensor:
+                    h = h.clone()
+                    h[mask] = values.to(h.dtype)
+                    return h
+                return fn
+
+            n_sel = int(mask.sum())
+            zero_ce.add(token_ce(sp.spliced(ids, put(torch.zeros(n_sel, act.shape[-1]))), ids))
+            mean_ce.add(token_ce(sp.spliced(ids, put(mean.expand(n_sel, -1))), ids))
+            x = act[mask].float()
+            for name, (rec, _) in recons.items():
+                x_hat, counts, fired = rec(x)
+                st = stats[name]
+                st.add(x, x_hat, counts, fired)
+                spliced = sp.spliced(ids, put(x_hat))
+                st.ce.add(token_ce(spliced, ids))
+                st.kl.add(token_kl(logits[:, :-1], spliced[:, :-1]))
+    finally:
+        sp.close()
+    return {name: st.result(clean_ce.mean, zero_ce.mean, mean_ce.mean) for name, st in stats.items()}
+
+
+def eval_tokens(cache: Cache, start_seq: int, n_tokens: int, batch_seqs: int) -> list[torch.Tensor]:
+    """Batches of held-out sequences [start_seq, ...) covering n_tokens tokens."""
+    n_seq = math.ceil(n_tokens / cache.ctx_len)
+    have = cache.n_sequences - start_seq
+    if have < n_seq:
+        raise PipelineError(f"the held-out part of {cache.location} has only {have * cache.ctx_len} tokens, fewer "
+                            f"than the {n_tokens} asked for evaluation; ask for fewer (--tokens) or harvest more")
+    toks = torch.from_numpy(cache.tokens[start_seq:start_seq + n_seq].astype(np.int64))
+    return list(toks.split(batch_seqs))
+
+
+def corpus_tokens(dataset: str, spec: models.ModelSpec, ctx_len: int, n_tokens: int,
+                  batch_seqs: int) -> list[torch.Tensor]:
+    from harvest.corpus import iter_contexts, iter_texts, resolve_corpus
+    from harvest.pipelines import resolve_path
+
+    corpus = resolve_corpus(resolve_path(dataset))
+    tok = models.load_tokenizer(spec)
+    n_seq = math.ceil(n_tokens / ctx_len)
+    seqs = []
+    for ctx in iter_contexts(iter_texts(corpus), tok, ctx_len, corpus.separator_kind()):
+        seqs.append(ctx)
+        if len(seqs) == n_seq:
+            break
+    if len(seqs) < n_seq:
+        raise PipelineError(f"eval corpus {dataset} holds only {len(seqs) * ctx_len} tokens in contexts of {ctx_len}, "
+                            f"fewer than the {n_tokens} asked for")
+    return list(torch.from_numpy(np.stack(seqs).astype(np.int64)).split(batch_seqs))
+
+
+def evaluate(s: EvalSettings) -> list[Path]:
+    """Evaluate every SAE directory; one model load per cache, one clean pass per batch for all its SAEs."""
+    if s.tokens < 1:
+        raise PipelineError(f"eval tokens must be positive, not {s.tokens}")
+    device = s.device or models.default_device()
+    loaded = []
+    for d in s.saes:
+        sae, meta = load_sae(d, device)
+        loaded.append((Path(d), sae, meta))
+    groups: dict[tuple[str, str], list] = defaultdict(list)
+    for item in loaded:
+        md = item[2]["metadata"]
+        groups[(md["cache"], md["hook_name"])].append(item)
+    written = []
+    model_cache: dict[str, tuple] = {}
+    for (cache_loc, site), items in groups.items():
+        cache = Cache.open(cache_loc)
+        spec = models.resolve_model(cache.attrs["model"], cache.attrs["settings"]["model"].get("revision"))
+        if cache_loc not in model_cache:
+            config = models.load_config(spec)
+            dtype = models.resolve_dtype(cache.attrs.get("model_dtype"), device)
+            model_cache = {cache_loc: (config, models.load_model(spec, device, dtype))}
+        config, model = model_cache[cache_loc]
+        models.check_sites([site], config)
+        width = models.d_model(config)
+        for d, sae, _ in items:
+            if sae.cfg.d_in != width:
+                raise PipelineError(f"SAE {d} has d_in={sae.cfg.d_in} but {site} of {spec.name} has width {width}")
+        if s.dataset:
+            batches = corpus_tokens(s.dataset, spec, cache.ctx_len, s.tokens, s.batch_seqs)
+            source = {"dataset": s.dataset}
+        else:
+            start = max(int(m["metadata"]["heldout_sequences"][0]) for _, _, m in items)
+            batches = eval_tokens(cache, start, s.tokens, s.batch_seqs)
+            source = {"heldout_sequences": [start, start + sum(len(b) for b in batches)], "cache": cache.location}
+        bos_id = int(cache.tokens[0, 0]) if s.exclude_bos else None
+        mean = torch.as_tensor(cache.train_stats(site, not s.exclude_bos)["mean"], dtype=torch.float32)
+        recons = {(str(d), mode): (sae_reconstructor(sae, mode), sae.cfg.d_sae)
+                  for d, sae, _ in items for mode in modes_of(sae)}
+        results = evaluate_site(model, site, [b.to(device) for b in batches], recons, mean.to(device), bos_id)
+        for d, sae, meta in items:
+            md = meta["metadata"]
+            modes = {mode: results[(str(d), mode)] for mode in modes_of(sae)}
+            main = modes_of(sae)[0]
+            out = {"architecture": sae.cfg.arch, "k": sae.cfg.k, "d_sae": sae.cfg.d_sae,
+                   "l0_coeff": sae.cfg.l0_coeff if sae.cfg.arch == "jumprelu" else None,
+                   "l1_coeff": sae.cfg.l1_coeff if sae.cfg.arch == "relu" else None,
+                   "pipeline": md.get("pipeline"), "model": spec.name, "site": site, "mode": main,
+                   **modes[main], "modes": modes, "exclude_bos": s.exclude_bos,
+                   "eval_tokens": sum(b.numel() for b in batches), "eval_source": source,
+                   "training_tokens": md.get("training_tokens"), "definitions": DEFINITIONS}
+            (d / METRICS_FILE).write_text(json.dumps(out, indent=2))
+            written.append(d / METRICS_FILE)
+    return written
+
+
+def discover(pipeline: str) -> list[str]:
+    root = DATA_DIR / "saes" / pipeline
+    dirs = sorted(str(p.parent) for p in root.glob("*/*/cfg.json"))
+    if not dirs:
+        raise PipelineError(f"no trained SAEs for pipeline {pipeline!r} under {root}; run `make train` first")
+    return dirs

@@ -1,0 +1,203 @@
+"""Evaluation: splicing, metrics against brute force, modes, report, bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from evaluate.cli import main as eval_cli
+from evaluate.metrics import token_ce
+from evaluate.run import EvalSettings, evaluate, evaluate_site, sae_reconstructor
+from evaluate.splice import Splicer
+from harvest.cache import Cache
+from harvest.errors import PipelineError
+from harvest.run import harvest
+from train.sae import load_sae
+from train.trainer import TrainSettings, Trainer
+
+SITE = "blocks.2.hook_resid_pre"
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_models, corpus_file):
+    """Tiny Llama: harvest 8192 tokens, train a BatchTopK and a TopK SAE."""
+    from harvest.run import HarvestSettings
+
+    tmp = tmp_path_factory.mktemp("evalrun")
+    loc = harvest(HarvestSettings(model=str(tiny_models["llama"]), layers=[2], dataset=str(corpus_file),
+                                  tokens=256 * 32, ctx_len=32, dtype="float32", device="cpu", batch_size=16,
+                                  chunk_mb=0.05, cache_root=str(tmp / "cache")))
+    dirs = Trainer(TrainSettings(cache=loc, out=str(tmp / "run"), batch_size=512, tokens=512 * 30, lr=1e-3,
+                                 saes=[{"arch": "batchtopk", "d_sae": 128, "k": 4},
+                                       {"arch": "topk", "d_sae": 128, "k": 4}], device="cpu",
+                                 val_fraction=0.25, pipeline="tiny")).run()
+    return loc, dirs, tiny_models["llama"]
+
+
+def load_model(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def batches_of(loc, n=2):
+    c = Cache.open(loc)
+    toks = torch.from_numpy(c.tokens[-16:].astype(np.int64))
+    return list(toks.split(8))[:n]
+
+
+def identity(x):
+    return x, torch.zeros(len(x), dtype=torch.long), torch.zeros(1)
+
+
+def test_identity_splice_costs_nothing(pipeline_run):
+    loc, _, model_dir = pipeline_run
+    m = load_model(model_dir)
+    mean = torch.zeros(64)
+    r = evaluate_site(m, SITE, batches_of(loc), {"id": (identity, 1)}, mean, bos_id=0, progress=False)["id"]
+    assert abs(r["ce_degradation"]) < 1e-5 and abs(r["kl_div"]) < 1e-6 and r["nmse"] == 0
+    # ce_clean is the model's own loss on those tokens
+    ids = torch.cat(batches_of(loc))
+    with torch.no_grad():
+        assert r["ce_clean"] == pytest.approx(float(m(ids, labels=ids).loss), rel=1e-5)
+
+
+def manual_spliced_ce(m, ids, layer, values_fn):
+    """CE with a plain forward pre-hook on block `layer` (no skipping), replacing non-BOS positions."""
+    def hook(module, args, kwargs):
+        h = (args[0] if args else kwargs["hidden_states"]).clone()
+        mask = ids != 0
+        h[mask] = values_fn(h[mask])
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+    handle = m.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logits = m(ids).logits
+    finally:
+        handle.remove()
+    return logits
+
+
+def test_zero_ablation_and_metrics_match_brute_force(pipeline_run):
+    loc, dirs, model_dir = pipeline_run
+    m = load_model(model_dir)
+    sae, _ = load_sae(dirs[1])  # topk
+    batches = batches_of(loc)
+    mean = torch.randn(64)
+    r = evaluate_site(m, SITE, batches, {"s": (sae_reconstructor(sae, "threshold"), 128)}, mean, 0, False)["s"]
+    ids = torch.cat(batches)
+    with torch.no_grad():
+        clean = m(ids, output_hidden_states=True)
+    x = clean.hidden_states[2][ids != 0].numpy().astype(np.float64)
+    with torch.no_grad():
+        f = sae.encode(torch.from_numpy(x).float(), "threshold").numpy()
+        x_hat = sae(torch.from_numpy(x).float(), "threshold").numpy().astype(np.float64)
+    e = x - x_hat
+    assert r["nmse"] == pytest.approx(((e ** 2).sum()) / ((x - x.mean(0)) ** 2).sum(), rel=1e-6)
+    assert r["explained_variance"] == pytest.approx(1 - ((e - e.mean(0)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-6)
+    cos = (x * x_hat).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(x_hat, axis=1)
+    assert r["cosine_sim"] == pytest.approx(cos.mean(), rel=1e-6)
+    assert r["l0"] == pytest.approx((f != 0).sum(1).mean())
+    assert r["dead_fraction"] == pytest.approx(((f != 0).sum(0) == 0).mean())
+    ce = lambda logits: float(token_ce(logits, ids).double().mean())
+    assert r["ce_zero_ablated"] == pytest.approx(ce(manual_spliced_ce(m, ids, 2, torch.zeros_like)), rel=1e-5)
+    assert r["ce_mean_ablated"] == pytest.approx(ce(manual_spliced_ce(m, ids, 2, lambda h: mean.expand_as(h))), rel=1e-5)
+    spl = manual_spliced_ce(m, ids, 2, lambda h: torch.from_numpy(x_hat).float())
+    assert r["ce_spliced"] == pytest.approx(ce(spl), rel=1e-5)
+    p = clean.logits[:, :-1].log_softmax(-1).double()
+    q = spl[:, :-1].log_softmax(-1).double()
+    assert r["kl_div"] == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-4)
+    assert r["ce_loss_recovered"] == pytest.approx((r["ce_zero_ablated"] - r["ce_spliced"]) /
+                                                   (r["ce_zero_ablated"] - r["ce_clean"]))
+
+
+def test_skipping_early_blocks_gives_the_same_logits(pipeline_run):
+    loc, _, model_dir = pipeline_run
+    m = load_model(model_dir)
+    ids = batches_of(loc, 1)[0]
+    sp = Splicer(m, SITE)
+    with torch.no_grad():
+        _, act = sp.clean(ids)
+        fast = sp.spliced(ids, lambda h: h * 0.5)
+        slow = manual_spliced_ce(m, ids, 2, lambda h: h * 0.5)  # BOS kept clean here; compare non-BOS-free case
+    sp.close()
+    sp2 = Splicer(m, SITE)
+    with torch.no_grad():
+        sp2.clean(ids)
+        fast_all = sp2.spliced(ids, lambda h: torch.where((ids != 0)[..., None], h * 0.5, h))
+    sp2.close()
+    torch.testing.assert_close(fast_all, slow, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fast, slow)  # scaling BOS too changes the logits: the comparison can fail
+
+
+def test_batch_and_threshold_modes_agree_with_theta_from_batch(pipeline_run):
+    loc, dirs, model_dir = pipeline_run
+    m = load_model(model_dir)
+    sae, _ = load_sae(dirs[0])
+    [ids] = batches_of(loc, 1)
+    with torch.no_grad():
+        _, act = Splicer(m, SITE).clean(ids)
+        f = sae.encode(act[ids != 0], "batch")
+        sae.theta.fill_(float(f[f > 0].min()) - 1e-7)
+    recons = {mode: (sae_reconstructor(sae, mode), 128) for mode in ("batch", "threshold")}
+    r = evaluate_site(m, SITE, [ids], recons, torch.zeros(64), 0, False)
+    for key in ("nmse", "l0", "ce_spliced", "kl_div", "cosine_sim"):
+        assert r["batch"][key] == pytest.approx(r["threshold"][key], rel=1e-6), key
+
+
+def test_cli_metrics_and_report(pipeline_run, tmp_path):
+    loc, dirs, _ = pipeline_run
+    args = [x for d in dirs for x in ("--sae", str(d))] + ["--tokens", "1024", "--device", "cpu"]
+    r = CliRunner().invoke(eval_cli, args)
+    assert r.exit_code == 0, r.output
+    bt = json.loads((dirs[0] / "metrics.json").read_text())
+    for key in ("nmse", "l0", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_degradation", "ce_loss_recovered",
+                "kl_div", "dead_fraction", "architecture", "k", "d_sae", "pipeline"):
+        assert key in bt, key
+    assert set(bt["modes"]) == {"batch", "threshold"} and bt["architecture"] == "batchtopk" and bt["k"] == 4
+    assert bt["modes"]["batch"]["l0"] == pytest.approx(4.0) and bt["exclude_bos"] is True
+    assert bt["eval_tokens"] == 1024 and bt["pipeline"] == "tiny"
+    assert bt["ce_degradation"] == pytest.approx(bt["ce_spliced"] - bt["ce_clean"])
+    from evaluate.report import write_report
+
+    path = write_report("tiny", [str(d) for d in dirs], str(tmp_path / "rep"))
+    text = path.read_text()
+    for fig in ("fig1_vs_k.png", "fig2_vs_dict.png", "fig3_l0_distribution.png", "fig4_threshold_vs_batch.png",
+                "fig5_frontier.png"):
+        assert f"]({fig})" in text and (tmp_path / "rep" / fig).stat().st_size > 5000
+    assert "batchtopk_k4_m128" in text and "topk_k4_m128" in text
+
+
+def test_bad_input(pipeline_run, tmp_path, tiny_models):
+    loc, dirs, _ = pipeline_run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PipelineError, match="not an SAE directory: missing cfg.json, sae_weights.safetensors"):
+        evaluate(EvalSettings(saes=[str(empty)]))
+    with pytest.raises(PipelineError, match="fewer than the 100000 asked"):
+        evaluate(EvalSettings(saes=[str(dirs[0])], tokens=100000, device="cpu"))
+    import shutil
+    bad = tmp_path / "wide"
+    shutil.copytree(dirs[0], bad)
+    cfg = json.loads((bad / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = "blocks.9.hook_resid_pre"
+    (bad / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(PipelineError, match="layer 9 out of range"):
+        evaluate(EvalSettings(saes=[str(bad)], tokens=256, device="cpu"))
+    from safetensors.torch import load_file, save_file
+    wide = tmp_path / "wide2"
+    shutil.copytree(dirs[1], wide)
+    w = load_file(str(wide / "sae_weights.safetensors"))
+    w = {"W_enc": torch.zeros(32, 128), "b_enc": w["b_enc"], "W_dec": torch.zeros(128, 32), "b_dec": torch.zeros(32)}
+    save_file(w, str(wide / "sae_weights.safetensors"))
+    cfg = json.loads((wide / "cfg.json").read_text())
+    cfg["d_in"] = 32
+    cfg["metadata"]["sae_config"]["d_in"] = 32
+    (wide / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(PipelineError, match="d_in=32 but .* has width 64"):
+        evaluate(EvalSettings(saes=[str(wide)], tokens=256, device="cpu"))
