@@ -111,6 +111,7 @@ def open_group(location: str, mode: str):
 def exists(location: str) -> bool:
     fs, path = filesystem(location)
     with remote_errors(location):
+        fs.invalidate_cache(path)  # object stores cache listings; another process may have written since
         return fs.exists(f"{path}/zarr.json")
 
 
