@@ -52,11 +52,12 @@ class Cache:
     group: Any  # zarr.Group
 
     @classmethod
-    def open(cls, location: str, mode: str = "r", need_complete: bool = True) -> "Cache":
+    def open(cls, location: str, mode: str = "r", need_complete: bool = True, local_copy: str | None = None) -> "Cache":
+        """Open a cache; `local_copy` keeps a read-through copy of what is read from a URL there."""
         location = store.normalize(location)
         if not store.exists(location):
             raise PipelineError(f"no cache at {location} (run `make harvest` first, or check the path/URL)")
-        c = cls(location, store.open_group(location, mode))
+        c = cls(location, store.open_group(location, mode, local_copy=local_copy))
         if c.attrs.get("format") != FORMAT:
             raise PipelineError(f"{location} is a Zarr group but not an activation cache (no '{FORMAT}' manifest)")
         if need_complete and not c.complete:

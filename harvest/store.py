@@ -57,11 +57,23 @@ def filesystem(location: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-def zarr_store(location: str, read_only: bool):
+def zarr_store(location: str, read_only: bool, local_copy: str | None = None):
+    """A Zarr store for a location. With `local_copy` (read-only URLs), every object read is kept in
+    that folder and served from it next time: a read-through copy of the chunks actually touched."""
     location = normalize(location)
     if not is_url(location):
         return zarr.storage.LocalStore(location, read_only=read_only)
     with remote_errors(location):
+        if local_copy and read_only:
+            protocol, path = location.split("://", 1)
+            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+            cached = fsspec.filesystem("simplecache", target_protocol=protocol, target_options=storage_options(location),
+                                       cache_storage=str(Path(local_copy).expanduser()),
+                                       skip_instance_cache=True)
+            # The caching layer is synchronous; wrap it so zarr's async calls go through it
+            # (it would otherwise forward them straight to the async backend, skipping the copy).
+            return zarr.storage.FsspecStore(AsyncFileSystemWrapper(cached, asynchronous=True), read_only=True, path=path)
         return zarr.storage.FsspecStore.from_url(location, storage_options=storage_options(location),
                                                  read_only=read_only)
 
@@ -102,10 +114,11 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
-def open_group(location: str, mode: str):
+def open_group(location: str, mode: str, local_copy: str | None = None):
     """Open the Zarr group at a location (mode 'r', 'r+' or 'a')."""
     with remote_errors(location):
-        return zarr.open_group(store=zarr_store(location, read_only=(mode == "r")), mode=mode, zarr_format=3)
+        return zarr.open_group(store=zarr_store(location, read_only=(mode == "r"), local_copy=local_copy),
+                               mode=mode, zarr_format=3)
 
 
 def exists(location: str) -> bool:

@@ -127,8 +127,11 @@ def test_ls_info_and_train_from_s3(s3, remote_cache, tmp_path):
     assert "complete: True" in info and "n_tokens: 4096" in info
     out = tmp_path / "run"
     r = run("train", "--cache", loc, "--k", "4", "--dict", "128", "--tokens", "2048", "--batch-size", "256",
-            "--device", "cpu", "--val-fraction", "0.2", "--out", str(out), env=env)
+            "--device", "cpu", "--val-fraction", "0.2", "--out", str(out), "--local-copy", str(tmp_path / "lc"),
+            env=env)
     assert Path(last_line(r)).joinpath("sae_weights.safetensors").exists()
+    copied = [p for p in (tmp_path / "lc").rglob("*") if p.is_file()]
+    assert len(copied) >= 4  # the chunks read (and the metadata) now also live locally
 
 
 def test_push_pull_and_corruption(s3, remote_cache, tmp_path):

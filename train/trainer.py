@@ -46,6 +46,7 @@ class TrainSettings:
     checkpoint_every: int = 200
     shuffle_mb: float = 512
     include_bos: bool = False           # BOS rows (huge, constant residuals) are left out by default
+    local_copy: str | None = None       # read-through local copy of a remote cache's chunks
     device: str | None = None
     pipeline: str | None = None
 
@@ -78,7 +79,7 @@ class Trainer:
         self.s = s
         self.rank, self.world, dev = distributed.init_from_env()
         self.device = s.device or dev
-        self.cache = Cache.open(s.cache)  # complete, or a clear error
+        self.cache = Cache.open(s.cache, local_copy=s.local_copy)  # complete, or a clear error
         self.site = s.site or self.cache.sites[0]
         self.cache.check_site(self.site)
         stats = self.cache.train_stats(self.site, s.include_bos)
