@@ -95,7 +95,7 @@ def plan(s: HarvestSettings) -> Plan:
     maxpos = models.max_positions(config)
     if maxpos and s.ctx_len > maxpos:
         raise PipelineError(f"ctx_len={s.ctx_len} exceeds the model's maximum context of {maxpos} tokens")
-    device = s.device or distributed.init_from_env()[2]
+    device = s.device or distributed.init_from_env()[2]  # torchrun: the process group is up before this
     torch_dtype = models.resolve_dtype(s.model_dtype, device)
     identity = {
         "format_version": FORMAT_VERSION,
@@ -129,7 +129,12 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------ entry point
 def harvest(s: HarvestSettings) -> str:
-    """Make sure the cache for these settings exists and is complete; return its location."""
+    """Make sure the cache for these settings exists and is complete; return its location.
+
+    Under torchrun each rank computes chunks i with i % world == rank; rank 0 tokenises,
+    holds the writer lock and completes the manifest once every rank is done.
+    """
+    distributed.init_from_env()
     p = plan(s)
     rank, world = distributed.world()
     decision = None

@@ -155,8 +155,7 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:
-        """b_dec from the data mean; JumpReLU thresholds so about jumprelu_init_l0 latents fire per token."""
-        self.b_dec.copy_(x.mean(0))
+        """JumpReLU thresholds so that about jumprelu_init_l0 latents fire per token on batch x."""
         if self.cfg.arch == "jumprelu":
             q = 1.0 - min(1.0, self.cfg.jumprelu_init_l0 / self.cfg.d_sae)
             theta = torch.quantile(self.pre(x).float(), q, dim=0).clamp_min(1e-3)

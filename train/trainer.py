@@ -47,6 +47,7 @@ class TrainSettings:
     shuffle_mb: float = 512
     include_bos: bool = False           # BOS rows (huge, constant residuals) are left out by default
     local_copy: str | None = None       # read-through local copy of a remote cache's chunks
+    data_parts: int | None = None       # parts of each global batch (default: one per rank)
     device: str | None = None
     pipeline: str | None = None
 
@@ -87,8 +88,12 @@ class Trainer:
         self.d = self.cache.d_model()
         self.scale = math.sqrt(self.d) / float(stats["mean_norm"])
         self.split = Split.of(self.cache, s.val_fraction)
+        parts = s.data_parts or self.world
+        if self.world > 1 and parts != self.world:
+            raise PipelineError(f"data_parts={parts} must equal the number of ranks ({self.world})")
+        mine = (self.rank,) if self.world > 1 else tuple(range(parts))
         self.stream = ActivationStream(self.cache, self.site, self.split.train_chunks, s.batch_size, self.scale,
-                                       seed=s.seed, parts=self.world, my_parts=(self.rank,),
+                                       seed=s.seed, parts=parts, my_parts=mine,
                                        shuffle_mb=s.shuffle_mb, device=self.device, drop_token=self.drop)
         self.tokens = s.tokens if s.tokens is not None else self.stream.epoch_tokens
         self.total_steps = max(1, math.ceil(self.tokens / s.batch_size))
@@ -193,6 +198,8 @@ class Trainer:
                 first.close()
                 for sae in self.saes:
                     sae.init_from_data(x0)
+                    for t in sae.parameters():  # every rank starts from rank 0's initialisation
+                        distributed.broadcast_(t.data)
             while self.step < self.total_steps:
                 x = next(batches)
                 metrics = [self._train_step(i, x) for i in range(len(self.saes))]
@@ -254,10 +261,14 @@ class Trainer:
             if (self.step + 1) % self.s.log_every and self.step + 1 != self.total_steps:
                 return {}
             x_hat = out["x_hat"].float()
-            err = (x - x_hat).pow(2).sum()
-            var = (x - x.mean(0)).pow(2).sum()
-            m = {k: float(v) for k, v in out.items() if k != "x_hat"}
-            m.update(nmse=float(err / var), l0=code.vals.numel() / x.shape[0],
+            names = [k for k in out if k != "x_hat"]
+            # combined over ranks: losses averaged, NMSE from summed errors and variances, L0 over all tokens
+            agg = torch.stack([out[k].detach().float() / self.world for k in names] +
+                              [(x - x_hat).pow(2).sum(), (x - x.mean(0)).pow(2).sum(),
+                               torch.tensor(float(code.vals.numel()), device=x.device)])
+            distributed.all_reduce_(agg)
+            m = {k: float(v) for k, v in zip(names, agg)}
+            m.update(nmse=float(agg[-3] / agg[-2]), l0=float(agg[-1]) / (x.shape[0] * self.world),
                      dead=int((self.since_fired[i] >= sae.cfg.dead_tokens).sum()))
             if self.theta_n[i]:
                 m["theta"] = self.theta_sum[i] / self.theta_n[i]

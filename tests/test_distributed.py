@@ -1,0 +1,103 @@
+"""torch.distributed on CPU (gloo, 2 processes): harvest and data-parallel training."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from harvest.cache import Cache
+from train.sae import load_sae
+from train.trainer import TrainSettings, Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def env() -> dict:
+    e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return e
+
+
+@pytest.fixture(scope="module")
+def hargs(tiny_models, corpus_file):
+    # chunks of 8 sequences, batches of 4: forward batches never straddle a chunk, in any process
+    return ["--model", str(tiny_models["llama"]), "--layer", "1", "--dataset", str(corpus_file), "--ctx-len", "32",
+            "--dtype", "float32", "--device", "cpu", "--batch-size", "4", "--chunk-mb", "0.0625"]
+
+
+def harvest_cli(args, root, launcher=(sys.executable, "-m")) -> str:
+    r = subprocess.run([*launcher, "harvest", *args, "--cache-root", str(root)], capture_output=True, text=True,
+                       cwd=ROOT, env=env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+def assert_same_cache(a: str, b: str) -> None:
+    ca, cb = Cache.open(a), Cache.open(b)
+    np.testing.assert_array_equal(ca.tokens[:], cb.tokens[:])
+    for site in ca.sites:
+        np.testing.assert_array_equal(ca.activations(site)[:], cb.activations(site)[:])
+    np.testing.assert_array_equal(ca.checksums[:], cb.checksums[:])
+    assert ca.attrs["stats"] == cb.attrs["stats"] and cb.verify() == []
+
+
+def test_distributed_harvest_equals_single(hargs, tmp_path):
+    args = [*hargs, "--tokens", str(96 * 32)]
+    single = harvest_cli(args, tmp_path / "one")
+    multi = harvest_cli(args, tmp_path / "two", launcher=(*TORCHRUN, "-m"))
+    assert Path(single).name == Path(multi).name
+    assert_same_cache(single, multi)
+
+
+def test_killed_distributed_harvest_resumes(hargs, tmp_path):
+    # one sequence per forward pass and small chunks: slow enough to be caught mid-way
+    args = [*hargs, "--tokens", str(640 * 32), "--batch-size", "1", "--chunk-mb", "0.016",
+            "--cache-root", str(tmp_path / "two")]
+    proc = subprocess.Popen([*TORCHRUN, "-m", "harvest", *args], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, done = time.time() + 240, 0
+    while time.time() < deadline and proc.poll() is None:
+        sums = list((tmp_path / "two").glob("*/checksums"))
+        if sums:
+            try:
+                done = int((zarr.open_array(sums[0], mode="r")[:] != 0).all(1).sum())
+            except Exception:
+                done = 0
+        if done >= 6:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, at once
+    proc.wait()
+    [part] = list((tmp_path / "two").glob("*/zarr.json"))
+    c = Cache.open(str(part.parent), need_complete=False)
+    assert not c.complete and 0 < c.done_chunks().sum() < c.n_chunks
+    resumed = harvest_cli(args[:-2], tmp_path / "two", launcher=(*TORCHRUN, "-m"))
+    single = harvest_cli(args[:-2], tmp_path / "one")
+    assert_same_cache(single, resumed)
+
+
+def test_ddp_topk_matches_single_process(hargs, tmp_path):
+    cache = harvest_cli([*hargs, "--tokens", str(160 * 32)], tmp_path / "c")
+    common = ["--cache", cache, "--arch", "topk", "--k", "4", "--dict", "128", "--tokens", str(512 * 12),
+              "--batch-size", "512", "--lr", "1e-3", "--device", "cpu", "--val-fraction", "0.2"]
+    r = subprocess.run([*TORCHRUN, "-m", "train", *common, "--out", str(tmp_path / "ddp")], capture_output=True,
+                       text=True, cwd=ROOT, env=env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp_dir = Path(r.stdout.strip().splitlines()[-1])
+    [single_dir] = Trainer(TrainSettings(cache=cache, out=str(tmp_path / "single"), saes=[
+        {"arch": "topk", "d_sae": 128, "k": 4}], tokens=512 * 12, batch_size=512, lr=1e-3, device="cpu",
+        val_fraction=0.2, data_parts=2)).run()
+    a, ma = load_sae(ddp_dir)
+    b, mb = load_sae(single_dir)
+    assert ma["metadata"]["world_size"] == 2 and mb["metadata"]["world_size"] == 1
+    for name, p in a.state_dict().items():
+        # same global batches; only the order of floating-point sums differs
+        torch.testing.assert_close(p, b.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
