@@ -17,7 +17,7 @@ EVAL_ARGS    = $(COMMON) $(call flag,SAE,sae)
 # NPROC=n runs a stage under torchrun (gloo on CPU, NCCL on GPUs).
 launch = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC) -m $(1),$(PY) -m $(1))
 
-.PHONY: setup test demo harvest train eval report bench push pull paper clean
+.PHONY: setup test demo harvest train eval report bench push pull paper pipeline-run clean
 setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -48,9 +48,12 @@ demo: setup
 	$(PY) -m evaluate $(COMMON)
 	$(PY) -m evaluate report $(COMMON)
 
+# The small-scale replication of the paper's comparison (pipeline smollm2-135m-paper).
 paper: setup
-	$(MAKE) --no-print-directory demo-free-paper PIPELINE=$(or $(PIPELINE),smollm2-135m-paper)
-demo-free-paper:
+	$(MAKE) --no-print-directory pipeline-run PIPELINE=$(or $(PIPELINE),smollm2-135m-paper)
+
+# harvest -> train (the pipeline's whole sweep, one pass) -> eval -> report, for any pipeline
+pipeline-run:
 	$(PY) -m harvest $(COMMON)
 	$(PY) -m train $(COMMON)
 	$(PY) -m evaluate $(COMMON)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,9 @@ import yaml
 from .errors import PipelineError
 
 ROOT = Path(__file__).resolve().parent.parent
-PIPELINES_FILE = ROOT / "pipelines.yaml"
-DATA_DIR = ROOT / "data"
+# Overridable for tests and for users who keep settings or data elsewhere.
+PIPELINES_FILE = Path(os.environ.get("BATCHTOPK_PIPELINES", ROOT / "pipelines.yaml"))
+DATA_DIR = Path(os.environ.get("BATCHTOPK_DATA", ROOT / "data"))
 
 
 def load_all(path: Path = PIPELINES_FILE) -> dict[str, Any]:

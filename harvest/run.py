@@ -298,14 +298,15 @@ def _to_storage(h: torch.Tensor, dtype: str, site: str) -> np.ndarray:
     return h.numpy()
 
 
-def _harvest_activations(p: Plan, cache: Cache, rank: int, world: int, lock) -> None:
+def _harvest_activations(p: Plan, cache: Cache, rank: int, world: int, lock, model=None) -> None:
     """Compute and write every chunk this rank owns that is not yet done."""
     s = p.settings
     done = cache.done_chunks()
     mine = [i for i in range(cache.n_chunks) if i % world == rank and not done[i]]
     if not mine:
         return
-    model = models.load_model(p.model, p.device, p.torch_dtype)
+    if model is None:
+        model = models.load_model(p.model, p.device, p.torch_dtype)
     sums = cache.checksums
     ctx = cache.ctx_len
     total_tok = sum(cache.seq_range(i)[1] - cache.seq_range(i)[0] for i in mine) * ctx

@@ -200,8 +200,11 @@ class Trainer:
                     sae.init_from_data(x0)
                     for t in sae.parameters():  # every rank starts from rank 0's initialisation
                         distributed.broadcast_(t.data)
+            waited = 0.0
             while self.step < self.total_steps:
+                tw = time.perf_counter()
                 x = next(batches)
+                waited += time.perf_counter() - tw
                 metrics = [self._train_step(i, x) for i in range(len(self.saes))]
                 self.step += 1
                 bar.update(self.s.batch_size)
@@ -210,7 +213,8 @@ class Trainer:
                     for cfg, m, f in zip(self.cfgs, metrics, logs):
                         if f is not None:
                             rec = {"step": self.step, "tokens": self.step * self.s.batch_size, **m,
-                                   "tokens_per_s": rate}
+                                   "tokens_per_s": rate,
+                                   "data_wait_fraction": waited / (time.perf_counter() - t0)}
                             f.write(json.dumps(rec) + "\n")
                             f.flush()
                             if tb is not None:

@@ -1,0 +1,47 @@
+"""The paper pipeline, scaled down: tiny model, a few thousand tokens, through `make pipeline-run`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_scaled_down_paper_pipeline(tmp_path, tiny_models, corpus_file):
+    real = yaml.safe_load((ROOT / "pipelines.yaml").read_text())["pipelines"]["smollm2-135m-paper"]
+    pipe = {
+        "harvest": {**real["harvest"], "model": str(tiny_models["llama"]), "layers": [2], "dataset": str(corpus_file),
+                    "dataset_fallback": None, "tokens": 200 * 32, "ctx_len": 32, "chunk_mb": 0.05},
+        "train": {**real["train"], "tokens": 256 * 40, "batch_size": 256},
+        "eval": {"tokens": 1024},
+    }
+    # the same grids, shrunk: dictionary multiples of d_model=64 stay as they are, k scaled down
+    pipe["train"]["sweep"] = [
+        {"arch": ["batchtopk", "topk"], "k": [4], "dict": ["2x", "4x"]},
+        {"arch": ["batchtopk", "topk"], "k": [2, 8], "dict": ["2x"]},
+        {"arch": ["jumprelu"], "dict": ["2x"], "l0_coeff": [0.01]},
+    ]
+    cfg = tmp_path / "pipelines.yaml"
+    cfg.write_text(yaml.safe_dump({"default": "tiny-paper", "pipelines": {"tiny-paper": pipe}}))
+    env = dict(os.environ, BATCHTOPK_PIPELINES=str(cfg), BATCHTOPK_DATA=str(tmp_path / "data"), HF_HUB_OFFLINE="1")
+    r = subprocess.run(["make", "--no-print-directory", "pipeline-run", "PIPELINE=tiny-paper"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = Path(r.stdout.strip().splitlines()[-1])
+    assert report == tmp_path / "data" / "reports" / "tiny-paper" / "report.md"
+    text = report.read_text()
+    for fig in ("fig1_vs_k.png", "fig2_vs_dict.png", "fig3_l0_distribution.png", "fig4_threshold_vs_batch.png",
+                "fig5_frontier.png"):
+        assert f"({fig})" in text and (report.parent / fig).stat().st_size > 5000, fig
+    metrics = [json.loads(p.read_text()) for p in (tmp_path / "data" / "saes" / "tiny-paper").rglob("metrics.json")]
+    assert len(metrics) == 9  # 4 + 4 (Top)K SAEs and one JumpReLU
+    by_arch = {m["architecture"] for m in metrics}
+    assert by_arch == {"batchtopk", "topk", "jumprelu"}
+    for m in metrics:
+        assert m["pipeline"] == "tiny-paper" and m["d_sae"] in (128, 256)
+        assert 0 <= m["nmse"] < 2 and m["l0"] > 0
+    assert sum(f"| {m['architecture']} |" in text for m in metrics) >= 3
