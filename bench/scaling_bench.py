@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harvest.cache import write_cache
+from harvest.cache import synthetic_tokens, write_cache
 
 from .records import Record, device_name
 
@@ -34,7 +34,7 @@ def run(d: int = 576, m: int = 4608, tokens: int = 4096 * 12) -> list[Record]:
     with tempfile.TemporaryDirectory() as tmp:
         n_seq = 4096 * 14 // 128
         x = np.random.default_rng(0).standard_normal((n_seq * 128, d)).astype(np.float32)
-        write_cache(f"{tmp}/c", np.ones((n_seq, 128), dtype=np.int32), {"s": x}, dtype="float16", chunk_seqs=28)
+        write_cache(f"{tmp}/c", synthetic_tokens(n_seq), {"s": x}, dtype="float16", chunk_seqs=28)
         one = _train(f"{tmp}/c", f"{tmp}/one", 1, tokens, m)
         two = _train(f"{tmp}/c", f"{tmp}/two", procs, tokens, m)
     dev = device_name("cuda" if n_gpu else "cpu")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harvest.cache import Cache, write_cache
+from harvest.cache import Cache, synthetic_tokens, write_cache
 from train.data import ActivationStream, Split
 from train.sae import SAE, SAEConfig
 from train.sparsity import batch_topk_indices
@@ -113,7 +113,7 @@ def loader_record(d: int, batch: int, dev: str, tokens: int = 262144) -> Record:
     n_seq = tokens // 128
     with tempfile.TemporaryDirectory() as tmp:
         x = rng.standard_normal((tokens, d)).astype(np.float32)
-        cache = write_cache(f"{tmp}/c", np.ones((n_seq, 128), dtype=np.int32), {"s": x}, dtype="float16",
+        cache = write_cache(f"{tmp}/c", synthetic_tokens(n_seq), {"s": x}, dtype="float16",
                             chunk_seqs=28)
         cache = Cache.open(f"{tmp}/c")
         split = Split.of(cache, 0.0)

@@ -13,11 +13,13 @@ from harvest.errors import one_line_errors
 @click.option("--tokens", type=int, help="Held-out tokens to evaluate on.")
 @click.option("--batch-seqs", type=int, help="Sequences per forward pass.")
 @click.option("--include-bos", is_flag=True, help="Also splice and score BOS positions (default: excluded).")
+@click.option("--include-outliers", is_flag=True,
+              help="Also splice and score massive-activation positions (norm > 10x the mean; default: excluded).")
 @click.option("--dataset", help="Evaluate on this corpus instead of the cache's held-out part.")
 @click.option("--device", help="cuda or cpu (default: CUDA when present).")
 @click.pass_context
 @one_line_errors
-def main(ctx, pipeline, sae_dirs, tokens, batch_seqs, include_bos, dataset, device) -> None:
+def main(ctx, pipeline, sae_dirs, tokens, batch_seqs, include_bos, include_outliers, dataset, device) -> None:
     """Splice each SAE's reconstruction into the model and measure NMSE, L0, CE and KL.
 
     Writes metrics.json beside each SAE and prints their paths.
@@ -30,6 +32,7 @@ def main(ctx, pipeline, sae_dirs, tokens, batch_seqs, include_bos, dataset, devi
     ev = pipe["eval"]
     s = EvalSettings(saes=list(sae_dirs) or discover(name), tokens=tokens or int(ev.get("tokens", 4096)),
                      batch_seqs=batch_seqs or int(ev.get("batch_seqs", 8)), exclude_bos=not include_bos,
+                     exclude_outliers=not include_outliers,
                      device=device, dataset=dataset)
     for path in evaluate(s):
         click.echo(str(path))

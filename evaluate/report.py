@@ -141,7 +141,9 @@ def write_report(pipeline: str, dirs: list[str], out: str | None = None) -> Path
         f"# SAE comparison: pipeline `{pipeline}`", "",
         f"- Model: `{first['model']}`, site `{first['site']}`",
         f"- Evaluation: {first['eval_tokens']:,} tokens ({json.dumps(first['eval_source'])}), "
-        f"BOS positions {'excluded' if first['exclude_bos'] else 'included'}",
+        f"BOS positions {'excluded' if first['exclude_bos'] else 'included'}, massive-activation positions "
+        + (f"(norm > {first['exclude_outliers_norm_above']:.0f}) excluded: {first.get('excluded_outlier_positions', 0)}"
+           if first.get("exclude_outliers_norm_above") else "included"),
         "- Training tokens: " + ", ".join(sorted({f"{r['training_tokens']:,}" for r in rows if r.get("training_tokens")})),
         "- BatchTopK rows use threshold mode (JumpReLU with the global θ), the inference mode; "
         "batch mode is in figure 4 and the second table.",

@@ -33,6 +33,7 @@ class EvalSettings:
     tokens: int = 4096
     batch_seqs: int = 8
     exclude_bos: bool = True
+    exclude_outliers: bool = True  # positions whose norm is above the cache's outlier threshold
     device: str | None = None
     dataset: str | None = None  # evaluate on another corpus instead of the cache's held-out part
 
@@ -51,22 +52,28 @@ def modes_of(sae: SAE) -> tuple[str, ...]:
 
 @torch.inference_mode()
 def evaluate_site(model, site: str, batches: Iterable[torch.Tensor], recons: dict[str, tuple[Reconstructor, int]],
-                  mean: torch.Tensor, bos_id: int | None, progress: bool = True) -> dict[str, dict]:
+                  mean: torch.Tensor, bos_id: int | None, progress: bool = True,
+                  max_norm: float | None = None) -> dict[str, dict]:
     """Metrics for each reconstructor on the given token batches.
 
-    recons: name -> (reconstructor, d_sae). Positions holding bos_id (when not None) keep their
-    clean activation and are left out of the reconstruction metrics.
+    recons: name -> (reconstructor, d_sae). Positions holding bos_id (when not None), and those
+    whose activation norm exceeds max_norm (when not None), keep their clean activation and are
+    left out of the reconstruction metrics.
     """
     sp = Splicer(model, site)
     clean_ce, zero_ce, mean_ce = CE(), CE(), CE()
     stats = {name: Recon(d_sae) for name, (_, d_sae) in recons.items()}
     batches = list(batches)
+    excluded_outliers = 0
     bar = tqdm(batches, desc=f"eval {site}", unit="batch", file=sys.stderr, disable=None if progress else True)
     try:
         for ids in bar:
             logits, act = sp.clean(ids)
             clean_ce.add(token_ce(logits, ids))
             mask = (ids != bos_id) if bos_id is not None else torch.ones_like(ids, dtype=torch.bool)
+            if max_norm is not None:
+                excluded_outliers += int((mask & (act.float().norm(dim=-1) > max_norm)).sum())
+                mask &= act.float().norm(dim=-1) <= max_norm
 
             def put(values: torch.Tensor):
                 def fn(h: torch.Tensor) -> torch.Tensor:
@@ -88,15 +95,17 @@ def evaluate_site(model, site: str, batches: Iterable[torch.Tensor], recons: dic
                 st.kl.add(token_kl(logits[:, :-1], spliced[:, :-1]))
     finally:
         sp.close()
-    return {name: st.result(clean_ce.mean, zero_ce.mean, mean_ce.mean) for name, st in stats.items()}
+    return {name: st.result(clean_ce.mean, zero_ce.mean, mean_ce.mean) | {"excluded_outlier_positions": excluded_outliers}
+            for name, st in stats.items()}
 
 
-def eval_tokens(cache: Cache, start_seq: int, n_tokens: int, batch_seqs: int) -> list[torch.Tensor]:
+def eval_tokens(cache: Cache, start_seq: int, n_tokens: int, batch_seqs: int, limited_by: str = "") -> list[torch.Tensor]:
     """Batches of held-out sequences [start_seq, ...) covering n_tokens tokens."""
     n_seq = math.ceil(n_tokens / cache.ctx_len)
     have = cache.n_sequences - start_seq
     if have < n_seq:
-        raise PipelineError(f"the held-out part of {cache.location} has only {have * cache.ctx_len} tokens, fewer "
+        who = f" (the part none of the SAEs trained on; {limited_by} holds out least)" if limited_by else ""
+        raise PipelineError(f"the held-out part of {cache.location} has only {have * cache.ctx_len} tokens{who}, fewer "
                             f"than the {n_tokens} asked for evaluation; ask for fewer (--tokens) or harvest more")
     toks = torch.from_numpy(cache.tokens[start_seq:start_seq + n_seq].astype(np.int64))
     return list(toks.split(batch_seqs))
@@ -153,14 +162,17 @@ def evaluate(s: EvalSettings) -> list[Path]:
             batches = corpus_tokens(s.dataset, spec, cache.ctx_len, s.tokens, s.batch_seqs)
             source = {"dataset": s.dataset}
         else:
-            start = max(int(m["metadata"]["heldout_sequences"][0]) for _, _, m in items)
-            batches = eval_tokens(cache, start, s.tokens, s.batch_seqs)
+            # only sequences that no SAE of the group trained on
+            start, limiting = max((int(m["metadata"]["heldout_sequences"][0]), str(d)) for d, _, m in items)
+            batches = eval_tokens(cache, start, s.tokens, s.batch_seqs, limiting if len(items) > 1 else "")
             source = {"heldout_sequences": [start, start + sum(len(b) for b in batches)], "cache": cache.location}
         bos_id = int(cache.tokens[0, 0]) if s.exclude_bos else None
         mean = torch.as_tensor(cache.train_stats(site, not s.exclude_bos)["mean"], dtype=torch.float32)
         recons = {(str(d), mode): (sae_reconstructor(sae, mode), sae.cfg.d_sae)
                   for d, sae, _ in items for mode in modes_of(sae)}
-        results = evaluate_site(model, site, [b.to(device) for b in batches], recons, mean.to(device), bos_id)
+        max_norm = cache.outliers(site)[1] if s.exclude_outliers else None
+        results = evaluate_site(model, site, [b.to(device) for b in batches], recons, mean.to(device), bos_id,
+                                max_norm=max_norm)
         for d, sae, meta in items:
             md = meta["metadata"]
             modes = {mode: results[(str(d), mode)] for mode in modes_of(sae)}
@@ -170,6 +182,7 @@ def evaluate(s: EvalSettings) -> list[Path]:
                    "l1_coeff": sae.cfg.l1_coeff if sae.cfg.arch == "relu" else None,
                    "pipeline": md.get("pipeline"), "model": spec.name, "site": site, "mode": main,
                    **modes[main], "modes": modes, "exclude_bos": s.exclude_bos,
+                   "exclude_outliers_norm_above": max_norm,
                    "eval_tokens": sum(b.numel() for b in batches), "eval_source": source,
                    "training_tokens": md.get("training_tokens"), "definitions": DEFINITIONS}
             (d / METRICS_FILE).write_text(json.dumps(out, indent=2))

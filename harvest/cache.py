@@ -25,6 +25,8 @@ from .errors import PipelineError
 FORMAT = "batchtopk-activation-cache"
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+OUTLIER_RATIO = 10.0      # a non-BOS row whose norm exceeds this many times the mean norm is an outlier
+MAX_OUTLIERS = 1_000_000  # listed in the manifest up to this many
 
 
 def chunk_hash(block: np.ndarray) -> int:
@@ -113,6 +115,13 @@ class Cache:
         if include_bos or "non_bos" not in st:
             return st
         return {k: (np.asarray(v, dtype=np.float64) if isinstance(v, list) else v) for k, v in st["non_bos"].items()}
+
+    def outliers(self, site: str) -> tuple[np.ndarray, float | None]:
+        """(sorted row indices of massive-activation rows, their norm threshold) of a site."""
+        o = self.attrs.get("stats", {}).get(site, {}).get("outliers")
+        if not o:
+            return np.empty(0, dtype=np.int64), None
+        return np.asarray(o["rows"], dtype=np.int64), float(o["norm_above"])
 
     def check_site(self, site: str) -> None:
         if site not in self.sites:
@@ -206,7 +215,19 @@ def compute_stats(arr, dtype: str, tokens=None) -> dict[str, Any]:
     if tokens is not None and r["nb_n"] > 0:
         out["non_bos"] = summary(r["nb_n"], r["nb_sum"], r["nb_sum_sq"], r["nb_sum_norm"], r["nb_sum_sq_norm"])
         out["bos_token"] = bos
+        # "Massive activations" (attention-sink tokens): rare non-BOS rows far above the typical norm.
+        threshold = OUTLIER_RATIO * out["non_bos"]["mean_norm"]
+        with dask.config.set(scheduler="threads"):
+            rows = da.flatnonzero((da.sqrt(sq) > threshold) & (w > 0)).compute()
+        out["outliers"] = {"ratio": OUTLIER_RATIO, "norm_above": threshold, "rows": rows[:MAX_OUTLIERS].tolist()}
     return out
+
+
+def synthetic_tokens(n_seq: int, ctx_len: int = 128, bos: int = 0) -> np.ndarray:
+    """Token ids for synthetic caches: BOS at position 0, an ordinary id elsewhere."""
+    t = np.ones((n_seq, ctx_len), dtype=np.int32)
+    t[:, 0] = bos
+    return t
 
 
 def write_cache(location: str, tokens: np.ndarray, activations: dict[str, np.ndarray], dtype: str = "float32",

@@ -17,7 +17,7 @@ def test_scaled_down_paper_pipeline(tmp_path, tiny_models, corpus_file):
         "harvest": {**real["harvest"], "model": str(tiny_models["llama"]), "layers": [2], "dataset": str(corpus_file),
                     "dataset_fallback": None, "tokens": 200 * 32, "ctx_len": 32, "chunk_mb": 0.05},
         "train": {**real["train"], "tokens": 256 * 40, "batch_size": 256},
-        "eval": {"tokens": 1024},
+        "eval": {"tokens": 512},
     }
     # the same grids, shrunk: dictionary multiples of d_model=64 stay as they are, k scaled down
     pipe["train"]["sweep"] = [

@@ -33,7 +33,8 @@ def sparse_dictionary_data(n_seq=96, ctx=64, d=32, atoms=64, per_token=3, seed=0
 def synthetic_cache(tmp_path_factory):
     x, D = sparse_dictionary_data()
     loc = tmp_path_factory.mktemp("syn") / "cache"
-    tokens = np.zeros((96, 64), dtype=np.int32)
+    tokens = np.ones((96, 64), dtype=np.int32)
+    tokens[:, 0] = 0  # BOS
     write_cache(str(loc), tokens, {SITE: x}, dtype="float32", chunk_seqs=8)
     return str(loc), D
 
@@ -163,3 +164,21 @@ def test_nan_loss_stops_and_keeps_checkpoint(synthetic_cache, tmp_path):
     with pytest.raises(PipelineError, match=r"loss became (nan|inf) at step \d+ .*last good checkpoint"):
         Trainer(s).run()
     assert (out / "state.pt").exists()
+
+
+def test_outlier_rows_are_listed_and_skipped(tmp_path):
+    from harvest.cache import Cache, synthetic_tokens
+    from train.data import ActivationStream, Split
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64 * 32, 16)).astype(np.float32)
+    massive = [70, 511, 1900]  # non-BOS positions (row % 32 != 0)
+    x[massive] *= 100.0
+    x[::32] *= 500.0  # BOS rows: huge too, but they are BOS, not outliers
+    c = write_cache(str(tmp_path / "c"), synthetic_tokens(64, 32), {SITE: x}, chunk_seqs=8)
+    rows, thr = Cache.open(c.location).outliers(SITE)
+    assert rows.tolist() == massive and thr == pytest.approx(10 * np.linalg.norm(np.delete(x, np.r_[0:len(x):32], 0), axis=1).mean())
+    s = ActivationStream(c, SITE, Split.of(c, 0.0).train_chunks, 64, 1.0, drop_token=0, skip_rows=rows)
+    assert sum(s.rows_in.values()) == 64 * 31 - 3
+    seen = torch.cat([b for b, _ in zip(s.batches(0), range(s.batches_per_epoch))])
+    assert len(seen) == s.batches_per_epoch * 64 and float(seen.norm(dim=1).max()) < thr

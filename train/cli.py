@@ -89,12 +89,14 @@ def sweep_from(train: dict[str, Any], cli: dict[str, Any], d_in: int, extra: dic
 @click.option("--log-every", type=int, help="Steps between log records.")
 @click.option("--checkpoint-every", type=int, help="Steps between training-state checkpoints.")
 @click.option("--include-bos", is_flag=True, default=None, help="Train on BOS positions too (default: left out).")
+@click.option("--include-outliers", is_flag=True, default=None,
+              help="Train on massive-activation rows too (norm > 10x the mean; default: left out).")
 @click.option("--local-copy", help="For a URL cache: keep a read-through copy of the chunks read in this folder.")
 @click.option("--device", help="cuda or cpu (default: CUDA when present).")
 @click.option("--out", help="Run directory (default data/saes/<pipeline>/<run id>).")
 @one_line_errors
 def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, tokens, batch_size, lr, seed, dead_tokens,
-         val_fraction, log_every, checkpoint_every, include_bos, local_copy, device, out) -> None:
+         val_fraction, log_every, checkpoint_every, include_bos, include_outliers, local_copy, device, out) -> None:
     """Train BatchTopK (default) and baseline SAEs; one pass over the cache feeds a whole sweep.
 
     Rerunning after an interruption resumes; rerunning a finished run prints its SAEs again.
@@ -122,7 +124,8 @@ def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, tokens, batc
                       tokens=parse_tokens(tokens if tokens is not None else train.get("tokens", "all")))
     for key, val in (("batch_size", batch_size), ("lr", lr), ("seed", seed), ("val_fraction", val_fraction),
                      ("log_every", log_every), ("checkpoint_every", checkpoint_every), ("device", device),
-                     ("include_bos", include_bos), ("local_copy", local_copy)):
+                     ("include_bos", include_bos), ("include_outliers", include_outliers),
+                     ("local_copy", local_copy)):
         if val is None and key in train:
             val = train[key]
         if val is not None:

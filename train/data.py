@@ -7,6 +7,7 @@ parts' local batches, which a single process can also build (parts > 1, all part
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import warnings
@@ -31,7 +32,7 @@ class Split:
     @classmethod
     def of(cls, cache: Cache, val_fraction: float) -> "Split":
         n = cache.n_chunks
-        held = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+        held = max(1, math.ceil(n * val_fraction)) if val_fraction > 0 else 0  # at least the fraction
         if n - held < 1:
             raise PipelineError(f"cache {cache.location} has only {n} chunk(s): too small to hold out "
                                 f"{val_fraction:.0%} for validation; harvest more tokens")
@@ -43,7 +44,8 @@ class ActivationStream:
 
     def __init__(self, cache: Cache, site: str, chunks: tuple[int, ...], batch_size: int, scale: float,
                  seed: int = 0, parts: int = 1, my_parts: tuple[int, ...] = (0,), shuffle_mb: float = 512,
-                 read_threads: int = 4, device: str = "cpu", prefetch: int = 4, drop_token: int | None = None):
+                 read_threads: int = 4, device: str = "cpu", prefetch: int = 4, drop_token: int | None = None,
+                 skip_rows: np.ndarray | None = None):
         if batch_size % parts:
             raise PipelineError(f"batch size {batch_size} is not divisible by the {parts} data parts (ranks)")
         self.cache, self.site, self.chunks = cache, site, tuple(chunks)
@@ -54,11 +56,9 @@ class ActivationStream:
         self.scale, self.seed, self.parts, self.my_parts = scale, seed, parts, tuple(my_parts)
         self.device, self.prefetch, self.read_threads = device, prefetch, read_threads
         self.drop_token = drop_token
-        # rows each chunk contributes (positions holding drop_token, e.g. BOS, are left out)
-        self.rows_in = {c: cache.row_range(c)[1] - cache.row_range(c)[0] for c in self.chunks}
-        if drop_token is not None:
-            toks = cache.tokens
-            self.rows_in = {c: int((toks[slice(*cache.seq_range(c))] != drop_token).sum()) for c in self.chunks}
+        self.skip_rows = np.unique(skip_rows) if skip_rows is not None else np.empty(0, dtype=np.int64)
+        # rows each chunk contributes: positions holding drop_token (BOS) and skip_rows are left out
+        self.rows_in = {c: int(self._keep(c).sum()) for c in self.chunks}
         d = cache.d_model()
         chunk_rows = cache.chunk_seqs * cache.ctx_len
         self.window = max(1, int(shuffle_mb * 2**20 // (chunk_rows * d * 4)))
@@ -67,6 +67,16 @@ class ActivationStream:
         if self.batches_per_epoch < 1:
             raise PipelineError(f"the training part of {cache.location} ({min(rows)} tokens per part) is smaller "
                                 f"than one batch of {self.local}; harvest more tokens or lower the batch size")
+
+    def _keep(self, c: int) -> np.ndarray:
+        """Boolean mask over chunk c's rows: which ones the stream yields."""
+        r0, r1 = self.cache.row_range(c)
+        keep = np.ones(r1 - r0, dtype=bool)
+        if self.drop_token is not None:
+            keep &= (self.cache.tokens[slice(*self.cache.seq_range(c))] != self.drop_token).reshape(-1)
+        lo, hi = np.searchsorted(self.skip_rows, [r0, r1])
+        keep[self.skip_rows[lo:hi] - r0] = False
+        return keep
 
     def _epoch_chunks(self, epoch: int, part: int) -> list[int]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(np.array(self.chunks))
@@ -86,9 +96,7 @@ class ActivationStream:
             if chunk_hash(block) != int(self.sums[c, self.col]):
                 raise PipelineError(f"chunk {c} of {self.site} in {self.cache.location} fails its checksum "
                                     "(corrupt cache); run `python -m harvest verify` on it")
-            if self.drop_token is not None:
-                block = block[(self.cache.tokens[slice(*self.cache.seq_range(c))] != self.drop_token).reshape(-1)]
-            return block
+            return block[self._keep(c)]
         raw = np.concatenate(list(pool.map(read, chunks)))
         return to_float32(raw, self.cache.dtype)
 
@@ -157,15 +165,13 @@ def warn_epochs(tokens: int, epoch_tokens: int) -> None:
 
 
 def heldout_rows(cache: Cache, site: str, split: Split, max_rows: int, scale: float = 1.0,
-                 drop_token: int | None = None) -> torch.Tensor:
-    """Up to max_rows held-out rows of a site (float32, times scale), without drop_token positions."""
+                 drop_token: int | None = None, skip_rows: np.ndarray | None = None) -> torch.Tensor:
+    """Up to max_rows rows of the held-out chunks (float32, times scale), with the stream's exclusions."""
     if not split.heldout_chunks:
         raise PipelineError("no held-out chunks (val_fraction is 0)")
-    r0 = cache.row_range(split.heldout_chunks[0])[0]
-    r1 = min(cache.row_range(split.heldout_chunks[-1])[1], r0 + max_rows)
-    x = cache.read_rows(site, r0, r1)
-    if drop_token is not None:
-        ctx = cache.ctx_len
-        toks = cache.tokens[r0 // ctx: -(-r1 // ctx)].reshape(-1)[: r1 - r0 + (r0 % ctx)][r0 % ctx:]
-        x = x[toks != drop_token]
+    s = ActivationStream.__new__(ActivationStream)  # reuse the row filter without a stream
+    s.cache, s.drop_token = cache, drop_token
+    s.skip_rows = np.unique(skip_rows) if skip_rows is not None else np.empty(0, dtype=np.int64)
+    parts = [cache.read_rows(site, *cache.row_range(c))[s._keep(c)] for c in split.heldout_chunks]
+    x = np.concatenate(parts)[:max_rows]
     return torch.from_numpy(np.ascontiguousarray(x)).mul_(scale)

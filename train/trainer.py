@@ -46,6 +46,7 @@ class TrainSettings:
     checkpoint_every: int = 200
     shuffle_mb: float = 512
     include_bos: bool = False           # BOS rows (huge, constant residuals) are left out by default
+    include_outliers: bool = False      # so are the rare massive-activation rows the cache lists
     local_copy: str | None = None       # read-through local copy of a remote cache's chunks
     data_parts: int | None = None       # parts of each global batch (default: one per rank)
     device: str | None = None
@@ -54,7 +55,7 @@ class TrainSettings:
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (resume only a matching one)."""
         keep = ("saes", "site", "tokens", "batch_size", "lr", "betas", "seed", "val_fraction", "theta_window",
-                "include_bos")
+                "include_bos", "include_outliers")
         return {"cache_id": None, **{k: getattr(self, k) for k in keep}}
 
 
@@ -85,6 +86,7 @@ class Trainer:
         self.cache.check_site(self.site)
         stats = self.cache.train_stats(self.site, s.include_bos)
         self.drop = None if s.include_bos else int(self.cache.tokens[0, 0])
+        self.skip = None if s.include_outliers else self.cache.outliers(self.site)[0]
         self.d = self.cache.d_model()
         self.scale = math.sqrt(self.d) / float(stats["mean_norm"])
         self.split = Split.of(self.cache, s.val_fraction)
@@ -94,7 +96,8 @@ class Trainer:
         mine = (self.rank,) if self.world > 1 else tuple(range(parts))
         self.stream = ActivationStream(self.cache, self.site, self.split.train_chunks, s.batch_size, self.scale,
                                        seed=s.seed, parts=parts, my_parts=mine,
-                                       shuffle_mb=s.shuffle_mb, device=self.device, drop_token=self.drop)
+                                       shuffle_mb=s.shuffle_mb, device=self.device, drop_token=self.drop,
+                                       skip_rows=self.skip)
         self.tokens = s.tokens if s.tokens is not None else self.stream.epoch_tokens
         self.total_steps = max(1, math.ceil(self.tokens / s.batch_size))
         self.out = Path(s.out)
@@ -289,7 +292,8 @@ class Trainer:
                 sae.theta.fill_(self.theta_sum[i] / max(1, self.theta_n[i]))
             dirs.append(self.sae_dir(cfg))
         if self.rank == 0:
-            val = heldout_rows(self.cache, self.site, self.split, 8192, self.scale, self.drop).to(self.device)
+            val = heldout_rows(self.cache, self.site, self.split, 8192, self.scale, self.drop,
+                               self.skip).to(self.device)
             for sae, cfg, d in zip(self.saes, self.cfgs, dirs):
                 meta = self._metadata(cfg)
                 with torch.no_grad():
@@ -314,6 +318,7 @@ class Trainer:
             "heldout_sequences": [self.cache.seq_range(held[0])[0], self.cache.n_sequences] if held else None,
             "training_tokens": self.step * self.s.batch_size, "batch_size": self.s.batch_size, "lr": self.s.lr,
             "seed": self.s.seed, "world_size": self.world, "include_bos": self.s.include_bos,
+            "excluded_outlier_rows": 0 if self.skip is None else int(len(self.skip)),
             "theta": float(self.saes[self.cfgs.index(cfg)].theta) if cfg.arch == "batchtopk" else None,
             "theta_estimate": f"mean over the last {self.s.theta_window:.0%} of training batches of the smallest "
                               "kept activation" if cfg.arch == "batchtopk" else None,
