@@ -49,10 +49,10 @@ def _sweep_plot(rows, x_key, fixed_key, fixed_val, path: Path, title: str, logx:
                          if r["architecture"] == arch and r.get(fixed_key) == fixed_val)
             if pts:
                 ax.plot(*zip(*pts), "o-", color=COLORS[arch], label=arch)
-        jr = [(r["l0"], r[metric]) for r in rows if r["architecture"] == "jumprelu" and
-              (x_key == "k" and r["d_sae"] == fixed_val or x_key == "d_sae" and True)]
-        if jr and x_key == "k":
-            ax.plot(*zip(*sorted(jr)), "s--", color=COLORS["jumprelu"], label="jumprelu (at its L0)")
+        if x_key == "k":  # JumpReLU has no k: plot it at the L0 it reached
+            jr = sorted((r["l0"], r[metric]) for r in rows if r["architecture"] == "jumprelu" and r["d_sae"] == fixed_val)
+            if jr:
+                ax.plot(*zip(*jr), "s--", color=COLORS["jumprelu"], label="jumprelu (at its L0)")
         ax.set_xlabel("k (JumpReLU: measured L0)" if x_key == "k" else "dictionary size")
         ax.set_ylabel(label)
         if logx:

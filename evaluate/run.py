@@ -144,15 +144,15 @@ def evaluate(s: EvalSettings) -> list[Path]:
         md = item[2]["metadata"]
         groups[(md["cache"], md["hook_name"])].append(item)
     written = []
-    model_cache: dict[str, tuple] = {}
-    for (cache_loc, site), items in groups.items():
+    loaded_for, config, model = None, None, None
+    for (cache_loc, site), items in sorted(groups.items()):  # one model load per cache
         cache = Cache.open(cache_loc)
         spec = models.resolve_model(cache.attrs["model"], cache.attrs["settings"]["model"].get("revision"))
-        if cache_loc not in model_cache:
+        if loaded_for != cache_loc:
+            model = None  # free the previous model first
             config = models.load_config(spec)
-            dtype = models.resolve_dtype(cache.attrs.get("model_dtype"), device)
-            model_cache = {cache_loc: (config, models.load_model(spec, device, dtype))}
-        config, model = model_cache[cache_loc]
+            model = models.load_model(spec, device, models.resolve_dtype(cache.attrs.get("model_dtype"), device))
+            loaded_for = cache_loc
         models.check_sites([site], config)
         width = models.d_model(config)
         for d, sae, _ in items:

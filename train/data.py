@@ -39,6 +39,17 @@ class Split:
         return cls(tuple(range(n - held)), tuple(range(n - held, n)))
 
 
+def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.ndarray) -> np.ndarray:
+    """Which rows of a chunk an SAE sees: not at drop_token (BOS) positions, not in sorted skip_rows."""
+    r0, r1 = cache.row_range(chunk)
+    keep = np.ones(r1 - r0, dtype=bool)
+    if drop_token is not None:
+        keep &= (cache.tokens[slice(*cache.seq_range(chunk))] != drop_token).reshape(-1)
+    lo, hi = np.searchsorted(skip_rows, [r0, r1])
+    keep[skip_rows[lo:hi] - r0] = False
+    return keep
+
+
 class ActivationStream:
     """An endless, deterministic stream of normalised float32 batches [batch, d] for some parts."""
 
@@ -69,14 +80,7 @@ class ActivationStream:
                                 f"than one batch of {self.local}; harvest more tokens or lower the batch size")
 
     def _keep(self, c: int) -> np.ndarray:
-        """Boolean mask over chunk c's rows: which ones the stream yields."""
-        r0, r1 = self.cache.row_range(c)
-        keep = np.ones(r1 - r0, dtype=bool)
-        if self.drop_token is not None:
-            keep &= (self.cache.tokens[slice(*self.cache.seq_range(c))] != self.drop_token).reshape(-1)
-        lo, hi = np.searchsorted(self.skip_rows, [r0, r1])
-        keep[self.skip_rows[lo:hi] - r0] = False
-        return keep
+        return keep_mask(self.cache, c, self.drop_token, self.skip_rows)
 
     def _epoch_chunks(self, epoch: int, part: int) -> list[int]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(np.array(self.chunks))
@@ -169,9 +173,8 @@ def heldout_rows(cache: Cache, site: str, split: Split, max_rows: int, scale: fl
     """Up to max_rows rows of the held-out chunks (float32, times scale), with the stream's exclusions."""
     if not split.heldout_chunks:
         raise PipelineError("no held-out chunks (val_fraction is 0)")
-    s = ActivationStream.__new__(ActivationStream)  # reuse the row filter without a stream
-    s.cache, s.drop_token = cache, drop_token
-    s.skip_rows = np.unique(skip_rows) if skip_rows is not None else np.empty(0, dtype=np.int64)
-    parts = [cache.read_rows(site, *cache.row_range(c))[s._keep(c)] for c in split.heldout_chunks]
+    skip = np.unique(skip_rows) if skip_rows is not None else np.empty(0, dtype=np.int64)
+    parts = [cache.read_rows(site, *cache.row_range(c))[keep_mask(cache, c, drop_token, skip)]
+             for c in split.heldout_chunks]
     x = np.concatenate(parts)[:max_rows]
     return torch.from_numpy(np.ascontiguousarray(x)).mul_(scale)

@@ -337,6 +337,5 @@ def run_id(cache_id: str, s: TrainSettings) -> str:
     ident = s.identity() | {"cache_id": cache_id}
     h = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
     if len(s.saes) == 1:
-        cfg = SAEConfig(d_in=1, **s.saes[0]) if s.saes[0].get("k", 1) <= s.saes[0]["d_sae"] else None
-        return f"{cfg.name if cfg else 'run'}-{h}"
+        return f"{SAEConfig(d_in=1, **s.saes[0]).name}-{h}"
     return f"sweep{len(s.saes)}-{h}"
