@@ -8,14 +8,16 @@ import torch
 
 from harvest import models
 from harvest.cache import Cache
-from harvest.run import HarvestSettings, _harvest_activations, _prepare, plan
+from harvest.cli import settings_from
+from harvest.run import _harvest_activations, _prepare, plan
 
 from .records import Record, device_name, timed
 
 
 def run(tokens: int = 8192, batch_size: int = 32, device: str | None = None) -> list[Record]:
     with tempfile.TemporaryDirectory() as tmp:
-        s = HarvestSettings(tokens=tokens, cache_root=tmp, device=device, batch_size=batch_size)
+        s = settings_from(None)[1]  # the default pipeline: the embedded model and corpus
+        s.tokens, s.cache_root, s.device, s.batch_size = tokens, tmp, device, batch_size
         p = plan(s)
         _prepare(p)
         cache = Cache.open(p.location, mode="r+", need_complete=False)

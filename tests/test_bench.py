@@ -1,0 +1,35 @@
+"""Benchmark plumbing: records as CONTRACT.md names them, and each measurement runs (tiny sizes)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import records, train_bench
+
+
+def test_records_follow_the_contract(tmp_path):
+    r = records.Record("x", 30.0, "tok/s", "base", 20.0, "cpu", {"a": 1})
+    path = records.write("part", [r], tmp_path)
+    [rec] = json.loads(path.read_text())
+    assert set(rec) == {"name", "value", "unit", "baseline", "baseline_value", "ratio", "device", "settings"}
+    assert rec["ratio"] == pytest.approx(1.5)
+    assert "1.500" in records.table([r])
+
+
+@pytest.mark.parametrize("arch", train_bench.ARCHS)
+def test_train_step_measurements_run(arch):
+    for impl in ("ours", "dense"):
+        out = train_bench.step_time(arch, impl, d=16, m=64, k=4, batch=128, steps=1, device="cpu")
+        assert out["tokens_per_s"] > 0 and out["peak_mib"] > 0
+
+
+def test_dense_reference_matches_ours_for_topk():
+    import torch
+    from train.sae import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig("topk", d_in=16, d_sae=64, k=4))
+    x = torch.randn(32, 16)
+    ours = sae.losses(x, None)[0]["mse"]
+    assert float(train_bench.dense_losses(sae, x)) == pytest.approx(float(ours), rel=1e-5)
