@@ -12,7 +12,7 @@ from harvest.errors import PipelineError, one_line_errors
 
 from .sae import ARCHS
 
-GRID_KEYS = ("arch", "k", "dict", "l0_coeff", "l1_coeff")
+GRID_KEYS = ("arch", "k", "dict", "l0_coeff", "l1_coeff", "init_l0")
 
 
 def _split(value: Any) -> list:
@@ -51,7 +51,9 @@ def expand(grid: dict[str, Any], d_in: int, extra: dict[str, Any]) -> list[dict[
         if arch in ("batchtopk", "topk"):
             out += [base | {"k": _int(k, "k")} for k in _split(grid.get("k", 32))]
         elif arch == "jumprelu":
-            out += [base | {"l0_coeff": float(c)} for c in (_split(grid.get("l0_coeff")) or [0.005])]
+            out += [base | {"l0_coeff": float(c)} | ({"jumprelu_init_l0": float(i)} if i is not None else {})
+                    for c in (_split(grid.get("l0_coeff")) or [0.005])
+                    for i in (_split(grid.get("init_l0")) or [None])]
         else:
             out += [base | {"l1_coeff": float(c)} for c in (_split(grid.get("l1_coeff")) or [0.01])]
     return out

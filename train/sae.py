@@ -55,8 +55,9 @@ class SAEConfig:
     def name(self) -> str:
         if self.arch in ("batchtopk", "topk"):
             return f"{self.arch}_k{self.k}_m{self.d_sae}"
-        coeff = self.l0_coeff if self.arch == "jumprelu" else self.l1_coeff
-        return f"{self.arch}_l{coeff:g}_m{self.d_sae}"
+        if self.arch == "jumprelu":
+            return f"jumprelu_l{self.l0_coeff:g}_i{self.jumprelu_init_l0:g}_m{self.d_sae}"
+        return f"relu_l{self.l1_coeff:g}_m{self.d_sae}"
 
 
 class SAE(nn.Module):
