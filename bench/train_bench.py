@@ -15,15 +15,16 @@ import torch
 from harvest.cache import Cache, synthetic_tokens, write_cache
 from train.data import ActivationStream, Split
 from train.sae import SAE, SAEConfig
-from train.sparsity import batch_topk_indices
+from train.sparsity import batch_topk_indices, jumprelu, step
 
 from .records import Record, device_name, timed
 
 ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
 
 
-def dense_losses(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    """The textbook implementation: dense codes, dense decoder, flat top-k over the whole batch."""
+def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) -> torch.Tensor:
+    """The textbook implementation of the same losses: dense codes, dense decoder (and dense
+    auxiliary loss), flat top-k over the whole batch."""
     cfg = sae.cfg
     pre = x @ sae.W_enc + sae.b_enc
     if cfg.arch == "batchtopk":
@@ -35,13 +36,20 @@ def dense_losses(sae: SAE, x: torch.Tensor) -> torch.Tensor:
         v, i = pre.relu().topk(cfg.k, dim=1)
         f = torch.zeros_like(pre).scatter(1, i, v)
     elif cfg.arch == "jumprelu":
-        f = pre * (pre > sae.threshold)
+        f = jumprelu(pre, sae.threshold, cfg.bandwidth)
     else:
         f = pre.relu()
     x_hat = f @ sae.W_dec + sae.b_dec
     loss = (x_hat - x).pow(2).mean()
     if cfg.arch == "relu":
         loss = loss + cfg.l1_coeff * f.abs().sum(-1).mean()
+    if cfg.arch == "jumprelu":
+        loss = loss + cfg.l0_coeff * step(pre, sae.threshold, cfg.bandwidth).sum(-1).mean()
+    if cfg.arch in ("batchtopk", "topk") and dead is not None and bool(dead.any()):
+        a = pre[:, dead].relu()
+        v, i = a.topk(min(cfg.aux_k, int(dead.sum())), dim=1)
+        aux = torch.zeros_like(a).scatter(1, i, v) @ sae.W_dec[dead]
+        loss = loss + cfg.aux_coeff * (aux - (x - x_hat).detach()).pow(2).mean()
     return loss
 
 
@@ -59,7 +67,7 @@ def step_time(arch: str, impl: str, d: int, m: int, k: int, batch: int, steps: i
         opt.zero_grad(set_to_none=True)
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
         with ctx:
-            loss = sae.losses(x, dead)[0]["loss"] if impl == "ours" else dense_losses(sae, x)
+            loss = sae.losses(x, dead)[0]["loss"] if impl == "ours" else dense_losses(sae, x, dead)
         loss.backward()
         sae.project_decoder_grad()
         opt.step()

@@ -66,20 +66,32 @@ def _sweep_plot(rows, x_key, fixed_key, fixed_val, path: Path, title: str, logx:
 
 
 def _l0_plot(rows, k, m, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    """Distribution of active latents per token: variable for BatchTopK, exactly k for TopK."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    x_max = 2 * (k or 1)
     for arch in ("batchtopk", "topk"):
-        for r in rows:
-            if r["architecture"] == arch and r.get("k") == k and r["d_sae"] == m:
-                hist = {int(a): b for a, b in r["l0_histogram"].items()}
-                xs = sorted(hist)
-                ax.step(xs, [hist[x] / r["n_tokens"] for x in xs], where="mid", color=COLORS[arch],
-                        label=f"{arch} (mean {r['l0']:.1f})")
+        r = next((r for r in rows if r["architecture"] == arch and r.get("k") == k and r["d_sae"] == m), None)
+        if r is None:
+            continue
+        hist = {int(a): b / r["n_tokens"] for a, b in r["l0_histogram"].items()}
+        xs = sorted(hist)
+        if len(xs) == 1:
+            ax.axvline(xs[0], color=COLORS[arch], lw=2, label=f"{arch}: every token uses {xs[0]}")
+            continue
+        cdf = 0.0
+        for x in xs:  # clip the long tail at the 99.5th percentile
+            cdf += hist[x]
+            if cdf >= 0.995:
+                x_max = max(x_max, x)
                 break
+        ax.bar(xs, [hist[x] for x in xs], width=1.0, color=COLORS[arch], alpha=0.7,
+               label=f"{arch}: mean {r['l0']:.1f}, median {r['l0_quantiles']['50']}, max {xs[-1]}")
+    ax.set_xlim(0, x_max * 1.05)
     ax.set_xlabel("active latents per token")
     ax.set_ylabel("fraction of tokens")
     ax.set_title(f"Active latents per token, k={k}, dictionary {m}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

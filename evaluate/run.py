@@ -41,7 +41,7 @@ class EvalSettings:
 def sae_reconstructor(sae: SAE, mode: str) -> Reconstructor:
     def run(x: torch.Tensor):
         code = sae.code(sae.pre(x), mode)
-        return sae.decode_code(code), code.counts, torch.bincount(code.cols, minlength=sae.cfg.d_sae)
+        return sae.decode_code(code), code.counts, code.fired()
     return run
 
 

@@ -24,12 +24,23 @@ def test_train_step_measurements_run(arch):
         assert out["tokens_per_s"] > 0 and out["peak_mib"] > 0
 
 
-def test_dense_reference_matches_ours_for_topk():
+@pytest.mark.parametrize("arch", train_bench.ARCHS)
+def test_dense_reference_computes_the_same_loss_and_gradients(arch):
     import torch
     from train.sae import SAE, SAEConfig
 
     torch.manual_seed(0)
-    sae = SAE(SAEConfig("topk", d_in=16, d_sae=64, k=4))
+    sae = SAE(SAEConfig(arch, d_in=16, d_sae=64, k=4 if arch in ("batchtopk", "topk") else None))
     x = torch.randn(32, 16)
-    ours = sae.losses(x, None)[0]["mse"]
-    assert float(train_bench.dense_losses(sae, x)) == pytest.approx(float(ours), rel=1e-5)
+    sae.init_from_data(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:20] = True
+    ours = sae.losses(x, dead)[0]["loss"]
+    ours.backward()
+    g = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    ref = train_bench.dense_losses(sae, x, dead)
+    ref.backward()
+    assert float(ref) == pytest.approx(float(ours), rel=1e-5)
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, g[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -30,6 +30,16 @@ def s3(tmp_path_factory):
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield from _configure(endpoint, proc)
+    finally:  # the server stops whatever happens, setup failures included
+        proc.terminate()
+        proc.wait()
+
+
+def _configure(endpoint: str, proc: subprocess.Popen):
+    import boto3
+
     for _ in range(100):
         try:
             urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
@@ -50,8 +60,6 @@ def s3(tmp_path_factory):
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
                                                   headers={"Content-Type": "text/plain"}))
     yield {"endpoint": endpoint, "users": users, "proc": proc}
-    proc.terminate()
-    proc.wait()
 
 
 def env_for(s3, user: str | None = "writer", **extra) -> dict:

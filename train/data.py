@@ -62,6 +62,7 @@ class ActivationStream:
         self.cache, self.site, self.chunks = cache, site, tuple(chunks)
         self.arr = cache.activations(site)
         self.sums = cache.checksums[:]  # every chunk read is checked against its checksum
+        self.verified: set[int] = set()
         self.col = 1 + cache.sites.index(site)
         self.local = batch_size // parts
         self.scale, self.seed, self.parts, self.my_parts = scale, seed, parts, tuple(my_parts)
@@ -72,7 +73,7 @@ class ActivationStream:
         self.rows_in = {c: int(self._keep(c).sum()) for c in self.chunks}
         d = cache.d_model()
         chunk_rows = cache.chunk_seqs * cache.ctx_len
-        self.window = max(1, int(shuffle_mb * 2**20 // (chunk_rows * d * 4)))
+        self.window = max(1, int(shuffle_mb * 2**20 // (chunk_rows * d * self.arr.dtype.itemsize)))
         rows = [self._rows_of_part(p, 0) for p in range(parts)]
         self.batches_per_epoch = min(r // self.local for r in rows)
         if self.batches_per_epoch < 1:
@@ -97,12 +98,13 @@ class ActivationStream:
         def read(c: int) -> np.ndarray:
             r0, r1 = self.cache.row_range(c)
             block = self.arr[r0:r1]
-            if chunk_hash(block) != int(self.sums[c, self.col]):
-                raise PipelineError(f"chunk {c} of {self.site} in {self.cache.location} fails its checksum "
-                                    "(corrupt cache); run `python -m harvest verify` on it")
+            if c not in self.verified:  # each chunk is checked once per process
+                if chunk_hash(block) != int(self.sums[c, self.col]):
+                    raise PipelineError(f"chunk {c} of {self.site} in {self.cache.location} fails its checksum "
+                                        "(corrupt cache); run `python -m harvest verify` on it")
+                self.verified.add(c)
             return block[self._keep(c)]
-        raw = np.concatenate(list(pool.map(read, chunks)))
-        return to_float32(raw, self.cache.dtype)
+        return np.concatenate(list(pool.map(read, chunks)))  # still in the storage dtype
 
     def _part_batches(self, part: int, start: int, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
         """Local batches of one part from global batch index `start` on, forever."""
@@ -111,7 +113,7 @@ class ActivationStream:
             chunks = self._epoch_chunks(epoch, part)
             windows = [chunks[i:i + self.window] for i in range(0, len(chunks), self.window)]
             skip = j * self.local  # rows of this epoch already consumed
-            carry = np.empty((0, self.arr.shape[1]), dtype=np.float32)
+            carry = np.empty((0, self.arr.shape[1]), dtype=self.arr.dtype)
             emitted = j
             for w, wchunks in enumerate(windows):
                 n_rows = sum(self.rows_in[c] for c in wchunks)
@@ -141,7 +143,7 @@ class ActivationStream:
                     streams = [self._part_batches(p, start, pool) for p in self.my_parts]
                     while not stop.is_set():
                         x = np.concatenate([next(s) for s in streams]) if len(streams) > 1 else next(streams[0])
-                        t = torch.from_numpy(np.ascontiguousarray(x)).mul_(self.scale)
+                        t = torch.from_numpy(to_float32(np.ascontiguousarray(x), self.cache.dtype)).mul_(self.scale)
                         if self.device.startswith("cuda"):
                             t = t.pin_memory()
                         q.put(t)

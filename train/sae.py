@@ -102,7 +102,7 @@ class SAE(nn.Module):
         return self.code(self.pre(x), mode).dense()
 
     def decode_code(self, code: Code) -> torch.Tensor:
-        if code.vals.numel() > DENSE_DECODE_ABOVE * code.n * code.m:
+        if code.nnz > DENSE_DECODE_ABOVE * code.n * code.m:
             return code.dense() @ self.W_dec + self.b_dec
         return sparse_decode(code, self.W_dec) + self.b_dec
 
@@ -126,7 +126,7 @@ class SAE(nn.Module):
             code = self.code(pre, "train")
             x_hat = self.decode_code(code)
             if cfg.arch == "relu":
-                out["sparsity"] = cfg.l1_coeff * code.vals.abs().sum() / x.shape[0]
+                out["sparsity"] = cfg.l1_coeff * code.dense().abs().sum() / x.shape[0]
         out["mse"] = (x_hat - x).pow(2).mean()
         if cfg.arch in ("batchtopk", "topk") and dead is not None and bool(dead.any()):
             out["aux"] = cfg.aux_coeff * self._aux_loss(pre, dead, (x - x_hat).detach())

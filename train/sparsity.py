@@ -6,35 +6,78 @@ and backward touch only those rows of W_dec), instead of a dense [n, m] x [m, d]
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 
-@dataclass
 class Code:
-    rows: torch.Tensor  # int64 [nnz], sorted
-    cols: torch.Tensor  # int64 [nnz]
-    vals: torch.Tensor  # [nnz], carries gradients
-    n: int              # tokens
-    m: int              # latents
+    """Selected latents of a batch: (rows, cols, vals) sorted by row, or a dense matrix.
+
+    A code made from a dense matrix keeps it and extracts the index triples only when they
+    are asked for (a sparse decode), so dense codes never pay for `nonzero`.
+    """
+
+    def __init__(self, rows: torch.Tensor | None, cols: torch.Tensor | None, vals: torch.Tensor | None,
+                 n: int, m: int, f: torch.Tensor | None = None):
+        self._rows, self._cols, self._vals, self.n, self.m, self.f = rows, cols, vals, n, m, f
+
+    @classmethod
+    def from_dense(cls, f: torch.Tensor) -> "Code":
+        return cls(None, None, None, f.shape[0], f.shape[1], f)
+
+    def _index(self) -> None:
+        if self._rows is None:
+            idx = self.f.flatten().nonzero().squeeze(1)  # sorted, so rows come out grouped
+            self._rows, self._cols, self._vals = idx // self.m, idx % self.m, self.f.flatten()[idx]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        self._index()
+        return self._rows
+
+    @property
+    def cols(self) -> torch.Tensor:
+        self._index()
+        return self._cols
+
+    @cols.setter
+    def cols(self, value: torch.Tensor) -> None:
+        self._index()
+        self._cols = value
+
+    @property
+    def vals(self) -> torch.Tensor:
+        self._index()
+        return self._vals
+
+    @property
+    def nnz(self) -> int:
+        return int((self.f != 0).sum()) if self._rows is None else self._vals.numel()
 
     @property
     def counts(self) -> torch.Tensor:
         """Active latents per token."""
-        return torch.bincount(self.rows, minlength=self.n)
+        if self._rows is None:
+            return (self.f != 0).sum(1)
+        return torch.bincount(self._rows, minlength=self.n)
+
+    def fired(self) -> torch.Tensor:
+        """How many tokens of the batch each latent fired on."""
+        if self._rows is None:
+            return (self.f != 0).sum(0)
+        return torch.bincount(self._cols, minlength=self.m)
+
+    def min_active(self) -> torch.Tensor:
+        """The smallest kept activation (BatchTopK's threshold estimate uses it)."""
+        v = self.f[self.f != 0] if self._rows is None else self._vals
+        return v.detach().min()
 
     def dense(self) -> torch.Tensor:
-        out = self.vals.new_zeros(self.n, self.m)
-        out[self.rows, self.cols] = self.vals
+        if self.f is not None:
+            return self.f
+        out = self._vals.new_zeros(self.n, self.m)
+        out[self._rows, self._cols] = self._vals
         return out
-
-    @classmethod
-    def from_dense(cls, f: torch.Tensor) -> "Code":
-        idx = f.flatten().nonzero().squeeze(1)  # sorted, so rows come out grouped
-        m = f.shape[1]
-        return cls(idx // m, idx % m, f.flatten()[idx], f.shape[0], m)
 
 
 def sparse_decode(code: Code, W_dec: torch.Tensor) -> torch.Tensor:

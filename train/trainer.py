@@ -257,11 +257,11 @@ class Trainer:
         opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
-            fired = torch.bincount(code.cols, minlength=sae.cfg.d_sae)
+            fired = code.fired()
             distributed.all_reduce_(fired)
             self.since_fired[i] = torch.where(fired > 0, 0, self.since_fired[i] + x.shape[0] * self.world)
-            if sae.cfg.arch == "batchtopk" and self.step >= self.theta_from and code.vals.numel():
-                mn = code.vals.detach().min().float().reshape(1)
+            if sae.cfg.arch == "batchtopk" and self.step >= self.theta_from and code.nnz:
+                mn = code.min_active().float().reshape(1)
                 distributed.all_reduce_(mn, "sum")
                 self.theta_sum[i] += float(mn) / self.world
                 self.theta_n[i] += 1
@@ -272,7 +272,7 @@ class Trainer:
             # combined over ranks: losses averaged, NMSE from summed errors and variances, L0 over all tokens
             agg = torch.stack([out[k].detach().float() / self.world for k in names] +
                               [(x - x_hat).pow(2).sum(), (x - x.mean(0)).pow(2).sum(),
-                               torch.tensor(float(code.vals.numel()), device=x.device)])
+                               torch.tensor(float(code.nnz), device=x.device)])
             distributed.all_reduce_(agg)
             m = {k: float(v) for k, v in zip(names, agg)}
             m.update(nmse=float(agg[-3] / agg[-2]), l0=float(agg[-1]) / (x.shape[0] * self.world),
