@@ -79,8 +79,9 @@ def step_time(arch: str, impl: str, d: int, m: int, k: int, batch: int, steps: i
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process, MiB
+        # this process's own peak resident memory (ru_maxrss would include the parent's, kept across exec)
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
     return {"tokens_per_s": batch / t, "peak_mib": peak}
 
 
