@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np

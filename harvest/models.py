@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -8,12 +8,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-import zarr
 from tqdm import tqdm
 
 from . import __version__, distributed, models, store
@@ -233,8 +232,7 @@ def _prepare(p: Plan) -> None:
         if name in group:
             del group[name]
     group.attrs.put(manifest)
-    from .models import load_tokenizer
-    tok = load_tokenizer(p.model)
+    tok = models.load_tokenizer(p.model)
     target = s.tokens // s.ctx_len if s.tokens is not None else None
     tokens = group.create_array("tokens", shape=(0, s.ctx_len), chunks=(chunk_seqs, s.ctx_len), dtype="int32",
                                 compressors=None, fill_value=0)

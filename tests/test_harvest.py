@@ -1,7 +1,6 @@
 """Harvest: activations equal the model's hidden states; manifest, statistics, resume, verify."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,6 @@ import torch
 import zarr
 
 from harvest.cache import Cache, to_float32
-from harvest.errors import PipelineError
 from harvest.run import harvest
 
 ROOT = Path(__file__).resolve().parent.parent

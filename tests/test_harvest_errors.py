@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from click.testing import CliRunner
 
 from harvest.cache import Cache
 from harvest.cli import main
-from harvest.run import harvest
 
 
 def run_cli(*args: str):

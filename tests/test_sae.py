@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from train.sae import SAE, SAEConfig
-from train.sparsity import Code, batch_topk_code, batch_topk_indices, sparse_decode, topk_code
+from train.sparsity import batch_topk_code, batch_topk_indices, sparse_decode, topk_code
 
 
 def brute_batch_topk(a: torch.Tensor, k: int) -> set[int]:

@@ -5,11 +5,10 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
