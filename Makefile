@@ -52,10 +52,11 @@ demo: setup
 paper: setup
 	$(MAKE) --no-print-directory pipeline-run PIPELINE=$(or $(PIPELINE),smollm2-135m-paper)
 
-# harvest -> train (the pipeline's whole sweep, one pass) -> eval -> report, for any pipeline
+# harvest -> train (the pipeline's whole sweep, one pass) -> eval -> report, for any pipeline.
+# TOKENS sets the training tokens (e.g. `make paper TOKENS=20000000` on a GPU).
 pipeline-run:
 	$(PY) -m harvest $(COMMON)
-	$(PY) -m train $(COMMON)
+	$(PY) -m train $(COMMON) $(call flag,TOKENS,tokens)
 	$(PY) -m evaluate $(COMMON)
 	$(PY) -m evaluate report $(COMMON)
 
