@@ -136,3 +136,37 @@ def test_bad_configs():
         kw = {"d_in": 8, "d_sae": 16} | kw
         with pytest.raises(PipelineError, match=msg):
             SAEConfig(**kw)
+
+
+def test_aux_loss_revives_dead_latents_on_synthetic_data():
+    """Half the latents start too weak to ever win the top-k: only the aux loss brings them back."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import sparse_dictionary_data
+
+    x = torch.from_numpy(sparse_dictionary_data(n_seq=32, d=32, atoms=64)[0])
+    result = {}
+    for coeff in (0.0, 1 / 32):
+        torch.manual_seed(0)
+        sae = SAE(SAEConfig("topk", d_in=32, d_sae=64, k=3, aux_coeff=coeff))
+        with torch.no_grad():
+            sae.W_enc[:, 32:] *= 0.01
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-3, betas=(0.9, 0.99))
+        since = torch.zeros(64, dtype=torch.long)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(300):
+            xb = x[torch.randint(0, len(x), (256,), generator=g)]
+            out, code = sae.losses(xb, since >= 512)
+            opt.zero_grad()
+            out["loss"].backward()
+            sae.project_decoder_grad()
+            opt.step()
+            sae.normalize_decoder()
+            since = torch.where(code.fired() > 0, 0, since + 256)
+        with torch.no_grad():
+            fired = sae.code(sae.pre(x), "train").fired()
+        result[coeff] = (int((fired[32:] > 0).sum()), float(out["mse"].detach()))
+    assert result[0.0][0] == 0  # without the aux loss they never fire
+    assert result[1 / 32][0] >= 24 and result[1 / 32][1] < 0.6 * result[0.0][1]
