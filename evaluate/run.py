@@ -45,11 +45,6 @@ def sae_reconstructor(sae: SAE, mode: str) -> Reconstructor:
     return run
 
 
-def modes_of(sae: SAE) -> tuple[str, ...]:
-    """BatchTopK both ways (threshold first: it is the inference mode); others one way."""
-    return ("threshold", "batch") if sae.cfg.arch == "batchtopk" else ("threshold",)
-
-
 @torch.inference_mode()
 def evaluate_site(model, site: str, batches: Iterable[torch.Tensor], recons: dict[str, tuple[Reconstructor, int]],
                   mean: torch.Tensor, bos_id: int | None, progress: bool = True,
@@ -169,14 +164,14 @@ def evaluate(s: EvalSettings) -> list[Path]:
         bos_id = int(cache.tokens[0, 0]) if s.exclude_bos else None
         mean = torch.as_tensor(cache.train_stats(site, not s.exclude_bos)["mean"], dtype=torch.float32)
         recons = {(str(d), mode): (sae_reconstructor(sae, mode), sae.cfg.d_sae)
-                  for d, sae, _ in items for mode in modes_of(sae)}
+                  for d, sae, _ in items for mode in sae.modes}
         max_norm = cache.outliers(site)[1] if s.exclude_outliers else None
         results = evaluate_site(model, site, [b.to(device) for b in batches], recons, mean.to(device), bos_id,
                                 max_norm=max_norm)
         for d, sae, meta in items:
             md = meta["metadata"]
-            modes = {mode: results[(str(d), mode)] for mode in modes_of(sae)}
-            main = modes_of(sae)[0]
+            modes = {mode: results[(str(d), mode)] for mode in sae.modes}
+            main = sae.modes[0]
             out = {"architecture": sae.cfg.arch, "k": sae.cfg.k, "d_sae": sae.cfg.d_sae,
                    "l0_coeff": sae.cfg.l0_coeff if sae.cfg.arch == "jumprelu" else None,
                    "l1_coeff": sae.cfg.l1_coeff if sae.cfg.arch == "relu" else None,

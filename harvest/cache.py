@@ -42,6 +42,19 @@ def to_float32(block: np.ndarray, dtype: str) -> np.ndarray:
     return block.astype(np.float32, copy=False)
 
 
+def to_storage(t, dtype: str) -> np.ndarray:
+    """Encode a torch tensor for storage: float16, float32, or bfloat16 as its uint16 bits."""
+    import torch
+
+    t = t.to({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]).cpu()
+    return t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
+
+
+def _as_arrays(d: dict[str, Any]) -> dict[str, Any]:
+    """Statistics from the manifest with their per-dimension lists as float64 arrays."""
+    return {k: (np.asarray(v, dtype=np.float64) if isinstance(v, list) else v) for k, v in d.items()}
+
+
 def storage_numpy_dtype(dtype: str) -> np.dtype:
     return np.dtype({"float16": "float16", "bfloat16": "uint16", "float32": "float32"}[dtype])
 
@@ -107,14 +120,14 @@ class Cache:
         s = self.attrs.get("stats", {}).get(site)
         if s is None:
             raise PipelineError(f"cache {self.location} has no statistics for {site} (incomplete harvest?)")
-        return {k: (np.asarray(v, dtype=np.float64) if isinstance(v, list) else v) for k, v in s.items()}
+        return _as_arrays(s)
 
     def train_stats(self, site: str, include_bos: bool) -> dict[str, Any]:
         """Statistics of the tokens an SAE sees: all, or non-BOS positions only."""
         st = self.stats(site)
         if include_bos or "non_bos" not in st:
             return st
-        return {k: (np.asarray(v, dtype=np.float64) if isinstance(v, list) else v) for k, v in st["non_bos"].items()}
+        return _as_arrays(st["non_bos"])
 
     def outliers(self, site: str) -> tuple[np.ndarray, float | None]:
         """(sorted row indices of massive-activation rows, their norm threshold) of a site."""
@@ -260,12 +273,9 @@ def write_cache(location: str, tokens: np.ndarray, activations: dict[str, np.nda
     sums = np.zeros((n_chunks, 1 + len(sites)), dtype=np.uint64)
     rows = chunk_seqs * ctx_len
     for j, site in enumerate(sites):
-        x = activations[site]
-        if dtype == "bfloat16":
-            import torch
-            stored = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        else:
-            stored = x.astype(storage_numpy_dtype(dtype))
+        import torch
+
+        stored = to_storage(torch.from_numpy(np.ascontiguousarray(activations[site], dtype=np.float32)), dtype)
         a = group.create_array(f"activations/{site}", shape=stored.shape, chunks=(rows, d),
                                dtype=storage_numpy_dtype(dtype), compressors=None, fill_value=0,
                                attributes={"dtype": dtype, "site": site})

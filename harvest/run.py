@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from . import __version__, distributed, models, store
-from .cache import FORMAT, FORMAT_VERSION, STORAGE_DTYPES, Cache, chunk_hash, compute_stats, storage_numpy_dtype
+from .cache import (FORMAT, FORMAT_VERSION, STORAGE_DTYPES, Cache, chunk_hash, compute_stats,
+                    storage_numpy_dtype, to_float32, to_storage)
 from .corpus import CorpusSpec, iter_contexts, iter_texts, resolve_corpus
 from .errors import PipelineError
 from .pipelines import DATA_DIR
@@ -281,19 +282,13 @@ def _blocks(contexts: Iterator[np.ndarray], size: int, limit: int | None) -> Ite
 
 # ------------------------------------------------------------------ phase 2: activations
 def _to_storage(h: torch.Tensor, dtype: str, site: str) -> np.ndarray:
-    if dtype == "float16":
-        h = h.to(torch.float16)
-    elif dtype == "bfloat16":
-        h = h.to(torch.bfloat16)
-    else:
-        h = h.to(torch.float32)
-    if not bool(torch.isfinite(h).all()):
+    """Rows of a site in the storage dtype; non-finite values (e.g. float16 overflow) are refused."""
+    stored = to_storage(h.reshape(-1, h.shape[-1]), dtype)
+    finite = np.isfinite(to_float32(stored, dtype) if dtype == "bfloat16" else stored).all()
+    if not finite:
         hint = " (float16 overflow: harvest with --dtype float32 or bfloat16)" if dtype == "float16" else ""
         raise PipelineError(f"non-finite activations (NaN or inf) at site {site}{hint}")
-    h = h.reshape(-1, h.shape[-1]).cpu()
-    if dtype == "bfloat16":
-        return h.view(torch.int16).numpy().view(np.uint16)
-    return h.numpy()
+    return stored
 
 
 def _harvest_activations(p: Plan, cache: Cache, rank: int, world: int, lock, model=None) -> None:

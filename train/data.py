@@ -39,14 +39,16 @@ class Split:
         return cls(tuple(range(n - held)), tuple(range(n - held, n)))
 
 
-def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.ndarray) -> np.ndarray:
-    """Which rows of a chunk an SAE sees: not at drop_token (BOS) positions, not in sorted skip_rows."""
+def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.ndarray | None) -> np.ndarray:
+    """Which rows of a chunk an SAE sees: not at drop_token (BOS) positions, not in skip_rows
+    (sorted row indices, as Cache.outliers gives them)."""
     r0, r1 = cache.row_range(chunk)
     keep = np.ones(r1 - r0, dtype=bool)
     if drop_token is not None:
         keep &= (cache.tokens[slice(*cache.seq_range(chunk))] != drop_token).reshape(-1)
-    lo, hi = np.searchsorted(skip_rows, [r0, r1])
-    keep[skip_rows[lo:hi] - r0] = False
+    if skip_rows is not None:
+        lo, hi = np.searchsorted(skip_rows, [r0, r1])
+        keep[skip_rows[lo:hi] - r0] = False
     return keep
 
 
@@ -68,7 +70,7 @@ class ActivationStream:
         self.scale, self.seed, self.parts, self.my_parts = scale, seed, parts, tuple(my_parts)
         self.device, self.prefetch, self.read_threads = device, prefetch, read_threads
         self.drop_token = drop_token
-        self.skip_rows = np.unique(skip_rows) if skip_rows is not None else np.empty(0, dtype=np.int64)
+        self.skip_rows = skip_rows
         # rows each chunk contributes: positions holding drop_token (BOS) and skip_rows are left out
         self.rows_in = {c: int(self._keep(c).sum()) for c in self.chunks}
         d = cache.d_model()
@@ -175,8 +177,12 @@ def heldout_rows(cache: Cache, site: str, split: Split, max_rows: int, scale: fl
     """Up to max_rows rows of the held-out chunks (float32, times scale), with the stream's exclusions."""
     if not split.heldout_chunks:
         raise PipelineError("no held-out chunks (val_fraction is 0)")
-    skip = np.unique(skip_rows) if skip_rows is not None else np.empty(0, dtype=np.int64)
-    parts = [cache.read_rows(site, *cache.row_range(c))[keep_mask(cache, c, drop_token, skip)]
-             for c in split.heldout_chunks]
+    parts, n = [], 0
+    for c in split.heldout_chunks:  # read only as many chunks as max_rows needs
+        rows = cache.read_rows(site, *cache.row_range(c))[keep_mask(cache, c, drop_token, skip_rows)]
+        parts.append(rows)
+        n += len(rows)
+        if n >= max_rows:
+            break
     x = np.concatenate(parts)[:max_rows]
     return torch.from_numpy(np.ascontiguousarray(x)).mul_(scale)

@@ -81,6 +81,11 @@ class SAE(nn.Module):
         return x @ self.W_enc + self.b_enc
 
     @property
+    def modes(self) -> tuple[str, ...]:
+        """Inference modes to measure: BatchTopK both ways (threshold first, its inference mode)."""
+        return ("threshold", "batch") if self.cfg.arch == "batchtopk" else ("threshold",)
+
+    @property
     def threshold(self) -> torch.Tensor:
         return self.log_threshold.exp()
 

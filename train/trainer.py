@@ -296,7 +296,7 @@ class Trainer:
             for sae, cfg, d in zip(self.saes, self.cfgs, dirs):
                 meta = self._metadata(cfg)
                 with torch.no_grad():
-                    for mode in (("batch", "threshold") if cfg.arch == "batchtopk" else ("threshold",)):
+                    for mode in sae.modes:
                         x_hat = sae(val, mode)
                         meta[f"val_nmse_{mode}"] = float((val - x_hat).pow(2).sum() / (val - val.mean(0)).pow(2).sum())
                 save_sae(sae, d, self.scale, meta)
