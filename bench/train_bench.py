@@ -34,7 +34,7 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
         v, i = pre.relu().topk(cfg.k, dim=1)
         f = torch.zeros_like(pre).scatter(1, i, v)
     elif cfg.arch == "jumprelu":
-        f = jumprelu(pre, sae.threshold, cfg.bandwidth)
+        f = jumprelu(pre, sae.threshold, sae.eps)
     else:
         f = pre.relu()
     x_hat = f @ sae.W_dec + sae.b_dec
@@ -42,7 +42,7 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
     if cfg.arch == "relu":
         loss = loss + cfg.l1_coeff * f.abs().sum(-1).mean()
     if cfg.arch == "jumprelu":
-        loss = loss + cfg.l0_coeff * step(pre, sae.threshold, cfg.bandwidth).sum(-1).mean()
+        loss = loss + cfg.l0_coeff * step(pre, sae.threshold, sae.eps).sum(-1).mean()
     if cfg.arch in ("batchtopk", "topk") and dead is not None and bool(dead.any()):
         a = pre[:, dead].relu()
         v, i = a.topk(min(cfg.aux_k, int(dead.sum())), dim=1)

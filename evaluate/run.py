@@ -40,8 +40,8 @@ class EvalSettings:
 
 def sae_reconstructor(sae: SAE, mode: str) -> Reconstructor:
     def run(x: torch.Tensor):
-        code = sae.code(sae.pre(x), mode)
-        return sae.decode_code(code), code.counts, code.fired()
+        x_hat, code = sae.reconstruct(x, mode)
+        return x_hat, code.counts, code.fired()
     return run
 
 

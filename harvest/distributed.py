@@ -53,6 +53,15 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's tensor (same shape on all ranks), concatenated along dim 0 in rank order."""
+    if world()[1] == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world()[1])]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """In-place broadcast of a tensor from src."""
     if world()[1] > 1:

@@ -16,15 +16,20 @@ def brute_batch_topk(a: torch.Tensor, k: int) -> set[int]:
 
 
 @pytest.mark.parametrize("skew", [False, True])
-def test_batch_topk_is_exact(skew):
+@pytest.mark.parametrize("hint", [None, "below", "above"])
+def test_batch_topk_is_exact(skew, hint):
     torch.manual_seed(0)
-    a = torch.randn(64, 300).relu()
+    a = torch.randn(64, 300)
     if skew:  # one token holds far more than candidates*k large values: the fallback path
         a[3] += 50
-    idx = batch_topk_indices(a, 8)
+    kth = float(a.flatten().topk(64 * 8).values[-1])
+    # a hint below the answer selects among the entries above it; one above it falls back
+    h = {None: None, "below": 0.8 * kth, "above": 1.2 * kth}[hint]
+    idx = batch_topk_indices(a, 8, hint=h)
     assert len(idx) == 64 * 8
-    assert set(idx.tolist()) == brute_batch_topk(a, 8)
+    assert set(idx.tolist()) == brute_batch_topk(a.relu(), 8)
     code = batch_topk_code(a, 8)
+    assert (code.vals > 0).all()
     counts = code.counts
     assert int(counts.sum()) == 64 * 8 and counts.min() < counts.max()  # variable per token
     if skew:

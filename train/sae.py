@@ -1,18 +1,23 @@
 """Sparse autoencoders: one base (W_enc, b_enc, W_dec, b_dec), four ways to pick latents.
 
-    pre = x W_enc + b_enc                  f = sigma(pre)         x_hat = f W_dec + b_dec
+    x_in = norm(x) [- b_dec]   pre = x_in W_enc + b_enc   f = sigma(pre)   x_hat = denorm(f W_dec + b_dec)
 
 batchtopk  keep the n*k largest relu(pre) across the batch; at inference JumpReLU(theta)
-           with one global theta (the mean smallest kept activation over training batches)
+           with one global theta (the expected smallest kept activation, the paper's eq. 7)
 topk       keep the k largest relu(pre) per token
 jumprelu   pre * H(pre - theta_i), per-latent thresholds, straight-through gradients, L0 penalty
 relu       relu(pre), L1 penalty (decoder rows unit norm)
+
+`norm` is how activations reach the SAE: `global` multiplies every token by one scale (folded
+into the saved weights), `token` standardises each token (subtract its mean, divide by its
+std: the reference code's input_unit_norm, SAELens's `layer_norm`), undone on the output.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +27,48 @@ from torch import nn
 
 from harvest.errors import PipelineError
 
-from .sparsity import Code, batch_topk_code, jumprelu, sparse_decode, step, topk_code
+from .sparsity import Code, batch_topk_code, jumprelu, kept_pre, sparse_decode, step, topk_code
 
 ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
+NORMS = ("global", "token")
+B_DEC_INITS = ("mean", "geometric_median", "zero")
+MSE_REDUCTIONS = ("mean", "sum")
 DENSE_DECODE_ABOVE = 0.05  # decode densely when more than this fraction of latents is active
+LN_EPS = 1e-5              # token standardisation: (x - mean) / (std + eps), as SAELens's layer_norm
 
 
 @dataclass
 class SAEConfig:
+    """Architecture and training recipe of one SAE. Every field is a sweep key (pipelines.yaml grids)."""
+
     arch: str
     d_in: int
     d_sae: int
     k: int | None = None              # batchtopk / topk
-    l1_coeff: float = 0.01            # relu (about 5/d_model: our MSE is a mean over elements)
-    l0_coeff: float = 0.005           # jumprelu lambda, on MSE averaged over elements
-    bandwidth: float = 0.001          # jumprelu straight-through kernel width
+    seed: int = 0                     # replicate: initial weights depend on (run seed, seed, d_in, d_sae), not arch
+    # how activations reach the encoder
+    norm: str = "global"              # global | token (see the module docstring)
+    center: bool = False              # encode x - b_dec instead of x
+    b_dec_init: str = "mean"          # mean | geometric_median | zero, of the first training batch
+    # losses
+    mse: str = "mean"                 # mean over elements, or sum over dimensions (and mean over tokens)
+    l1_coeff: float = 0.01            # relu
+    l0_coeff: float = 0.005           # jumprelu lambda (its starting value when target_l0 is set)
+    target_l0: float | None = None    # jumprelu: adapt lambda each step so L0 settles at this
+    bandwidth: float = 0.001          # jumprelu straight-through kernel width, in units of the mean input norm
     jumprelu_init_l0: float = 64.0    # initial thresholds give about this many active latents per token
+    threshold_lr: float | None = None  # jumprelu: Adam lr of the log-thresholds (None: the SAE's lr)
+    sparsity_warmup: float = 0.0      # fraction of training over which the L0/L1 coefficient ramps up from 0
     aux_k: int = 512                  # auxiliary loss on the top aux_k dead latents ...
     aux_coeff: float = 1 / 32         # ... scaled by this
+    aux_norm: bool = False            # ... divided by the residual's variance (dictionary_learning, OpenAI)
     dead_tokens: int = 5 * 4096       # a latent is dead after this many tokens without firing
+    # optimiser (None: the run's setting)
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    grad_clip: float | None = None    # clip the gradient norm of the SAE's parameters at this
+    warmup: float = 0.0               # fraction of training with a linear lr warm-up from 0
+    decay: float = 0.0                # fraction of training, at the end, with a linear lr decay to 0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -50,22 +78,91 @@ class SAEConfig:
         if self.arch in ("batchtopk", "topk"):
             if self.k is None or not 0 < self.k <= self.d_sae:
                 raise PipelineError(f"k={self.k} must satisfy 0 < k <= dictionary size ({self.d_sae})")
+        for name, value, allowed in (("norm", self.norm, NORMS), ("b_dec_init", self.b_dec_init, B_DEC_INITS),
+                                     ("mse", self.mse, MSE_REDUCTIONS)):
+            if value not in allowed:
+                raise PipelineError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+        if self.target_l0 is not None and not 0 < self.target_l0 <= self.d_sae:
+            raise PipelineError(f"target_l0={self.target_l0} must satisfy 0 < target_l0 <= dictionary size")
+        for name in ("warmup", "decay", "sparsity_warmup"):
+            if not 0 <= getattr(self, name) < 1:
+                raise PipelineError(f"{name}={getattr(self, name)} must be a fraction of training in [0, 1)")
+        if self.warmup + self.decay >= 1:
+            raise PipelineError(f"warmup ({self.warmup}) and decay ({self.decay}) together must stay below 1")
+        if self.betas is not None:
+            self.betas = tuple(float(b) for b in self.betas)
 
     @property
     def name(self) -> str:
+        """A directory name: the architecture's identity, then every other setting that is not the default."""
         if self.arch in ("batchtopk", "topk"):
-            return f"{self.arch}_k{self.k}_m{self.d_sae}"
-        if self.arch == "jumprelu":
-            return f"jumprelu_l{self.l0_coeff:g}_i{self.jumprelu_init_l0:g}_m{self.d_sae}"
-        return f"relu_l{self.l1_coeff:g}_m{self.d_sae}"
+            base = f"{self.arch}_k{self.k}_m{self.d_sae}"
+        elif self.arch == "jumprelu":
+            lam = f"t{self.target_l0:g}" if self.target_l0 is not None else f"l{self.l0_coeff:g}"
+            base = f"jumprelu_{lam}_i{self.jumprelu_init_l0:g}_m{self.d_sae}"
+        else:
+            base = f"relu_l{self.l1_coeff:g}_m{self.d_sae}"
+        shown = {"arch", "d_in", "d_sae", "k", "l0_coeff", "l1_coeff", "jumprelu_init_l0", "target_l0"}
+        default = SAEConfig(self.arch, self.d_in, self.d_sae, self.k)
+        extra = [f"{f.name}-{_short(getattr(self, f.name))}" for f in fields(self)
+                 if f.name not in shown and getattr(self, f.name) != getattr(default, f.name)]
+        return "_".join([base, *extra])
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return ",".join(_short(x) for x in v)
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+# Values of settings that older cfg.json files do not name (what the code did before they existed).
+LEGACY = {"norm": "global", "center": False}
+
+
+def standardize(x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Each token minus its mean, over its std (unbiased) plus LN_EPS; returns (x_std, (mean, std))."""
+    mu = x.mean(-1, keepdim=True)
+    xc = x - mu
+    std = xc.std(-1, keepdim=True)
+    return xc / (std + LN_EPS), (mu, std)
+
+
+def standardized_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """The paper's normalised MSE per token: the MSE between x and x_hat after standardising both with
+    x's own mean and std (its input_unit_norm); shape [n]."""
+    _, (mu, std) = standardize(x)
+    return ((x_hat - x) / (std + LN_EPS)).pow(2).mean(-1)
+
+
+def init_seed(run_seed: int, replicate: int, d_in: int, d_sae: int) -> int:
+    """The generator seed of an SAE's initial weights: the same for every architecture of a shape."""
+    key = f"{run_seed}/{replicate}/{d_in}/{d_sae}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:7], "little")
+
+
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld's iteration for the point minimising the summed distances to the rows of x."""
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)
+        nxt = (w[:, None] * x).sum(0) / w.sum()
+        if (nxt - y).norm() < tol:
+            y = nxt
+            break
+        y = nxt
+    return y.float()
 
 
 class SAE(nn.Module):
-    def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
+    def __init__(self, cfg: SAEConfig, run_seed: int = 0):
         super().__init__()
         self.cfg = cfg
         d, m = cfg.d_in, cfg.d_sae
-        W = torch.randn(m, d, generator=generator)
+        gen = torch.Generator().manual_seed(init_seed(run_seed, cfg.seed, d, m))
+        W = torch.randn(m, d, generator=gen)
         W /= W.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W)
         self.W_enc = nn.Parameter(W.t().clone())  # tied initialisation
@@ -73,12 +170,31 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d))
         if cfg.arch == "jumprelu":
             self.log_threshold = nn.Parameter(torch.full((m,), math.log(0.001)))
-        # batchtopk: the global inference threshold (a buffer, estimated during training)
+        # batchtopk: the global inference threshold (estimated after training)
         self.register_buffer("theta", torch.zeros(()))
+        # global norm: raw activations are multiplied by this before encoding (1 once saved: folded in)
+        self.register_buffer("input_scale", torch.ones(()))
+        self._hint: float | None = None  # where batch top-k selection starts looking (speed only)
 
-    # ------------------------------------------------------------ encoding
+    # ------------------------------------------------------------ input and output spaces
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Raw activations -> the SAE's input space, and what `denormalize` needs to undo it."""
+        if self.cfg.norm == "token":
+            return standardize(x)
+        return x * self.input_scale, None
+
+    def denormalize(self, x_hat: torch.Tensor, ctx: Any) -> torch.Tensor:
+        if self.cfg.norm == "token":
+            mu, std = ctx
+            return x_hat * std + mu
+        return x_hat / self.input_scale
+
+    # ------------------------------------------------------------ encoding (input space)
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.b_dec if self.cfg.center else x
+
     def pre(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.W_enc + self.b_enc
+        return torch.addmm(self.b_enc, self.encoder_input(x), self.W_enc)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -89,64 +205,112 @@ class SAE(nn.Module):
     def threshold(self) -> torch.Tensor:
         return self.log_threshold.exp()
 
+    @property
+    def eps(self) -> float:
+        """JumpReLU's straight-through bandwidth in pre-activation units (inputs have mean norm ~sqrt(d))."""
+        return self.cfg.bandwidth * math.sqrt(self.cfg.d_in)
+
     def code(self, pre: torch.Tensor, mode: str = "train") -> Code:
         """Select latents. mode: 'train'/'batch' (batchtopk over the batch) or 'threshold' (inference)."""
         a = self.cfg.arch
         if a == "batchtopk":
             if mode == "threshold":
                 return Code.from_dense(pre * (pre > self.theta.clamp_min(0)))
-            return batch_topk_code(pre.relu(), self.cfg.k)
+            code = batch_topk_code(pre, self.cfg.k, self._hint)
+            if code.nnz:  # the next batch's selection starts from a little below this one's threshold
+                self._hint = 0.9 * float(code.vals.min())
+            return code
         if a == "topk":
-            return topk_code(pre.relu(), self.cfg.k)
+            return topk_code(pre, self.cfg.k)
         if a == "jumprelu":
-            return Code.from_dense(jumprelu(pre, self.threshold, self.cfg.bandwidth))
+            return Code.from_dense(jumprelu(pre, self.threshold, self.eps))
         return Code.from_dense(pre.relu())
-
-    def encode(self, x: torch.Tensor, mode: str = "threshold") -> torch.Tensor:
-        """Dense latent activations [n, m]; batchtopk defaults to its batch-free threshold mode."""
-        return self.code(self.pre(x), mode).dense()
 
     def decode_code(self, code: Code) -> torch.Tensor:
         if code.nnz > DENSE_DECODE_ABOVE * code.n * code.m:
             return code.dense() @ self.W_dec + self.b_dec
         return sparse_decode(code, self.W_dec) + self.b_dec
 
-    def forward(self, x: torch.Tensor, mode: str = "threshold") -> torch.Tensor:
-        return self.decode_code(self.code(self.pre(x), mode))
+    # ------------------------------------------------------------ raw activations in, raw out
+    def encode(self, x: torch.Tensor, mode: str = "threshold") -> torch.Tensor:
+        """Dense latent activations [n, m] of raw activations; batchtopk defaults to its threshold mode."""
+        return self.code(self.pre(self.normalize(x)[0]), mode).dense()
 
-    # ------------------------------------------------------------ training
-    def losses(self, x: torch.Tensor, dead: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], Code]:
-        """Training losses on a (normalised) batch. Returns ({name: value, 'loss': total}, code)."""
+    def reconstruct(self, x: torch.Tensor, mode: str = "threshold") -> tuple[torch.Tensor, Code]:
+        """(x_hat, code) for raw activations x."""
+        x_in, ctx = self.normalize(x)
+        code = self.code(self.pre(x_in), mode)
+        return self.denormalize(self.decode_code(code), ctx), code
+
+    def forward(self, x: torch.Tensor, mode: str = "threshold") -> torch.Tensor:
+        return self.reconstruct(x, mode)[0]
+
+    # ------------------------------------------------------------ training (input space)
+    def _mse(self, err: torch.Tensor) -> torch.Tensor:
+        sq = err.pow(2)
+        return sq.sum(-1).mean() if self.cfg.mse == "sum" else sq.mean()
+
+    def losses(self, x: torch.Tensor, dead: torch.Tensor | None,
+               sparsity_coeff: float | None = None) -> tuple[dict[str, torch.Tensor], Code]:
+        """Training losses on a batch in the SAE's input space. Returns ({name: value, 'loss': total}, code).
+
+        sparsity_coeff overrides the L0/L1 coefficient (warm-up, target-L0 control).
+        """
         cfg = self.cfg
-        pre = self.pre(x)
         out: dict[str, torch.Tensor] = {}
-        if cfg.arch == "jumprelu":
-            # Dense here on purpose: the threshold's straight-through gradient needs the
-            # reconstruction gradient at latents just below threshold, which a sparse decode drops.
-            f = jumprelu(pre, self.threshold, cfg.bandwidth)
-            x_hat = f @ self.W_dec + self.b_dec
-            code = Code.from_dense(f.detach())
-            out["sparsity"] = cfg.l0_coeff * step(pre, self.threshold, cfg.bandwidth).sum(-1).mean()
+        aux_code = None
+        if cfg.arch in ("batchtopk", "topk"):
+            code, aux_code = self._sparse_codes(x, dead)
         else:
-            code = self.code(pre, "train")
-            x_hat = self.decode_code(code)
-            if cfg.arch == "relu":
-                out["sparsity"] = cfg.l1_coeff * code.dense().abs().sum() / x.shape[0]
-        out["mse"] = (x_hat - x).pow(2).mean()
-        if cfg.arch in ("batchtopk", "topk") and dead is not None and bool(dead.any()):
-            out["aux"] = cfg.aux_coeff * self._aux_loss(pre, dead, (x - x_hat).detach())
+            pre = self.pre(x)
+            if cfg.arch == "jumprelu":
+                f = jumprelu(pre, self.threshold, self.eps)
+                lam = cfg.l0_coeff if sparsity_coeff is None else sparsity_coeff
+                out["sparsity"] = lam * step(pre, self.threshold, self.eps).sum(-1).mean()
+            else:
+                f = pre.relu()
+                lam = cfg.l1_coeff if sparsity_coeff is None else sparsity_coeff
+                out["sparsity"] = lam * f.abs().sum(-1).mean()
+            code = Code.from_dense(f)
+        # JumpReLU decodes densely: its threshold gradient needs the reconstruction gradient at
+        # latents just below threshold, which a sparse decode drops.
+        x_hat = f @ self.W_dec + self.b_dec if cfg.arch == "jumprelu" else self.decode_code(code)
+        out["mse"] = self._mse(x_hat - x)
+        if aux_code is not None:
+            residual = (x - x_hat).detach()
+            aux = self._mse(sparse_decode(aux_code, self.W_dec) - residual)
+            if cfg.aux_norm:
+                aux = aux / self._mse(residual - residual.mean(0)).clamp_min(1e-12)
+            out["aux"] = cfg.aux_coeff * aux
         out["loss"] = sum(out.values())
         out["x_hat"] = x_hat.detach()
         return out, code
 
-    def _aux_loss(self, pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Reconstruct the residual from the top aux_k dead latents of each token (Gao et al. 2024)."""
+    def _sparse_codes(self, x: torch.Tensor, dead: torch.Tensor | None) -> tuple[Code, Code | None]:
+        """TopK / BatchTopK codes whose values carry gradients to W_enc and b_enc (and b_dec when centred)
+        from the kept pairs alone: the dense pre-activations are computed without a graph."""
+        x_in = self.encoder_input(x).detach()
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x_in, self.W_enc)
+            code = self.code(pre, "train")
+            aux = self._aux_code(pre, dead)
+        rows, cols = code.rows, code.cols
+        if aux is not None:
+            rows, cols = torch.cat([rows, aux.rows]), torch.cat([cols, aux.cols])
+        vals = kept_pre(pre, x_in, self.W_enc, self.b_enc, rows, cols, self.b_dec if self.cfg.center else None)
+        n = code.vals.numel()
+        code = Code(code.rows, code.cols, vals[:n], code.n, code.m)
+        if aux is not None:
+            aux = Code(aux.rows, aux.cols, vals[n:], aux.n, aux.m)
+        return code, aux
+
+    def _aux_code(self, pre: torch.Tensor, dead: torch.Tensor | None) -> Code | None:
+        """The top aux_k dead latents of each token (Gao et al. 2024), to reconstruct the residual."""
+        if dead is None or not bool(dead.any()):
+            return None
         dead_idx = dead.nonzero().squeeze(1)
-        k = min(self.cfg.aux_k, len(dead_idx))
-        code = topk_code(pre[:, dead_idx].relu(), k)
-        code.cols = dead_idx[code.cols]
-        code.m = self.cfg.d_sae
-        return (sparse_decode(code, self.W_dec) - residual).pow(2).mean()
+        code = topk_code(pre[:, dead_idx], min(self.cfg.aux_k, len(dead_idx)))
+        return Code(code.rows, dead_idx[code.cols], code.vals, code.n, self.cfg.d_sae)
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
@@ -161,7 +325,15 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:
-        """JumpReLU thresholds so that about jumprelu_init_l0 latents fire per token on batch x."""
+        """b_dec from the first batch (in the input space); JumpReLU thresholds so that about
+        jumprelu_init_l0 latents fire per token on it."""
+        init = self.cfg.b_dec_init
+        if init == "mean":
+            self.b_dec.copy_(x.float().mean(0))
+        elif init == "geometric_median":
+            self.b_dec.copy_(geometric_median(x.float()))
+        else:
+            self.b_dec.zero_()
         if self.cfg.arch == "jumprelu":
             q = 1.0 - min(1.0, self.cfg.jumprelu_init_l0 / self.cfg.d_sae)
             theta = torch.quantile(self.pre(x).float(), q, dim=0).clamp_min(1e-3)
@@ -173,18 +345,20 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 
 
-def save_sae(sae: SAE, directory: Path, scale: float, metadata: dict[str, Any]) -> None:
-    """Write cfg.json + sae_weights.safetensors in SAELens's format, folding the input scale in.
+def save_sae(sae: SAE, directory: Path, metadata: dict[str, Any]) -> None:
+    """Write cfg.json + sae_weights.safetensors in SAELens's format, for raw activations.
 
-    Training sees x * scale; the saved SAE encodes raw x: W_enc' = scale W_enc,
-    W_dec' = W_dec / scale, b_dec' = b_dec / scale (pre-activations, and so thresholds, are unchanged).
-    BatchTopK is exported as SAELens's `jumprelu` with theta in every latent; ReLU as `standard`.
+    A global input scale s is folded in: W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s
+    (pre-activations, and so thresholds, are unchanged). Token standardisation is SAELens's
+    `layer_norm`. BatchTopK is exported as SAELens's `jumprelu` with theta in every latent; ReLU
+    as `standard`; a centred encoder sets `apply_b_dec_to_input`.
     """
     cfg = sae.cfg
     directory.mkdir(parents=True, exist_ok=True)
-    W_enc = (sae.W_enc.detach().float() * scale).contiguous()
-    W_dec = (sae.W_dec.detach().float() / scale).contiguous()
-    b_dec = (sae.b_dec.detach().float() / scale).contiguous()
+    s = float(sae.input_scale)
+    W_enc = (sae.W_enc.detach().float() * s).contiguous()
+    W_dec = (sae.W_dec.detach().float() / s).contiguous()
+    b_dec = (sae.b_dec.detach().float() / s).contiguous()
     tensors = {"W_enc": W_enc, "b_enc": sae.b_enc.detach().float().contiguous(), "W_dec": W_dec, "b_dec": b_dec}
     export = {"batchtopk": "jumprelu", "topk": "topk", "jumprelu": "jumprelu", "relu": "standard"}[cfg.arch]
     if cfg.arch == "batchtopk":
@@ -193,9 +367,10 @@ def save_sae(sae: SAE, directory: Path, scale: float, metadata: dict[str, Any]) 
         tensors["threshold"] = sae.threshold.detach().float().contiguous()
     out = {
         "architecture": export, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
+        "apply_b_dec_to_input": cfg.center,
+        "normalize_activations": "layer_norm" if cfg.norm == "token" else "none", "reshape_activations": "none",
         "metadata": {"sae_lens_version": "6.0.0", "sae_lens_training_version": "6.0.0",
-                     "trained_architecture": cfg.arch, "sae_config": asdict(cfg), "input_scale": scale,
+                     "trained_architecture": cfg.arch, "sae_config": asdict(cfg), "input_scale": s,
                      **metadata},
     }
     if cfg.arch == "topk":
@@ -217,7 +392,7 @@ def load_sae(directory: str | Path, device: str = "cpu") -> tuple[SAE, dict[str,
                             f"(an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE})")
     try:
         meta = json.loads((d / CFG_FILE).read_text())
-        cfg = SAEConfig(**meta["metadata"]["sae_config"])
+        cfg = SAEConfig(**(LEGACY | meta["metadata"]["sae_config"]))
         tensors = load_file(str(d / WEIGHTS_FILE), device=device)
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise PipelineError(f"{d}/{CFG_FILE} is not a config written by this pipeline ({type(e).__name__}: {e})") from None

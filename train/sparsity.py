@@ -80,6 +80,44 @@ class Code:
         return out
 
 
+def _col_bags(cols: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(permutation sorting the pairs by latent, offset of each latent's bag) for embedding_bag."""
+    order = torch.argsort(cols)
+    counts = torch.bincount(cols, minlength=m)
+    return order, torch.cumsum(counts, 0) - counts
+
+
+class _KeptPre(torch.autograd.Function):
+    """pre[rows, cols] of pre = x_in W_enc + b_enc, with the gradients of W_enc and b_enc from those
+    pairs alone: one embedding_bag over the kept pairs (2·nnz·d FLOPs) instead of x_inᵀ times a dense
+    [n, m] gradient. With `shift` (the encoder reads x - shift), shift gets -W_enc @ grad(b_enc)."""
+
+    @staticmethod
+    def forward(ctx, pre, x_in, W_enc, b_enc, shift, rows, cols):
+        ctx.save_for_backward(x_in, W_enc, rows, cols)
+        ctx.has_shift = shift is not None
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx, g):
+        x_in, W_enc, rows, cols = ctx.saved_tensors
+        m = W_enc.shape[1]
+        g = g.to(x_in.dtype)
+        order, offsets = _col_bags(cols, m)
+        # grad W_enc[:, j] = sum over kept pairs (i, j) of g_ij * x_in[i]: latent j's bag of rows of x_in
+        gW = F.embedding_bag(rows[order], x_in, offsets, mode="sum", per_sample_weights=g[order])
+        gb = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        gshift = -(W_enc.detach().to(gb.dtype) @ gb) if ctx.has_shift else None
+        return None, None, gW.t().contiguous().to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None, None
+
+
+def kept_pre(pre: torch.Tensor, x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+             rows: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable pre-activations at the kept (rows, cols) pairs; `pre` was computed without a graph
+    from x_in (= x - shift when the encoder centres its input)."""
+    return _KeptPre.apply(pre, x_in.detach(), W_enc, b_enc, shift, rows, cols)
+
+
 def sparse_decode(code: Code, W_dec: torch.Tensor) -> torch.Tensor:
     """sum_j vals_j * W_dec[cols_j] per token (no bias), via embedding_bag."""
     offsets = torch.zeros(code.n, dtype=torch.long, device=code.rows.device)
@@ -88,44 +126,51 @@ def sparse_decode(code: Code, W_dec: torch.Tensor) -> torch.Tensor:
     return F.embedding_bag(code.cols, W_dec, offsets, mode="sum", per_sample_weights=code.vals.to(W_dec.dtype))
 
 
-def topk_code(acts: torch.Tensor, k: int) -> Code:
-    """Exactly k latents per token (the k largest; acts are post-ReLU, zeros dropped)."""
-    n, m = acts.shape
-    vals, cols = acts.topk(k, dim=1, sorted=False)
-    rows = torch.arange(n, device=acts.device).repeat_interleave(k)
+def topk_code(pre: torch.Tensor, k: int) -> Code:
+    """Exactly k latents per token: the k largest of relu(pre) (positive values only)."""
+    n, m = pre.shape
+    vals, cols = pre.topk(k, dim=1, sorted=False)
+    rows = torch.arange(n, device=pre.device).repeat_interleave(k)
     keep = vals.flatten() > 0
     return Code(rows[keep], cols.flatten()[keep], vals.flatten()[keep], n, m)
 
 
-def batch_topk_indices(acts: torch.Tensor, k: int, candidates: int = 4) -> torch.Tensor:
-    """Flat indices (sorted) of the n*k largest entries of acts [n, m]; exact.
+def batch_topk_indices(pre: torch.Tensor, k: int, hint: float | None = None, candidates: int = 4) -> torch.Tensor:
+    """Flat indices (sorted) of the n*k largest positive entries of pre [n, m]; exact.
 
-    Selection runs over each row's top `candidates*k` only, which holds the answer unless
-    some row had every candidate selected (it might hold more); then it falls back to a
-    flat top-k over the whole batch. Zeros are never kept.
+    With `hint` (a value a little below the expected n*k-th largest, e.g. from the previous batch),
+    the candidates are the entries above it: one comparison and one nonzero over the batch, then a
+    top-(n*k) among a few more than n*k values. When fewer than n*k entries pass, or without a hint,
+    each row's top `candidates*k` are the candidates; that holds the answer unless some row had every
+    candidate selected (it might hold more), and then a flat top-k over the whole batch decides.
     """
-    n, m = acts.shape
+    n, m = pre.shape
     K = min(n * k, n * m)
+    flat = pre.flatten()
+    if hint is not None and hint > 0:
+        idx = (flat > hint).nonzero().squeeze(1)
+        if len(idx) >= K:
+            return idx[flat[idx].topk(K, sorted=False).indices].sort().values
     c = min(m, candidates * k)
     if c < m:
-        cv, ci = acts.topk(c, dim=1, sorted=False)
+        cv, ci = pre.topk(c, dim=1, sorted=False)
         sel = cv.flatten().topk(K, sorted=False).indices
         rows = sel // c
         if int(torch.bincount(rows, minlength=n).max()) < c:
             idx = rows * m + ci.flatten()[sel]
         else:
-            idx = acts.flatten().topk(K, sorted=False).indices
+            idx = flat.topk(K, sorted=False).indices
     else:
-        idx = acts.flatten().topk(K, sorted=False).indices
+        idx = flat.topk(K, sorted=False).indices
     idx = idx.sort().values
-    return idx[acts.flatten()[idx] > 0]
+    return idx[flat[idx] > 0]
 
 
-def batch_topk_code(acts: torch.Tensor, k: int) -> Code:
-    """The n*k largest activations across the whole batch: k per token on average."""
-    n, m = acts.shape
-    idx = batch_topk_indices(acts, k)
-    return Code(idx // m, idx % m, acts.flatten()[idx], n, m)
+def batch_topk_code(pre: torch.Tensor, k: int, hint: float | None = None) -> Code:
+    """The n*k largest activations relu(pre) across the whole batch: k per token on average."""
+    n, m = pre.shape
+    idx = batch_topk_indices(pre, k, hint)
+    return Code(idx // m, idx % m, pre.flatten()[idx], n, m)
 
 
 # ---------------------------------------------------------------- JumpReLU (Rajamanoharan et al. 2024)

@@ -20,12 +20,15 @@ from harvest import distributed
 from harvest.cache import Cache
 from harvest.errors import PipelineError
 
+from . import schedule
 from .data import ActivationStream, Split, heldout_rows, warn_epochs
-from .sae import SAE, SAEConfig, save_sae
+from .sae import SAE, SAEConfig, save_sae, standardized_mse
+from .theta import ESTIMATORS, estimate_theta
 
 STATE_FILE = "state.pt"
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
+THETA_ESTIMATORS = (*ESTIMATORS, "running")
 
 
 @dataclass
@@ -40,7 +43,9 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.99)
     seed: int = 0
     val_fraction: float = 0.05
-    theta_window: float = 0.2           # theta = mean over the last 20% of training batches
+    theta_estimator: str = "pooled"     # pooled | mean (eq. 7 with the final weights) | running (see theta.py)
+    theta_tokens: int = 65536           # training tokens the final-weight estimates look at
+    theta_window: float = 0.2           # running: the mean over the last 20% of training batches
     log_every: int = 10
     checkpoint_every: int = 200
     shuffle_mb: float = 512
@@ -53,8 +58,8 @@ class TrainSettings:
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (resume only a matching one)."""
-        keep = ("saes", "site", "tokens", "batch_size", "lr", "betas", "seed", "val_fraction", "theta_window",
-                "include_bos", "include_outliers")
+        keep = ("saes", "site", "tokens", "batch_size", "lr", "betas", "seed", "val_fraction", "theta_estimator",
+                "theta_tokens", "theta_window", "include_bos", "include_outliers")
         return {"cache_id": None, **{k: getattr(self, k) for k in keep}}
 
 
@@ -65,8 +70,10 @@ class Objective(nn.Module):
         super().__init__()
         self.sae = sae
 
-    def forward(self, x: torch.Tensor, dead: torch.Tensor):
-        return self.sae.losses(x, dead)
+    def forward(self, x: torch.Tensor, dead: torch.Tensor, coeff: float | None):
+        x_in, _ = self.sae.normalize(x)
+        out, code = self.sae.losses(x_in, dead, coeff)
+        return out, code, x_in
 
 
 def _autocast(device: str):
@@ -77,6 +84,8 @@ def _autocast(device: str):
 
 class Trainer:
     def __init__(self, s: TrainSettings):
+        if s.theta_estimator not in THETA_ESTIMATORS:
+            raise PipelineError(f"unknown theta estimator {s.theta_estimator!r}; allowed: {', '.join(THETA_ESTIMATORS)}")
         self.s = s
         self.rank, self.world, dev = distributed.init_from_env()
         self.device = s.device or dev
@@ -87,13 +96,14 @@ class Trainer:
         self.drop = None if s.include_bos else int(self.cache.tokens[0, 0])
         self.skip = None if s.include_outliers else self.cache.outliers(self.site)[0]
         self.d = self.cache.d_model()
-        self.scale = math.sqrt(self.d) / float(stats["mean_norm"])
+        self.scale = math.sqrt(self.d) / float(stats["mean_norm"])  # global norm: mean norm sqrt(d)
         self.split = Split.of(self.cache, s.val_fraction)
         parts = s.data_parts or self.world
         if self.world > 1 and parts != self.world:
             raise PipelineError(f"data_parts={parts} must equal the number of ranks ({self.world})")
         mine = (self.rank,) if self.world > 1 else tuple(range(parts))
-        self.stream = ActivationStream(self.cache, self.site, self.split.train_chunks, s.batch_size, self.scale,
+        # raw activations: each SAE brings them into its own input space (SAE.normalize)
+        self.stream = ActivationStream(self.cache, self.site, self.split.train_chunks, s.batch_size, 1.0,
                                        seed=s.seed, parts=parts, my_parts=mine,
                                        shuffle_mb=s.shuffle_mb, device=self.device, drop_token=self.drop,
                                        skip_rows=self.skip)
@@ -102,27 +112,36 @@ class Trainer:
         self.out = Path(s.out)
         self.identity = s.identity() | {"cache_id": self.cache.attrs["cache_id"], "site": self.site}
         torch.manual_seed(s.seed)
-        gen = torch.Generator().manual_seed(s.seed)
         self.cfgs = [SAEConfig(d_in=self.d, **c) for c in s.saes]
         names = [c.name for c in self.cfgs]
         if len(set(names)) != len(names):
             raise PipelineError(f"the sweep names the same SAE twice: {', '.join(names)}")
-        self.saes = [SAE(c, gen).to(self.device) for c in self.cfgs]
-        mean = torch.as_tensor(stats["mean"], dtype=torch.float32) * self.scale
+        self.saes = [SAE(c, s.seed).to(self.device) for c in self.cfgs]
         for sae in self.saes:
-            with torch.no_grad():
-                sae.b_dec.copy_(mean)
+            sae.input_scale.fill_(self.scale)
         self.objectives: list[nn.Module] = [Objective(sae) for sae in self.saes]
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.objectives = [DDP(o, device_ids=[torch.device(self.device).index] if self.device.startswith("cuda")
                                    else None) for o in self.objectives]
-        self.opts = [torch.optim.Adam(sae.parameters(), lr=s.lr, betas=tuple(s.betas)) for sae in self.saes]
+        self.opts = [self._optimizer(sae) for sae in self.saes]
         self.since_fired = [torch.zeros(c.d_sae, dtype=torch.long, device=self.device) for c in self.cfgs]
+        # target L0: log lambda per SAE, moved by the controller (None where no target is set)
+        self.log_lambda = [math.log(c.l0_coeff) if c.target_l0 is not None else None for c in self.cfgs]
         self.theta_sum = [0.0] * len(self.saes)
         self.theta_n = [0] * len(self.saes)
         self.step = 0
         self.theta_from = self.total_steps - max(1, round(self.total_steps * s.theta_window))
+
+    def _optimizer(self, sae: SAE) -> torch.optim.Optimizer:
+        cfg = sae.cfg
+        lr = cfg.lr if cfg.lr is not None else self.s.lr
+        groups = [{"params": [p for n, p in sae.named_parameters() if n != "log_threshold"], "lr": lr}]
+        if cfg.arch == "jumprelu":
+            groups.append({"params": [sae.log_threshold], "lr": cfg.threshold_lr if cfg.threshold_lr else lr})
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        return torch.optim.Adam(groups, betas=tuple(cfg.betas or self.s.betas))
 
     # ------------------------------------------------------------ state
     def sae_dir(self, cfg: SAEConfig) -> Path:
@@ -132,7 +151,7 @@ class Trainer:
         return {"step": self.step, "identity": self.identity,
                 "saes": [s.state_dict() for s in self.saes], "opts": [o.state_dict() for o in self.opts],
                 "since_fired": [t.cpu() for t in self.since_fired], "theta_sum": self.theta_sum,
-                "theta_n": self.theta_n, "torch_rng": torch.get_rng_state()}
+                "theta_n": self.theta_n, "log_lambda": self.log_lambda, "torch_rng": torch.get_rng_state()}
 
     def save_state(self) -> None:
         if self.rank != 0:
@@ -166,6 +185,7 @@ class Trainer:
             opt.load_state_dict(sd)
         self.since_fired = [t.to(self.device) for t in st["since_fired"]]
         self.theta_sum, self.theta_n, self.step = st["theta_sum"], st["theta_n"], st["step"]
+        self.log_lambda = st.get("log_lambda", self.log_lambda)
         torch.set_rng_state(st["torch_rng"])
         if self.rank == 0:
             print(f"resuming {self.out} at step {self.step}/{self.total_steps}", file=sys.stderr)
@@ -196,10 +216,10 @@ class Trainer:
         try:
             if self.step == 0:
                 first = self.stream.batches(0)
-                x0 = next(first)
+                x0 = distributed.all_gather_cat(next(first))  # the whole first global batch
                 first.close()
                 for sae in self.saes:
-                    sae.init_from_data(x0)
+                    sae.init_from_data(sae.normalize(x0)[0])
                     for t in sae.parameters():  # every rank starts from rank 0's initialisation
                         distributed.broadcast_(t.data)
             waited = 0.0
@@ -241,25 +261,35 @@ class Trainer:
         return self._finish()
 
     def _train_step(self, i: int, x: torch.Tensor) -> dict[str, float]:
-        sae, opt, obj = self.saes[i], self.opts[i], self.objectives[i]
-        dead = self.since_fired[i] >= sae.cfg.dead_tokens
+        sae, opt, obj, cfg = self.saes[i], self.opts[i], self.objectives[i], self.cfgs[i]
+        dead = self.since_fired[i] >= cfg.dead_tokens
+        coeff = schedule.sparsity_coeff(cfg, self.step, self.total_steps, self.log_lambda[i])
+        f = schedule.lr_factor(cfg, self.step, self.total_steps)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * f
         opt.zero_grad(set_to_none=True)
         with _autocast(self.device):
-            out, code = obj(x, dead)
+            out, code, x_in = obj(x, dead, coeff)
         loss = out["loss"]
         if not bool(torch.isfinite(loss)):
-            raise PipelineError(f"loss became {float(loss)} at step {self.step + 1} for {sae.cfg.name}; stopped; "
+            raise PipelineError(f"loss became {float(loss)} at step {self.step + 1} for {cfg.name}; stopped; "
                                 f"the last good checkpoint in {self.out} is kept (step "
                                 f"{self._saved_step()}); try a lower learning rate")
         loss.backward()
         sae.project_decoder_grad()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
             fired = code.fired()
             distributed.all_reduce_(fired)
             self.since_fired[i] = torch.where(fired > 0, 0, self.since_fired[i] + x.shape[0] * self.world)
-            if sae.cfg.arch == "batchtopk" and self.step >= self.theta_from and code.nnz:
+            if self.log_lambda[i] is not None:
+                nnz = torch.tensor(float(code.nnz), device=x.device)
+                l0 = float(distributed.all_reduce_(nnz)) / (x.shape[0] * self.world)
+                self.log_lambda[i] = schedule.control_l0(self.log_lambda[i], l0, cfg.target_l0)
+            if cfg.arch == "batchtopk" and self.step >= self.theta_from and code.nnz:
                 mn = code.min_active().float().reshape(1)
                 distributed.all_reduce_(mn, "sum")
                 self.theta_sum[i] += float(mn) / self.world
@@ -270,36 +300,63 @@ class Trainer:
             names = [k for k in out if k != "x_hat"]
             # combined over ranks: losses averaged, NMSE from summed errors and variances, L0 over all tokens
             agg = torch.stack([out[k].detach().float() / self.world for k in names] +
-                              [(x - x_hat).pow(2).sum(), (x - x.mean(0)).pow(2).sum(),
+                              [(x_in - x_hat).pow(2).sum(), (x_in - x_in.mean(0)).pow(2).sum(),
                                torch.tensor(float(code.nnz), device=x.device)])
             distributed.all_reduce_(agg)
             m = {k: float(v) for k, v in zip(names, agg)}
             m.update(nmse=float(agg[-3] / agg[-2]), l0=float(agg[-1]) / (x.shape[0] * self.world),
-                     dead=int((self.since_fired[i] >= sae.cfg.dead_tokens).sum()))
+                     dead=int((self.since_fired[i] >= cfg.dead_tokens).sum()), lr_factor=f)
+            if coeff is not None:
+                m["sparsity_coeff"] = coeff
             if self.theta_n[i]:
-                m["theta"] = self.theta_sum[i] / self.theta_n[i]
+                m["theta_running"] = self.theta_sum[i] / self.theta_n[i]
             return m
 
     def _saved_step(self) -> int | str:
         p = self.out / STATE_FILE
         return torch.load(p, weights_only=False)["step"] if p.exists() else "none"
 
+    def _estimate_thetas(self) -> list[dict[str, float] | None]:
+        """Every BatchTopK SAE's θ estimates from its final weights, over the training batches that
+        follow the last step (theta_tokens tokens, at the training batch size)."""
+        todo = [i for i, c in enumerate(self.cfgs) if c.arch == "batchtopk"]
+        out: list[dict[str, float] | None] = [None] * len(self.saes)
+        if not todo:
+            return out
+        n = max(1, math.ceil(self.s.theta_tokens / self.s.batch_size))
+        it = self.stream.batches(self.total_steps)
+        xs = [next(it) for _ in range(n)]
+        it.close()
+        for i in todo:
+            sae = self.saes[i]
+            with torch.no_grad(), _autocast(self.device):
+                est = estimate_theta(xs, lambda x: sae.pre(sae.normalize(x)[0]), self.cfgs[i].k)
+            est["running"] = self.theta_sum[i] / max(1, self.theta_n[i])
+            for key in est:  # ranks saw different batches: average their estimates
+                v = torch.tensor([est[key]], device=self.device)
+                est[key] = float(distributed.all_reduce_(v)) / self.world
+            out[i] = est
+        return out
+
     def _finish(self) -> list[Path]:
+        thetas = self._estimate_thetas()
         dirs = []
-        for i, (sae, cfg) in enumerate(zip(self.saes, self.cfgs)):
-            if cfg.arch == "batchtopk":
-                sae.theta.fill_(self.theta_sum[i] / max(1, self.theta_n[i]))
+        for sae, cfg, est in zip(self.saes, self.cfgs, thetas):
+            if est is not None:
+                sae.theta.fill_(est[self.s.theta_estimator])
             dirs.append(self.sae_dir(cfg))
         if self.rank == 0:
-            val = heldout_rows(self.cache, self.site, self.split, 8192, self.scale, self.drop,
-                               self.skip).to(self.device)
-            for sae, cfg, d in zip(self.saes, self.cfgs, dirs):
+            val = heldout_rows(self.cache, self.site, self.split, 8192, 1.0, self.drop, self.skip).to(self.device)
+            for sae, cfg, d, est in zip(self.saes, self.cfgs, dirs, thetas):
                 meta = self._metadata(cfg)
+                if est is not None:
+                    meta["theta_estimates"] = est
                 with torch.no_grad():
                     for mode in sae.modes:
                         x_hat = sae(val, mode)
                         meta[f"val_nmse_{mode}"] = float((val - x_hat).pow(2).sum() / (val - val.mean(0)).pow(2).sum())
-                save_sae(sae, d, self.scale, meta)
+                        meta[f"val_standardized_mse_{mode}"] = float(standardized_mse(val, x_hat).mean())
+                save_sae(sae, d, meta)
             self.save_state()
             run = json.loads((self.out / RUN_FILE).read_text())
             (self.out / RUN_FILE).write_text(json.dumps(run | {"complete": True, "saes": [str(d) for d in dirs]},
@@ -310,17 +367,28 @@ class Trainer:
     def _metadata(self, cfg: SAEConfig) -> dict[str, Any]:
         a = self.cache.attrs
         held = self.split.heldout_chunks
+        theta_doc = {"pooled": f"the smallest activation kept by one batch top-k over {self.s.theta_tokens} training "
+                               "tokens, final weights",
+                     "mean": f"the mean smallest kept activation of batches of {self.s.batch_size} over "
+                             f"{self.s.theta_tokens} training tokens, final weights (eq. 7)",
+                     "running": f"the mean smallest kept activation over the last {self.s.theta_window:.0%} of "
+                                "training batches, weights of each step"}
+        bt = cfg.arch == "batchtopk"
         return {
             "model_name": a["model"], "hook_name": self.site, "context_size": a["ctx_len"], "prepend_bos": True,
             "dataset_path": a["dataset"].get("dataset"), "cache": self.cache.location, "cache_id": a["cache_id"],
             "architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae, "pipeline": self.s.pipeline,
             "heldout_sequences": [self.cache.seq_range(held[0])[0], self.cache.n_sequences] if held else None,
-            "training_tokens": self.step * self.s.batch_size, "batch_size": self.s.batch_size, "lr": self.s.lr,
-            "seed": self.s.seed, "world_size": self.world, "include_bos": self.s.include_bos,
+            "training_tokens": self.step * self.s.batch_size, "batch_size": self.s.batch_size,
+            "lr": cfg.lr if cfg.lr is not None else self.s.lr, "betas": list(cfg.betas or self.s.betas),
+            "seed": self.s.seed, "replicate": cfg.seed, "world_size": self.world, "include_bos": self.s.include_bos,
             "excluded_outlier_rows": 0 if self.skip is None else int(len(self.skip)),
-            "theta": float(self.saes[self.cfgs.index(cfg)].theta) if cfg.arch == "batchtopk" else None,
-            "theta_estimate": f"mean over the last {self.s.theta_window:.0%} of training batches of the smallest "
-                              "kept activation" if cfg.arch == "batchtopk" else None,
+            "global_input_scale": self.scale,
+            "theta": float(self.saes[self.cfgs.index(cfg)].theta) if bt else None,
+            "theta_estimator": self.s.theta_estimator if bt else None,
+            "theta_estimate": theta_doc[self.s.theta_estimator] if bt else None,
+            "final_l0_coeff": math.exp(self.log_lambda[self.cfgs.index(cfg)])
+            if self.log_lambda[self.cfgs.index(cfg)] is not None else None,
         }
 
 

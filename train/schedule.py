@@ -1,0 +1,47 @@
+"""Per-step factors of a training recipe: the learning-rate schedule and the sparsity coefficient.
+
+Both are pure functions of the step (plus, for a target L0, one number carried in the checkpoint),
+so a resumed run follows exactly the same schedule.
+"""
+from __future__ import annotations
+
+import math
+
+from .sae import SAEConfig
+
+L0_CONTROL_RATE = 0.05  # log-lambda change per step per unit of log(L0 / target)
+L0_CONTROL_MAX_STEP = 0.1
+
+
+def lr_factor(cfg: SAEConfig, step: int, total: int) -> float:
+    """Linear warm-up over the first `warmup` of training, linear decay to 0 over the last `decay`."""
+    t = step / max(1, total)
+    f = 1.0
+    if cfg.warmup > 0 and t < cfg.warmup:
+        f = (step + 1) / (cfg.warmup * total + 1)
+    if cfg.decay > 0 and t > 1 - cfg.decay:
+        f = min(f, (total - step) / (cfg.decay * total))
+    return max(0.0, min(1.0, f))
+
+
+def base_sparsity_coeff(cfg: SAEConfig) -> float | None:
+    return {"jumprelu": cfg.l0_coeff, "relu": cfg.l1_coeff}.get(cfg.arch)
+
+
+def sparsity_coeff(cfg: SAEConfig, step: int, total: int, log_lambda: float | None) -> float | None:
+    """The L0 (JumpReLU) or L1 (ReLU) coefficient at this step: warmed up over `sparsity_warmup`,
+    and for a target L0 the controller's current value instead of the fixed one."""
+    base = base_sparsity_coeff(cfg)
+    if base is None:
+        return None
+    if log_lambda is not None:
+        base = math.exp(log_lambda)
+    if cfg.sparsity_warmup > 0:
+        base *= min(1.0, (step + 1) / (cfg.sparsity_warmup * total))
+    return base
+
+
+def control_l0(log_lambda: float, l0: float, target: float) -> float:
+    """Dual ascent on the constraint L0 = target: raise lambda while L0 is above it, lower it below."""
+    err = math.log(max(l0, 1e-3) / target)
+    return log_lambda + max(-L0_CONTROL_MAX_STEP, min(L0_CONTROL_MAX_STEP, L0_CONTROL_RATE * err))

@@ -1,0 +1,53 @@
+"""BatchTopK's global inference threshold θ, estimated with the final weights.
+
+The paper's eq. 7 sets θ to the expected smallest activation that batch top-(n·k) keeps. Two
+estimates over N training batches of the training batch size n:
+
+    mean     the mean over batches of each batch's smallest kept activation (eq. 7 as written)
+    pooled   the smallest activation kept by one top-(N·n·k) over all N batches together: the limit
+             of eq. 7 as the batch grows, and the threshold at which those N·n tokens use k latents
+             per token on average
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .sparsity import batch_topk_indices
+
+ESTIMATORS = ("pooled", "mean")
+
+
+def _top_values(acts: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` largest positive values of acts [n, m] (exact), largest first."""
+    n, m = acts.shape
+    k = max(1, -(-count // n))
+    idx = batch_topk_indices(acts, min(k, m))
+    vals = acts.flatten()[idx].sort(descending=True).values
+    return vals[:count]
+
+
+@torch.no_grad()
+def estimate_theta(xs: Sequence[torch.Tensor], pre: Callable[[torch.Tensor], torch.Tensor], k: int) -> dict[str, float]:
+    """Both estimates over the batches xs, with `pre` giving a batch's pre-activations [n, m].
+
+    Each batch keeps its top 2·n·k activations; the pooled threshold is exact as long as no batch has
+    all of its stored values above it, which is checked (that batch is recomputed with a larger store).
+    """
+    def top(i: int, factor: int) -> torch.Tensor:
+        return _top_values(pre(xs[i]).relu().float(), factor * len(xs[i]) * k)
+
+    factors = [2] * len(xs)
+    stores = [top(i, 2) for i in range(len(xs))]
+    mins = [float(s[len(x) * k - 1]) if len(s) >= len(x) * k else 0.0 for s, x in zip(stores, xs)]
+    total = sum(len(x) for x in xs) * k
+    while True:
+        pooled = torch.cat(stores)
+        theta = float(pooled.topk(min(total, len(pooled))).values[-1]) if len(pooled) else 0.0
+        short = [i for i, s in enumerate(stores) if len(s) == factors[i] * len(xs[i]) * k and float(s[-1]) >= theta]
+        if not short:
+            return {"pooled": theta, "mean": sum(mins) / len(mins)}
+        for i in short:
+            factors[i] *= 2
+            stores[i] = top(i, factors[i])
