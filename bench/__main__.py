@@ -1,17 +1,23 @@
-"""`make bench`: harvest, training and scaling figures, each against a baseline from the same run."""
+"""`make bench`: harvest, training and scaling figures, each against a baseline from the same run.
+`python -m bench peers`: our SAEs against peer implementations on the same batches (data/bench/peers.json)."""
 from __future__ import annotations
 
 import click
 
+from harvest.errors import one_line_errors
+
 from . import records
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--part", "parts", multiple=True, type=click.Choice(["harvest", "train", "scaling"]),
               help="Run only these parts (default: all).")
 @click.option("--harvest-tokens", default=8192, show_default=True)
 @click.option("--steps", default=5, show_default=True, help="Training steps timed per implementation.")
-def main(parts, harvest_tokens, steps) -> None:
+@click.pass_context
+def main(ctx, parts, harvest_tokens, steps) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
     from . import harvest_bench, scaling_bench, train_bench
 
     todo = parts or ("harvest", "train", "scaling")
@@ -21,6 +27,47 @@ def main(parts, harvest_tokens, steps) -> None:
                 "scaling": scaling_bench.run}[part]()
         path = records.write(part, recs)
         click.echo(f"\n== {part} ({path})\n{records.table(recs)}")
+
+
+@main.command()
+@click.option("--pipeline", default="smollm2-135m-paper", show_default=True, help="Whose cache and budget.")
+@click.option("--arch", "archs", default="batchtopk,topk", show_default=True, help="Architectures (jumprelu too).")
+@click.option("--dict", "dict_mult", default=8, show_default=True, help="Dictionary size as a multiple of d_model.")
+@click.option("--k", default=32, show_default=True, help="k (JumpReLU: its target L0).")
+@click.option("--tokens", type=int, help="Training tokens (default: the pipeline's).")
+@click.option("--batch-size", type=int, help="Batch size (default: the pipeline's).")
+@click.option("--seeds", default=1, show_default=True, help="Seeds per implementation (initial weights).")
+@click.option("--peers", default="dictionary_learning,saelens", show_default=True)
+@one_line_errors
+def peers(pipeline, archs, dict_mult, k, tokens, batch_size, seeds, peers) -> None:
+    """Train our SAEs and the peers' on exactly the same batches; NMSE on the same held-out rows."""
+    from . import peers as p
+
+    recs = p.run(pipeline, tuple(a for a in archs.split(",") if a), dict_mult, k, tokens, batch_size, seeds,
+                 tuple(x for x in peers.split(",") if x))
+    path = records.write("peers", recs)
+    click.echo(f"\n== peers ({path})\n{records.table(recs)}")
+    click.echo(str(path))
+
+
+@main.command()
+@click.option("--pipeline", default="smollm2-135m-paper", show_default=True, help="Whose cache and budget.")
+@click.option("--arch", "archs", default="batchtopk,topk", show_default=True)
+@click.option("--dict", "dict_mult", default=8, show_default=True, help="Dictionary size as a multiple of d_model.")
+@click.option("--k", default=32, show_default=True)
+@click.option("--seeds", default=1, show_default=True, help="Seeds per variant (initial weights).")
+@click.option("--variant", "variants", multiple=True, help="Only these variants (default: all; see bench/ablation.py).")
+@click.option("--tokens", type=int, help="Training tokens (default: the pipeline's).")
+@one_line_errors
+def ablation(pipeline, archs, dict_mult, k, seeds, variants, tokens) -> None:
+    """Our trainer with each peer recipe difference switched on, one pass over the same batches."""
+    from . import ablation as a
+
+    recs = a.run(pipeline, tuple(x for x in archs.split(",") if x), dict_mult, k, seeds, variants or None,
+                 tokens=tokens)
+    path = records.write("ablation", recs)
+    click.echo(f"\n== ablation ({path})\n{records.table(recs)}")
+    click.echo(str(path))
 
 
 main(prog_name="python -m bench")

@@ -51,25 +51,58 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
     return loss
 
 
-def step_time(arch: str, impl: str, d: int, m: int, k: int, batch: int, steps: int, device: str) -> dict:
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(arch, d_in=d, d_sae=m, k=k if arch in ("batchtopk", "topk") else None,
-                        jumprelu_init_l0=k)).to(device)
-    x = torch.randn(batch, d, device=device)
-    sae.init_from_data(x)
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))
-    dead = torch.zeros(m, dtype=torch.bool, device=device)
-    dead[: m // 4] = True  # exercise the aux loss too
+def _saelens_step(arch: str, d: int, m: int, k: int, x: torch.Tensor, dead: torch.Tensor, device: str):
+    """SAELens's own training SAE and SAETrainer.step (its defaults: Adam 0.9/0.999, clipping at 1),
+    with the same latents marked dead every step so its aux loss does the same work as ours."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    kw = dict(d_in=d, d_sae=m, device=device)
+    sae = {"batchtopk": lambda: BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=k, **kw)),
+           "topk": lambda: TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **kw)),
+           "jumprelu": lambda: JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**kw)),
+           "relu": lambda: StandardTrainingSAE(StandardTrainingSAEConfig(**kw))}[arch]()
+    cfg = SAETrainerConfig(total_training_samples=10 ** 9, train_batch_size_samples=len(x), device=device,
+                           autocast=device.startswith("cuda"))
+    cfg.lr_end = cfg.lr / 10
+    trainer = SAETrainer(cfg, sae, data_provider=iter(()))
+    idx = dead.nonzero().squeeze(1)
 
     def one():
-        opt.zero_grad(set_to_none=True)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-        with ctx:
-            loss = sae.losses(x, dead)[0]["loss"] if impl == "ours" else dense_losses(sae, x, dead)
-        loss.backward()
-        sae.project_decoder_grad()
-        opt.step()
-        sae.normalize_decoder()
+        trainer.n_forward_passes_since_fired[idx] = cfg.dead_feature_window + 1
+        trainer.step(x)
+    return one
+
+
+def step_time(arch: str, impl: str, d: int, m: int, k: int, batch: int, steps: int, device: str,
+              dead_fraction: float = 0.25) -> dict:
+    """Tokens per second of one implementation's training step (impl: ours, dense or saelens)."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, d, device=device)
+    dead = torch.zeros(m, dtype=torch.bool, device=device)
+    dead[: int(m * dead_fraction)] = True  # exercise the aux loss too
+    if impl == "saelens":
+        one = _saelens_step(arch, d, m, k, x, dead, device)
+    else:
+        sae = SAE(SAEConfig(arch, d_in=d, d_sae=m, k=k if arch in ("batchtopk", "topk") else None,
+                            jumprelu_init_l0=k)).to(device)
+        sae.init_from_data(x)
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))
+
+        def one():
+            opt.zero_grad(set_to_none=True)
+            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+                   else torch.autocast("cpu", enabled=False))
+            with ctx:
+                loss = sae.losses(x, dead)[0]["loss"] if impl == "ours" else dense_losses(sae, x, dead)
+            loss.backward()
+            sae.project_decoder_grad()
+            opt.step()
+            sae.normalize_decoder()
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -83,63 +116,122 @@ def step_time(arch: str, impl: str, d: int, m: int, k: int, batch: int, steps: i
     return {"tokens_per_s": batch / t, "peak_mib": peak}
 
 
-def _isolated(arch: str, impl: str, d: int, m: int, k: int, batch: int, steps: int, device: str) -> dict:
+def _isolated(arch: str, impl: str, d: int, m: int, k: int, batch: int, steps: int, device: str,
+              dead_fraction: float) -> dict:
     """Each measurement in a fresh process, so the CPU peak memory is its own."""
     code = (f"import json, bench.train_bench as b; print(json.dumps(b.step_time({arch!r}, {impl!r}, {d}, {m}, {k}, "
-            f"{batch}, {steps}, {device!r})))")
+            f"{batch}, {steps}, {device!r}, {dead_fraction!r})))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd=Path(__file__).resolve().parent.parent)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def matmul_rate(d: int, m: int, batch: int, device: str) -> float:
+    """FLOP/s of the encoder's dense product [batch, d] x [d, m] in fp32 (bf16 on a GPU, as trained)."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    a = torch.randn(batch, d, device=device, dtype=dtype)
+    b = torch.randn(d, m, device=device, dtype=dtype)
+    t = timed(lambda: a @ b, repeat=5, warmup=2, device=device)
+    return 2 * batch * d * m / t
+
+
 def run(d: int = 576, m: int = 4608, k: int = 32, batch: int = 4096, steps: int = 5,
-        device: str | None = None) -> list[Record]:
+        device: str | None = None, dead_fraction: float = 0.25) -> list[Record]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = device_name(device)
-    settings = {"d_in": d, "d_sae": m, "k": k, "batch": batch, "steps": steps}
+    settings = {"d_in": d, "d_sae": m, "k": k, "batch": batch, "steps": steps, "dead_fraction": dead_fraction}
     recs = []
+    rate = matmul_rate(d, m, batch, device)
+    bound = rate / (2 * batch * d * m + 8 * batch * k * d) * batch  # tokens/s if the step cost only that
     for arch in ARCHS:
-        ours = _isolated(arch, "ours", d, m, k, batch, steps, device)
-        dense = _isolated(arch, "dense", d, m, k, batch, steps, device)
+        ours = _isolated(arch, "ours", d, m, k, batch, steps, device, dead_fraction)
+        dense = _isolated(arch, "dense", d, m, k, batch, steps, device, dead_fraction)
         recs.append(Record(f"train step {arch}", ours["tokens_per_s"], "tok/s", "dense PyTorch, same math",
                            dense["tokens_per_s"], dev, settings | {"peak_mib": round(ours["peak_mib"]),
                                                                    "baseline_peak_mib": round(dense["peak_mib"])}))
+        theirs = _isolated(arch, "saelens", d, m, k, batch, steps, device, dead_fraction)
+        recs.append(Record(f"train step {arch}", ours["tokens_per_s"], "tok/s", "SAELens training SAE, its step",
+                           theirs["tokens_per_s"], dev, settings | {"baseline_peak_mib": round(theirs["peak_mib"])}))
+        if arch in ("batchtopk", "topk"):
+            recs.append(Record(f"train step {arch}", ours["tokens_per_s"], "tok/s",
+                               "FLOP bound: (2Bdm + 8Bkd) at matmul rate", bound, dev,
+                               settings | {"matmul_flops_per_s": rate}))
     # the batch-level top-k itself
-    acts = torch.randn(batch, m, device=device).relu()
-    t_ours = timed(lambda: batch_topk_indices(acts, k), repeat=3, device=device)
-    t_flat = timed(lambda: acts.flatten().topk(batch * k, sorted=False).indices.sort(), repeat=3, device=device)
+    pre = torch.randn(batch, m, device=device)
+    t_ours = timed(lambda: batch_topk_indices(pre, k), repeat=3, device=device)
+    t_flat = timed(lambda: pre.relu().flatten().topk(batch * k, sorted=False).indices.sort(), repeat=3, device=device)
     recs.append(Record("batch top-(n*k) selection", batch / t_ours, "tok/s", "flat topk over n*m", batch / t_flat,
                        dev, settings))
-    recs.append(loader_record(d, batch, dev))
+    for width in (d, 2304):
+        recs.append(loader_record(width, batch, dev))
+    recs.append(fed_training_record(d, m, k, batch, device, dev))
     return recs
 
 
-def loader_record(d: int, batch: int, dev: str, tokens: int = 262144) -> Record:
-    """The loader on its own (read, checksum, decode, shuffle, batch) against reading the array raw."""
-    rng = np.random.default_rng(0)
+def _synthetic_cache(root: str, d: int, tokens: int) -> Cache:
+    """A float16 cache of random activations, chunks of about 4 MiB as the harvester writes them."""
     n_seq = tokens // 128
-    with tempfile.TemporaryDirectory() as tmp:
-        x = rng.standard_normal((tokens, d)).astype(np.float32)
-        cache = write_cache(f"{tmp}/c", synthetic_tokens(n_seq), {"s": x}, dtype="float16",
-                            chunk_seqs=28)
-        cache = Cache.open(f"{tmp}/c")
-        split = Split.of(cache, 0.0)
-        stream = ActivationStream(cache, "s", split.train_chunks, batch, 1.0, shuffle_mb=128)
-        n_batches = stream.batches_per_epoch
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((tokens, d), dtype=np.float32)
+    chunk_seqs = max(1, round(4 * 2**20 / (128 * d * 2)))
+    return write_cache(root, synthetic_tokens(n_seq), {"s": x}, dtype="float16", chunk_seqs=chunk_seqs)
 
-        def load():
-            it = stream.batches(0)
+
+def loader_record(d: int, batch: int, dev: str, tokens: int = 262144) -> Record:
+    """The loader on its own (checksums, shuffle by index, gather, decode to float32, batches) against
+    reading the same chunk files' bytes sequentially (both from the page cache after a warm-up)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = _synthetic_cache(f"{tmp}/c", d, tokens)
+        split = Split.of(cache, 0.0)
+        n_batches = ActivationStream(cache, "s", split.train_chunks, batch, 1.0).batches_per_epoch
+
+        def load():  # a fresh stream each time: checksums are verified again, as in a new process
+            it = ActivationStream(cache, "s", split.train_chunks, batch, 1.0).batches(0)
             for _ in range(n_batches):
                 next(it)
             it.close()
 
-        def raw():
-            arr = cache.activations("s")
-            for c in range(cache.n_chunks):
-                arr[slice(*cache.row_range(c))]
+        files = [cache.chunk_file("s", c) for c in range(cache.n_chunks)]
 
-        t_load = timed(load, repeat=2)
-        t_raw = timed(raw, repeat=2)
-    return Record("loader (checksum, shuffle, batch)", n_batches * batch / t_load, "tok/s",
-                  "raw sequential chunk reads", n_seq * 128 / t_raw, dev,
-                  {"d_in": d, "batch": batch, "dtype": "float16", "tokens": tokens})
+        def raw():
+            for f in files:
+                with open(f, "rb") as fh:
+                    fh.read()
+
+        t_load = timed(load, repeat=3)
+        t_raw = timed(raw, repeat=3)
+    return Record(f"loader, float16, d={d}", n_batches * batch / t_load, "tok/s",
+                  "raw sequential reads of the chunk files", tokens / t_raw, dev,
+                  {"d_in": d, "batch": batch, "dtype": "float16", "tokens": tokens,
+                   "bytes_per_token": 2 * d})
+
+
+def fed_training_record(d: int, m: int, k: int, batch: int, device: str, dev: str, steps: int = 8) -> Record:
+    """BatchTopK training fed by the loader against the same steps on batches already in memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = _synthetic_cache(f"{tmp}/c", d, batch * steps)
+        stream = ActivationStream(cache, "s", Split.of(cache, 0.0).train_chunks, batch, 1.0, device=device)
+        it = stream.batches(0)
+        held = [next(it) for _ in range(stream.batches_per_epoch)]
+        it.close()
+        sae = SAE(SAEConfig("batchtopk", d_in=d, d_sae=m, k=k)).to(device)
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))
+
+        def train(batches):
+            for x in batches:
+                opt.zero_grad(set_to_none=True)
+                sae.losses(x, None)[0]["loss"].backward()
+                sae.project_decoder_grad()
+                opt.step()
+                sae.normalize_decoder()
+
+        def fed():
+            it = stream.batches(0)
+            train(next(it) for _ in range(len(held)))
+            it.close()
+
+        t_fed = timed(fed, repeat=2, device=device)
+        t_mem = timed(lambda: train(held), repeat=2, device=device)
+    n = len(held) * batch
+    return Record("BatchTopK training fed by the loader", n / t_fed, "tok/s", "the same steps on batches in memory",
+                  n / t_mem, dev, {"d_in": d, "d_sae": m, "k": k, "batch": batch, "steps": len(held)})

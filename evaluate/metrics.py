@@ -8,8 +8,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from train.sae import standardized_mse
+
 DEFINITIONS = {
     "nmse": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over evaluated tokens",
+    "standardized_mse": "the paper's normalised MSE: mean over tokens and dimensions of ((x_hat - x) / (std(x) + 1e-5))^2, "
+                        "std over the token's own dimensions (x and x_hat standardised with x's statistics)",
     "explained_variance": "1 - sum ||e - mean(e)||^2 / sum ||x - mean(x)||^2, e = x - x_hat",
     "cosine_sim": "mean over tokens of cos(x, x_hat)",
     "l0": "mean number of active latents per evaluated token",
@@ -57,6 +61,7 @@ class Recon:
     sum_e: Any = None
     sum_e_sq: float = 0.0
     sum_cos: float = 0.0
+    sum_std_mse: float = 0.0
     l0_counts: Any = None
     fired: Any = None
     ce: CE = field(default_factory=CE)
@@ -76,6 +81,7 @@ class Recon:
         self.sum_e += e.sum(0).cpu()
         self.sum_e_sq += float(e.pow(2).sum())
         self.sum_cos += float(F.cosine_similarity(x, x_hat, dim=1, eps=1e-12).sum())
+        self.sum_std_mse += float(standardized_mse(x, x_hat).sum())
         self.l0_counts += torch.bincount(counts.cpu(), minlength=self.d_sae + 1)[: self.d_sae + 1].double()
         self.fired += fired.double().cpu()
 
@@ -91,7 +97,8 @@ class Recon:
         hist, edges = np.histogram(np.log10(freq[freq > 0]), bins=30, range=(-6, 0))
         ce_spliced = self.ce.mean
         return {
-            "nmse": self.sum_e_sq / var, "explained_variance": 1 - e_var / var,
+            "nmse": self.sum_e_sq / var, "standardized_mse": self.sum_std_mse / n,
+            "explained_variance": 1 - e_var / var,
             "cosine_sim": self.sum_cos / n, "l0": l0,
             "l0_quantiles": {q: int(np.searchsorted(cdf, q / 100)) for q in (5, 25, 50, 75, 95)},
             "l0_histogram": {int(i): int(c) for i, c in enumerate(counts) if c},

@@ -1,8 +1,15 @@
-"""The comparison report: markdown with PNG plots in the style of the BatchTopK paper's figures."""
+"""The comparison report: markdown with PNG plots in the style of the BatchTopK paper's figures.
+
+Replicates of one configuration (seeds: different initial weights, same batches) are shown as
+mean ± std; BatchTopK and TopK of the same shape and seed start from identical weights, so their
+difference is reported pair by pair.
+"""
 from __future__ import annotations
 
 import json
-from collections import Counter
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,37 +33,101 @@ def load_metrics(dirs: list[str]) -> list[dict[str, Any]]:
     for d in dirs:
         p = Path(d) / METRICS_FILE
         if p.exists():
-            rows.append(json.loads(p.read_text()) | {"dir": str(d), "name": Path(d).name})
+            r = json.loads(p.read_text()) | {"dir": str(d), "name": Path(d).name}
+            r.setdefault("config", r["name"])  # metrics written before replicates existed
+            r.setdefault("replicate", 0)
+            rows.append(r)
     if not rows:
         raise PipelineError("no evaluated SAEs (metrics.json) found; run `make eval` first")
     return rows
 
 
-def _fixed(rows: list[dict], key: str, prefer: int | None = None) -> int | None:
-    vals = [r[key] for r in rows if r["architecture"] in ("batchtopk", "topk") and r.get(key) is not None]
+def value(row: dict, metric: str, mode: str | None = None) -> float:
+    """A metric of one SAE (in a mode of BatchTopK's when given); NaN where it was not measured."""
+    src = row["modes"][mode] if mode and mode in row.get("modes", {}) else row
+    return float(src.get(metric, float("nan")))
+
+
+@dataclass
+class Group:
+    """Replicates of one configuration."""
+
+    config: str
+    rows: list[dict]
+
+    @property
+    def first(self) -> dict:
+        return self.rows[0]
+
+    @property
+    def arch(self) -> str:
+        return self.first["architecture"]
+
+    @property
+    def recipe(self) -> str:
+        """The config's settings beyond architecture, k and size (the name's suffix)."""
+        base = {"batchtopk": 3, "topk": 3, "jumprelu": 4, "relu": 3}[self.arch]
+        return "_".join(self.config.split("_")[base:])
+
+    def values(self, metric: str, mode: str | None = None) -> list[float]:
+        return [value(r, metric, mode) for r in self.rows]
+
+    def mean(self, metric: str, mode: str | None = None) -> float:
+        return statistics.fmean(self.values(metric, mode))
+
+    def std(self, metric: str, mode: str | None = None) -> float:
+        v = self.values(metric, mode)
+        return statistics.stdev(v) if len(v) > 1 else 0.0
+
+    def fmt(self, metric: str, mode: str | None = None, digits: int = 4) -> str:
+        m = f"{self.mean(metric, mode):.{digits}g}"
+        return f"{m} ± {self.std(metric, mode):.2g}" if len(self.rows) > 1 else m
+
+
+def groups_of(rows: list[dict]) -> list[Group]:
+    by: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by[r["config"]].append(r)
+    order = {"batchtopk": 0, "topk": 1, "jumprelu": 2, "relu": 3}
+    gs = [Group(c, sorted(rs, key=lambda r: r["replicate"])) for c, rs in by.items()]
+    return sorted(gs, key=lambda g: (order[g.arch], g.first["d_sae"], g.first.get("k") or 0,
+                                     g.first.get("target_l0") or g.first.get("l0_coeff") or 0, g.config))
+
+
+def _main_recipe(gs: list[Group]) -> str:
+    """The recipe most (Batch)TopK configurations share: plots compare those with each other."""
+    c = Counter(g.recipe for g in gs if g.arch in ("batchtopk", "topk"))
+    return c.most_common(1)[0][0] if c else ""
+
+
+def _fixed(gs: list[Group], key: str, prefer: int | None = None) -> int | None:
+    vals = [g.first[key] for g in gs if g.arch in ("batchtopk", "topk") and g.first.get(key) is not None]
     if not vals:
         return None
-    if prefer in vals:
-        return prefer
-    return Counter(vals).most_common(1)[0][0]
+    return prefer if prefer in vals else Counter(vals).most_common(1)[0][0]
 
 
-def _sweep_plot(rows, x_key, fixed_key, fixed_val, path: Path, title: str, logx: bool) -> None:
+def _errorbar(ax, pts: list[tuple[float, float, float]], **kw) -> None:
+    pts = sorted(pts)
+    if pts:
+        xs, ys, es = zip(*pts)
+        ax.errorbar(xs, ys, yerr=es, capsize=3, **kw)
+
+
+def _sweep_plot(gs: list[Group], x_key: str, fixed_key: str, fixed_val, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, label in ((axes[0], "nmse", "normalised MSE"), (axes[1], "ce_degradation", "CE degradation (nats)")):
         for arch in ("batchtopk", "topk"):
-            pts = sorted((r[x_key], r[metric]) for r in rows
-                         if r["architecture"] == arch and r.get(fixed_key) == fixed_val)
-            if pts:
-                ax.plot(*zip(*pts), "o-", color=COLORS[arch], label=arch)
+            pts = [(g.first[x_key], g.mean(metric), g.std(metric)) for g in gs
+                   if g.arch == arch and g.first.get(fixed_key) == fixed_val]
+            _errorbar(ax, pts, fmt="o-", color=COLORS[arch], label=arch)
         if x_key == "k":  # JumpReLU has no k: plot it at the L0 it reached
-            jr = sorted((r["l0"], r[metric]) for r in rows if r["architecture"] == "jumprelu" and r["d_sae"] == fixed_val)
-            if jr:
-                ax.plot(*zip(*jr), "s--", color=COLORS["jumprelu"], label="jumprelu (at its L0)")
+            pts = [(g.mean("l0"), g.mean(metric), g.std(metric)) for g in gs
+                   if g.arch == "jumprelu" and g.first["d_sae"] == fixed_val]
+            _errorbar(ax, pts, fmt="s--", color=COLORS["jumprelu"], label="jumprelu (at its L0)")
         ax.set_xlabel("k (JumpReLU: measured L0)" if x_key == "k" else "dictionary size")
         ax.set_ylabel(label)
-        if logx:
-            ax.set_xscale("log", base=2)
+        ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -65,14 +136,15 @@ def _sweep_plot(rows, x_key, fixed_key, fixed_val, path: Path, title: str, logx:
     plt.close(fig)
 
 
-def _l0_plot(rows, k, m, path: Path) -> None:
+def _l0_plot(gs: list[Group], k, m, path: Path) -> None:
     """Distribution of active latents per token: variable for BatchTopK, exactly k for TopK."""
     fig, ax = plt.subplots(figsize=(7, 3.8))
     x_max = 2 * (k or 1)
     for arch in ("batchtopk", "topk"):
-        r = next((r for r in rows if r["architecture"] == arch and r.get("k") == k and r["d_sae"] == m), None)
-        if r is None:
+        g = next((g for g in gs if g.arch == arch and g.first.get("k") == k and g.first["d_sae"] == m), None)
+        if g is None:
             continue
+        r = g.first
         hist = {int(a): b / r["n_tokens"] for a, b in r["l0_histogram"].items()}
         xs = sorted(hist)
         if len(xs) == 1:
@@ -97,15 +169,15 @@ def _l0_plot(rows, k, m, path: Path) -> None:
     plt.close(fig)
 
 
-def _modes_plot(rows, path: Path) -> None:
-    bt = [r for r in rows if r["architecture"] == "batchtopk"]
+def _modes_plot(gs: list[Group], path: Path) -> None:
+    bt = [g for g in gs if g.arch == "batchtopk"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric in zip(axes, ("nmse", "ce_degradation")):
-        names = [f"k{r['k']}/m{r['d_sae']}" for r in bt]
         xs = range(len(bt))
-        ax.bar([x - 0.2 for x in xs], [r["modes"]["batch"][metric] for r in bt], 0.4, label="batch top-(n·k)")
-        ax.bar([x + 0.2 for x in xs], [r["modes"]["threshold"][metric] for r in bt], 0.4, label="global threshold θ")
-        ax.set_xticks(list(xs), names, rotation=30, fontsize=8)
+        for dx, mode, label in ((-0.2, "batch", "batch top-(n·k)"), (0.2, "threshold", "global threshold θ")):
+            ax.bar([x + dx for x in xs], [g.mean(metric, mode) for g in bt], 0.4,
+                   yerr=[g.std(metric, mode) for g in bt], capsize=2, label=label)
+        ax.set_xticks(list(xs), [f"k{g.first['k']}/m{g.first['d_sae']}" for g in bt], rotation=30, fontsize=8)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3, axis="y")
         ax.legend()
@@ -115,69 +187,136 @@ def _modes_plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
-def _frontier_plot(rows, path: Path) -> None:
+def _frontier_plot(gs: list[Group], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric in zip(axes, ("nmse", "ce_degradation")):
         for arch, color in COLORS.items():
-            pts = [(r["l0"], r[metric]) for r in rows if r["architecture"] == arch]
-            if pts:
-                ax.scatter(*zip(*pts), color=color, label=arch)
+            mine = [g for g in gs if g.arch == arch]
+            if mine:
+                ax.errorbar([g.mean("l0") for g in mine], [g.mean(metric) for g in mine],
+                            xerr=[g.std("l0") for g in mine], yerr=[g.std(metric) for g in mine],
+                            fmt="o", capsize=3, color=color, label=arch)
         ax.set_xlabel("L0 (measured)")
         ax.set_ylabel(metric)
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Sparsity against fidelity, every SAE")
+    fig.suptitle("Sparsity against fidelity (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def paired_differences(gs: list[Group]) -> list[dict[str, Any]]:
+    """BatchTopK minus TopK, seed by seed, for every (size, k, recipe) both were trained with."""
+    topk = {(g.first["d_sae"], g.first["k"], g.recipe): g for g in gs if g.arch == "topk"}
+    out = []
+    for g in gs:
+        t = topk.get((g.first["d_sae"], g.first["k"], g.recipe)) if g.arch == "batchtopk" else None
+        if t is None:
+            continue
+        by_rep = {r["replicate"]: r for r in t.rows}
+        pairs = [(r, by_rep[r["replicate"]]) for r in g.rows if r["replicate"] in by_rep]
+        if not pairs:
+            continue
+        row: dict[str, Any] = {"d_sae": g.first["d_sae"], "k": g.first["k"], "recipe": g.recipe, "n": len(pairs)}
+        for key, mode in (("nmse", "threshold"), ("nmse", "batch"), ("ce_degradation", "threshold"),
+                          ("ce_degradation", "batch"), ("standardized_mse", "batch")):
+            ok = [(b, tk) for b, tk in pairs if key in b.get("modes", {}).get(mode, {}) and key in tk]
+            diffs = [value(b, key, mode) - value(tk, key) for b, tk in ok]
+            rel = [value(b, key, mode) / value(tk, key) - 1 for b, tk in ok]
+            if diffs:
+                row[f"{key}_{mode}"] = (statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                                        statistics.fmean(rel))
+        out.append(row)
+    return out
+
+
+def _pm(t: tuple[float, float, float] | None, n: int) -> str:
+    if t is None:
+        return "–"
+    mean, sd, rel = t
+    return f"{mean:+.4f} ± {sd:.4f} ({rel:+.1%})" if n > 1 else f"{mean:+.4f} ({rel:+.1%})"
+
+
 def write_report(pipeline: str, dirs: list[str], out: str | None = None) -> Path:
     rows = load_metrics(dirs)
+    gs = groups_of(rows)
     out_dir = Path(out) if out else DATA_DIR / "reports" / pipeline
     out_dir.mkdir(parents=True, exist_ok=True)
-    m_fixed = _fixed(rows, "d_sae")
-    k_fixed = _fixed(rows, "k", prefer=32)
-    # Figure 1 at the dictionary size with the most k values; figure 2 at k=32 where present.
-    ks_per_m = Counter(r["d_sae"] for r in rows if r["architecture"] in ("batchtopk", "topk"))
-    if ks_per_m:
-        m_fixed = ks_per_m.most_common(1)[0][0]
-    _sweep_plot(rows, "k", "d_sae", m_fixed, out_dir / "fig1_vs_k.png", f"Against k, dictionary size {m_fixed}", True)
-    _sweep_plot(rows, "d_sae", "k", k_fixed, out_dir / "fig2_vs_dict.png", f"Against dictionary size, k={k_fixed}", True)
-    _l0_plot(rows, k_fixed, m_fixed, out_dir / "fig3_l0_distribution.png")
-    _modes_plot(rows, out_dir / "fig4_threshold_vs_batch.png")
-    _frontier_plot(rows, out_dir / "fig5_frontier.png")
+    main = [g for g in gs if g.arch not in ("batchtopk", "topk") or g.recipe == _main_recipe(gs)]
+    k_fixed = _fixed(main, "k", prefer=32)
+    ks_per_m = Counter(g.first["d_sae"] for g in main if g.arch in ("batchtopk", "topk"))
+    m_fixed = ks_per_m.most_common(1)[0][0] if ks_per_m else _fixed(main, "d_sae")
+    _sweep_plot(main, "k", "d_sae", m_fixed, out_dir / "fig1_vs_k.png", f"Against k, dictionary size {m_fixed}")
+    _sweep_plot(main, "d_sae", "k", k_fixed, out_dir / "fig2_vs_dict.png", f"Against dictionary size, k={k_fixed}")
+    _l0_plot(main, k_fixed, m_fixed, out_dir / "fig3_l0_distribution.png")
+    _modes_plot(gs, out_dir / "fig4_threshold_vs_batch.png")
+    _frontier_plot(gs, out_dir / "fig5_frontier.png")
     first = rows[0]
+    src = first["eval_source"]
+    where = (f"held-out sequences {src['heldout_sequences'][0]}–{src['heldout_sequences'][1]} of cache "
+             f"`{first.get('cache_id') or src.get('cache_id')}`" if "heldout_sequences" in src
+             else f"corpus `{Path(str(src.get('dataset'))).name}`")
+    seeds = sorted({len(g.rows) for g in gs})
     lines = [
         f"# SAE comparison: pipeline `{pipeline}`", "",
         f"- Model: `{first['model']}`, site `{first['site']}`",
-        f"- Evaluation: {first['eval_tokens']:,} tokens ({json.dumps(first['eval_source'])}), "
+        f"- Evaluation: {first['eval_tokens']:,} tokens ({where}), "
         f"BOS positions {'excluded' if first['exclude_bos'] else 'included'}, massive-activation positions "
         + (f"(norm > {first['exclude_outliers_norm_above']:.0f}) excluded: {first.get('excluded_outlier_positions', 0)}"
            if first.get("exclude_outliers_norm_above") else "included"),
         "- Training tokens: " + ", ".join(sorted({f"{r['training_tokens']:,}" for r in rows if r.get("training_tokens")})),
+        f"- Seeds per configuration: {', '.join(map(str, seeds))} (replicates start from different weights and see "
+        "the same batches; ± is the standard deviation over them). BatchTopK and TopK of the same size and seed start "
+        "from identical weights.",
         "- BatchTopK rows use threshold mode (JumpReLU with the global θ), the inference mode; "
-        "batch mode is in figure 4 and the second table.",
-        "- NMSE = Σ‖x − x̂‖² / Σ‖x − mean(x)‖²; CE degradation = CE(spliced) − CE(clean), nats per token.", "",
-        "![against k](fig1_vs_k.png)", "", "![against dictionary size](fig2_vs_dict.png)", "",
+        "batch mode is in figure 4 and the tables below.",
+        "- NMSE = Σ‖x − x̂‖² / Σ‖x − mean(x)‖²; standardised MSE = the paper's normalised MSE (each token standardised "
+        "with its own mean and std; BatchTopK in batch mode); CE degradation = CE(spliced) − CE(clean), nats per token.",
+        "", "![against k](fig1_vs_k.png)", "", "![against dictionary size](fig2_vs_dict.png)", "",
         "![active latents per token](fig3_l0_distribution.png)", "",
         "![threshold vs batch](fig4_threshold_vs_batch.png)", "", "![frontier](fig5_frontier.png)", "",
-        "## Every SAE", "",
-        "| SAE | arch | k | dict | " + " | ".join(TABLE_KEYS) + " |",
-        "|" + "---|" * (4 + len(TABLE_KEYS)),
+        "## Every configuration", "",
+        "| configuration | arch | k | dict | seeds | NMSE | standardised MSE | L0 | dead fraction | CE degradation | KL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["architecture"], r["d_sae"], r.get("k") or 0, r.get("l0_coeff") or 0)):
-        vals = " | ".join(f"{r[k]:.4g}" for k in TABLE_KEYS)
-        lines.append(f"| {r['name']} | {r['architecture']} | {r.get('k') or '–'} | {r['d_sae']} | {vals} |")
-    bt = [r for r in rows if r["architecture"] == "batchtopk"]
+    for g in gs:
+        paper_mode = "batch" if g.arch == "batchtopk" else None
+        lines.append(f"| {g.config} | {g.arch} | {g.first.get('k') or '–'} | {g.first['d_sae']} | {len(g.rows)} | "
+                     f"{g.fmt('nmse')} | {g.fmt('standardized_mse', paper_mode)} | {g.fmt('l0', digits=3)} | "
+                     f"{g.fmt('dead_fraction', digits=2)} | {g.fmt('ce_degradation')} | {g.fmt('kl_div')} |")
+    pairs = paired_differences(gs)
+    if pairs:
+        lines += ["", "## BatchTopK − TopK, pair by pair", "",
+                  "Same size, k, recipe and seed (so the same initial weights and batches); mean ± std of the "
+                  "differences over seeds, and the mean relative difference. Negative: BatchTopK is better.", "",
+                  "| dict | k | recipe | pairs | Δ NMSE (θ mode) | Δ NMSE (batch mode) | Δ standardised MSE (batch) | "
+                  "Δ CE degradation (θ mode) | Δ CE degradation (batch mode) |", "|---|---|---|---|---|---|---|---|---|"]
+        for p in pairs:
+            lines.append(f"| {p['d_sae']} | {p['k']} | {p['recipe'] or 'defaults'} | {p['n']} | "
+                         + " | ".join(_pm(p.get(c), p["n"]) for c in ("nmse_threshold", "nmse_batch",
+                                                                      "standardized_mse_batch",
+                                                                      "ce_degradation_threshold",
+                                                                      "ce_degradation_batch")) + " |")
+    bt = [g for g in gs if g.arch == "batchtopk"]
     if bt:
         lines += ["", "## BatchTopK: batch mode against threshold mode", "",
-                  "| SAE | NMSE batch | NMSE θ | CE deg. batch | CE deg. θ | L0 batch | L0 θ |", "|---|---|---|---|---|---|---|"]
-        for r in bt:
-            b, t = r["modes"]["batch"], r["modes"]["threshold"]
-            lines.append(f"| {r['name']} | {b['nmse']:.4g} | {t['nmse']:.4g} | {b['ce_degradation']:.4g} | "
-                         f"{t['ce_degradation']:.4g} | {b['l0']:.1f} | {t['l0']:.1f} |")
+                  "| configuration | θ estimator | NMSE batch | NMSE θ | CE deg. batch | CE deg. θ | L0 θ | L0 θ / k |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for g in bt:
+            ratio = statistics.fmean(v / g.first["k"] for v in g.values("l0", "threshold"))
+            lines.append(f"| {g.config} | {g.first.get('theta_estimator') or 'running'} | {g.fmt('nmse', 'batch')} | "
+                         f"{g.fmt('nmse', 'threshold')} | {g.fmt('ce_degradation', 'batch')} | "
+                         f"{g.fmt('ce_degradation', 'threshold')} | {g.fmt('l0', 'threshold', 3)} | {ratio:.3f} |")
+    lines += ["", "## Every SAE", "",
+              "| SAE | arch | k | dict | seed | " + " | ".join(TABLE_KEYS) + " |",
+              "|" + "---|" * (5 + len(TABLE_KEYS))]
+    for g in gs:
+        for r in g.rows:
+            vals = " | ".join(f"{r[k]:.4g}" for k in TABLE_KEYS)
+            lines.append(f"| {r['name']} | {r['architecture']} | {r.get('k') or '–'} | {r['d_sae']} | "
+                         f"{r['replicate']} | {vals} |")
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -5,7 +5,7 @@ import json
 import math
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -160,7 +160,8 @@ def evaluate(s: EvalSettings) -> list[Path]:
             # only sequences that no SAE of the group trained on
             start, limiting = max((int(m["metadata"]["heldout_sequences"][0]), str(d)) for d, _, m in items)
             batches = eval_tokens(cache, start, s.tokens, s.batch_seqs, limiting if len(items) > 1 else "")
-            source = {"heldout_sequences": [start, start + sum(len(b) for b in batches)], "cache": cache.location}
+            source = {"heldout_sequences": [start, start + sum(len(b) for b in batches)],
+                      "cache_id": cache.attrs["cache_id"], "cache": cache.location}
         bos_id = int(cache.tokens[0, 0]) if s.exclude_bos else None
         mean = torch.as_tensor(cache.train_stats(site, not s.exclude_bos)["mean"], dtype=torch.float32)
         recons = {(str(d), mode): (sae_reconstructor(sae, mode), sae.cfg.d_sae)
@@ -172,9 +173,15 @@ def evaluate(s: EvalSettings) -> list[Path]:
             md = meta["metadata"]
             modes = {mode: results[(str(d), mode)] for mode in sae.modes}
             main = sae.modes[0]
-            out = {"architecture": sae.cfg.arch, "k": sae.cfg.k, "d_sae": sae.cfg.d_sae,
-                   "l0_coeff": sae.cfg.l0_coeff if sae.cfg.arch == "jumprelu" else None,
-                   "l1_coeff": sae.cfg.l1_coeff if sae.cfg.arch == "relu" else None,
+            cfg = sae.cfg
+            out = {"architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae,
+                   "l0_coeff": cfg.l0_coeff if cfg.arch == "jumprelu" else None,
+                   "target_l0": cfg.target_l0 if cfg.arch == "jumprelu" else None,
+                   "l1_coeff": cfg.l1_coeff if cfg.arch == "relu" else None,
+                   # the SAE's settings without its replicate: replicates of one config share it
+                   "config": replace(cfg, replicate=0).name, "replicate": cfg.replicate,
+                   "theta_estimator": md.get("theta_estimator"), "theta_estimates": md.get("theta_estimates"),
+                   "cache_id": cache.attrs["cache_id"],
                    "pipeline": md.get("pipeline"), "model": spec.name, "site": site, "mode": main,
                    **modes[main], "modes": modes, "exclude_bos": s.exclude_bos,
                    "exclude_outliers_norm_above": max_norm,

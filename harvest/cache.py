@@ -13,8 +13,10 @@ group attributes is written last of all.
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +32,10 @@ MAX_OUTLIERS = 1_000_000  # listed in the manifest up to this many
 
 
 def chunk_hash(block: np.ndarray) -> int:
-    """blake2b-64 of a chunk's C-order bytes, never 0 (0 marks an unwritten chunk)."""
-    h = int.from_bytes(hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=8).digest(), "little")
+    """blake2b-64 of a chunk's C-order bytes, never 0 (0 marks an unwritten chunk). Hashes the
+    array's own buffer (a memory map's pages are read once, no copy)."""
+    data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+    h = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
     return h or 1
 
 
@@ -65,6 +69,7 @@ class Cache:
 
     location: str
     group: Any  # zarr.Group
+    local_dir: Path | None = None  # where its objects are files: the cache itself, or its local copy
 
     @classmethod
     def open(cls, location: str, mode: str = "r", need_complete: bool = True, local_copy: str | None = None) -> "Cache":
@@ -72,7 +77,9 @@ class Cache:
         location = store.normalize(location)
         if not store.exists(location):
             raise PipelineError(f"no cache at {location} (run `make harvest` first, or check the path/URL)")
-        c = cls(location, store.open_group(location, mode, local_copy=local_copy))
+        local = (Path(location) if not store.is_url(location)
+                 else store.local_copy_dir(location, local_copy) if local_copy else None)
+        c = cls(location, store.open_group(location, mode, local_copy=local_copy), local)
         if c.attrs.get("format") != FORMAT:
             raise PipelineError(f"{location} is a Zarr group but not an activation cache (no '{FORMAT}' manifest)")
         if need_complete and not c.complete:
@@ -165,6 +172,41 @@ class Cache:
         """Rows [r0, r1) of a site as float32."""
         return to_float32(self.activations(site)[r0:r1], self.dtype)
 
+    def chunk_file(self, site: str, chunk: int) -> Path | None:
+        """The file holding a chunk of a site's activations as raw little-endian rows (full chunk shape),
+        when there is one on this machine: a local cache's, or one already in the local copy."""
+        if self.local_dir is None:
+            return None
+        arr = self.activations(site)
+        meta = arr.metadata
+        if [c.to_dict()["name"] for c in meta.codecs] != ["bytes"] or arr.dtype.itemsize > 1 and \
+                meta.codecs[0].endian is not None and meta.codecs[0].endian.value != "little":
+            return None  # compressed or big-endian chunks go through the codec pipeline
+        p = self.local_dir / "activations" / site / meta.encode_chunk_key((chunk, 0))
+        return p if p.is_file() else None
+
+    def chunk_counts(self) -> np.ndarray:
+        """[n_chunks, 1 + n_sites] int64: per chunk, the BOS positions and each site's massive-activation
+        rows (Cache.outliers), so a reader knows how many rows it keeps without reading any chunk.
+
+        Written by the harvest; for caches made before that, computed once from the tokens and kept
+        in a local index beside the data directory (the cache itself is never written by readers).
+        """
+        if "chunk_counts" in self.group:
+            return np.asarray(self.group["chunk_counts"][:], dtype=np.int64)
+        from .pipelines import DATA_DIR
+
+        path = DATA_DIR / "cache-index" / f"{self.attrs['cache_id']}.chunk_counts.npy"
+        if path.exists():
+            return np.load(path)
+        counts = compute_chunk_counts(self.tokens[:], self.chunk_seqs,
+                                      [self.outliers(s)[0] for s in self.sites])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, counts)
+        tmp.replace(path)
+        return counts
+
     def done_chunks(self) -> np.ndarray:
         """Boolean mask of chunks whose every array is written (their checksum row is full)."""
         return np.all(self.checksums[:] != 0, axis=1)
@@ -236,6 +278,28 @@ def compute_stats(arr, dtype: str, tokens=None) -> dict[str, Any]:
     return out
 
 
+def compute_chunk_counts(tokens: np.ndarray, chunk_seqs: int, outlier_rows: list[np.ndarray]) -> np.ndarray:
+    """Per chunk: positions holding the BOS token (tokens[0, 0]), then each site's outlier rows."""
+    n_chunks = -(-len(tokens) // chunk_seqs)
+    counts = np.zeros((n_chunks, 1 + len(outlier_rows)), dtype=np.int64)
+    if len(tokens):
+        per_seq = (tokens == tokens[0, 0]).sum(1)
+        counts[:, 0] = np.add.reduceat(per_seq, np.arange(0, len(tokens), chunk_seqs))
+    rows_per_chunk = chunk_seqs * tokens.shape[1]
+    for j, rows in enumerate(outlier_rows):
+        counts[:, 1 + j] = np.bincount(np.asarray(rows, dtype=np.int64) // rows_per_chunk, minlength=n_chunks)
+    return counts
+
+
+def write_chunk_counts(group, counts: np.ndarray) -> None:
+    """The `chunk_counts` array of a cache (see Cache.chunk_counts)."""
+    if "chunk_counts" in group:
+        del group["chunk_counts"]
+    a = group.create_array("chunk_counts", shape=counts.shape, chunks=(max(1, min(len(counts), 65536)), counts.shape[1]),
+                           dtype="int64", compressors=None, fill_value=0)
+    a[:] = counts
+
+
 def synthetic_tokens(n_seq: int, ctx_len: int = 128, bos: int = 0) -> np.ndarray:
     """Token ids for synthetic caches: BOS at position 0, an ordinary id elsewhere."""
     t = np.ones((n_seq, ctx_len), dtype=np.int32)
@@ -288,5 +352,7 @@ def write_cache(location: str, tokens: np.ndarray, activations: dict[str, np.nda
                            compressors=None, fill_value=0)
     s[:] = sums
     stats = {site: compute_stats(group[f"activations/{site}"], dtype, group["tokens"]) for site in sites}
+    outliers = [np.asarray(stats[s].get("outliers", {}).get("rows", []), dtype=np.int64) for s in sites]
+    write_chunk_counts(group, compute_chunk_counts(tokens.astype(np.int32), chunk_seqs, outliers))
     group.attrs.update({"stats": stats, "complete": True})
-    return Cache(_store.normalize(location), group)
+    return Cache.open(location)

@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from . import __version__, distributed, models, store
-from .cache import (FORMAT, FORMAT_VERSION, STORAGE_DTYPES, Cache, chunk_hash, compute_stats,
-                    storage_numpy_dtype, to_float32, to_storage)
+from .cache import (FORMAT, FORMAT_VERSION, STORAGE_DTYPES, Cache, chunk_hash, compute_chunk_counts, compute_stats,
+                    storage_numpy_dtype, to_float32, to_storage, write_chunk_counts)
 from .corpus import CorpusSpec, iter_contexts, iter_texts, resolve_corpus
 from .errors import PipelineError
 from .pipelines import DATA_DIR
@@ -389,6 +389,8 @@ def _finish(p: Plan, cache: Cache) -> None:
     if missing:
         raise PipelineError(f"{missing} chunks of {p.location} are still missing after the harvest; rerun it")
     stats = {site: compute_stats(cache.activations(site), cache.dtype, cache.tokens) for site in p.sites}
+    outliers = [np.asarray(stats[s].get("outliers", {}).get("rows", []), dtype=np.int64) for s in p.sites]
+    write_chunk_counts(cache.group, compute_chunk_counts(cache.tokens[:], cache.chunk_seqs, outliers))
     # One metadata write: statistics and `complete: true` together, last of all.
     cache.group.attrs.update({"stats": stats, "complete": True,
                               "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

@@ -57,25 +57,28 @@ def filesystem(location: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def local_copy_dir(location: str, local_copy: str) -> Path:
+    """Where the read-through copy of a remote cache lives: the cache's own layout under local_copy/<name>."""
+    return Path(local_copy).expanduser().resolve() / normalize(location).rstrip("/").rsplit("/", 1)[-1]
+
+
 def zarr_store(location: str, read_only: bool, local_copy: str | None = None):
     """A Zarr store for a location. With `local_copy` (read-only URLs), every object read is kept in
-    that folder and served from it next time: a read-through copy of the chunks actually touched."""
+    local_copy/<cache name>/<key> and served from there next time (zarr's CacheStore over a LocalStore):
+    a read-through copy, in the cache's own layout, of the objects actually touched."""
     location = normalize(location)
     if not is_url(location):
         return zarr.storage.LocalStore(location, read_only=read_only)
     with remote_errors(location):
+        remote = zarr.storage.FsspecStore.from_url(location, storage_options=storage_options(location),
+                                                   read_only=read_only)
         if local_copy and read_only:
-            protocol, path = location.split("://", 1)
-            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+            from zarr.experimental.cache_store import CacheStore
 
-            cached = fsspec.filesystem("simplecache", target_protocol=protocol, target_options=storage_options(location),
-                                       cache_storage=str(Path(local_copy).expanduser()),
-                                       skip_instance_cache=True)
-            # The caching layer is synchronous; wrap it so zarr's async calls go through it
-            # (it would otherwise forward them straight to the async backend, skipping the copy).
-            return zarr.storage.FsspecStore(AsyncFileSystemWrapper(cached, asynchronous=True), read_only=True, path=path)
-        return zarr.storage.FsspecStore.from_url(location, storage_options=storage_options(location),
-                                                 read_only=read_only)
+            target = local_copy_dir(location, local_copy)
+            target.mkdir(parents=True, exist_ok=True)
+            return CacheStore(remote, cache_store=zarr.storage.LocalStore(target))
+        return remote
 
 
 @contextlib.contextmanager

@@ -98,6 +98,8 @@ def test_zero_ablation_and_metrics_match_brute_force(pipeline_run):
         x_hat = sae(torch.from_numpy(x).float(), "threshold").numpy().astype(np.float64)
     e = x - x_hat
     assert r["nmse"] == pytest.approx(((e ** 2).sum()) / ((x - x.mean(0)) ** 2).sum(), rel=1e-6)
+    std = x.std(1, ddof=1, keepdims=True) + 1e-5  # the paper's MSE of standardised tokens
+    assert r["standardized_mse"] == pytest.approx(((e / std) ** 2).mean(), rel=1e-6)
     assert r["explained_variance"] == pytest.approx(1 - ((e - e.mean(0)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-6)
     cos = (x * x_hat).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(x_hat, axis=1)
     assert r["cosine_sim"] == pytest.approx(cos.mean(), rel=1e-6)

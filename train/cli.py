@@ -1,76 +1,15 @@
 """`python -m train`: train BatchTopK and baseline SAEs on a cache; prints each SAE's directory."""
 from __future__ import annotations
 
-import itertools
-from typing import Any
-
 import click
 
 from harvest import pipelines
 from harvest.cli import parse_tokens
 from harvest.errors import PipelineError, one_line_errors
 
-from .sae import ARCHS
-
-GRID_KEYS = ("arch", "k", "dict", "l0_coeff", "l1_coeff", "init_l0")
-
-
-def _split(value: Any) -> list:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [v.strip() for v in str(value).split(",") if v.strip()]
-
-
-def _int(v: Any, what: str) -> int:
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        raise PipelineError(f"{what} must be an integer, not {v!r}") from None
-
-
-def dict_size(v: Any, d_in: int) -> int:
-    """An integer, or a multiple of d_model written like '8x'."""
-    s = str(v).strip().lower()
-    n = _int(s[:-1], "dictionary multiple") * d_in if s.endswith("x") else _int(s, "dictionary size")
-    if n < 1:
-        raise PipelineError(f"dictionary size {v} must be at least 1")
-    return n
-
-
-def expand(grid: dict[str, Any], d_in: int, extra: dict[str, Any]) -> list[dict[str, Any]]:
-    """One grid (lists per key) -> SAE configs; k applies to (batch)topk, coefficients to jumprelu/relu."""
-    archs = _split(grid.get("arch", "batchtopk"))
-    for a in archs:
-        if a not in ARCHS:
-            raise PipelineError(f"unknown architecture {a!r}; allowed: {', '.join(ARCHS)}")
-    out = []
-    for arch, m in itertools.product(archs, _split(grid.get("dict", "4x"))):
-        base = {"arch": arch, "d_sae": dict_size(m, d_in), **extra}
-        if arch in ("batchtopk", "topk"):
-            out += [base | {"k": _int(k, "k")} for k in _split(grid.get("k", 32))]
-        elif arch == "jumprelu":
-            out += [base | {"l0_coeff": float(c)} | ({"jumprelu_init_l0": float(i)} if i is not None else {})
-                    for c in (_split(grid.get("l0_coeff")) or [0.005])
-                    for i in (_split(grid.get("init_l0")) or [None])]
-        else:
-            out += [base | {"l1_coeff": float(c)} for c in (_split(grid.get("l1_coeff")) or [0.01])]
-    return out
-
-
-def sweep_from(train: dict[str, Any], cli: dict[str, Any], d_in: int, extra: dict[str, Any]) -> list[dict]:
-    """Command-line lists replace the pipeline's; a pipeline `sweep` runs when none is given."""
-    given = {k: cli[k] for k in GRID_KEYS if cli.get(k) is not None}
-    if "sweep" in train and not given:
-        grids = train["sweep"]
-    else:
-        grids = [{k: train[k] for k in GRID_KEYS if k in train} | given]
-    saes = [c for g in grids for c in expand(g, d_in, extra)]
-    for c in saes:
-        if c.get("k") is not None and not 0 < c["k"] <= c["d_sae"]:
-            raise PipelineError(f"k={c['k']} must satisfy 0 < k <= dictionary size ({c['d_sae']})")
-    return saes
+from .sae import ARCHS, B_DEC_INITS, MSE_REDUCTIONS, NORMS
+from .sweep import sweep_from
+from .trainer import THETA_ESTIMATORS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,6 +21,23 @@ def sweep_from(train: dict[str, Any], cli: dict[str, Any], d_in: int, extra: dic
 @click.option("--dict", "dict_", help="Dictionary size(s): integers or multiples of d_model like 8x.")
 @click.option("--l0-coeff", help="JumpReLU L0 penalty(s).")
 @click.option("--l1-coeff", help="ReLU L1 penalty(s).")
+@click.option("--norm", help=f"Input normalisation(s): {', '.join(NORMS)} (one scale for all tokens, or "
+              "each token standardised like the reference code's input_unit_norm).")
+@click.option("--center", help="Encode x - b_dec: true, false, or both (true,false).")
+@click.option("--b-dec-init", help=f"b_dec's start: {', '.join(B_DEC_INITS)} (of the first batch).")
+@click.option("--mse", help=f"MSE reduction(s): {', '.join(MSE_REDUCTIONS)} (over elements, or over dimensions).")
+@click.option("--aux-norm", help="Divide the aux loss by the residual's variance: true or false.")
+@click.option("--grad-clip", help="Clip each SAE's gradient norm at this (none: no clipping).")
+@click.option("--warmup", help="Fraction of training with a linear lr warm-up.")
+@click.option("--decay", help="Fraction of training, at the end, with a linear lr decay to 0.")
+@click.option("--betas", help="Adam betas as b1/b2, e.g. 0.9/0.999 (comma-separate several).")
+@click.option("--target-l0", help="JumpReLU: adapt lambda so that L0 settles at this.")
+@click.option("--threshold-lr", help="JumpReLU: learning rate of the log-thresholds.")
+@click.option("--seeds", type=int, help="Train this many seeds of every SAE in the same pass (replicates 0..n-1).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUES",
+              help="Any other SAE setting or sweep key, e.g. --set aux_k=256 (repeatable).")
+@click.option("--theta-estimator", type=click.Choice(THETA_ESTIMATORS),
+              help="BatchTopK's inference threshold: pooled (default), mean (eq. 7, final weights) or running.")
 @click.option("--tokens", help="Training tokens (integer, or 'all' for one epoch of the cache).")
 @click.option("--batch-size", type=int, help="Tokens per batch (default 4096).")
 @click.option("--lr", type=float, help="Adam learning rate (default 3e-4).")
@@ -97,8 +53,10 @@ def sweep_from(train: dict[str, Any], cli: dict[str, Any], d_in: int, extra: dic
 @click.option("--device", help="cuda or cpu (default: CUDA when present).")
 @click.option("--out", help="Run directory (default data/saes/<pipeline>/<run id>).")
 @one_line_errors
-def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, tokens, batch_size, lr, seed, dead_tokens,
-         val_fraction, log_every, checkpoint_every, include_bos, include_outliers, local_copy, device, out) -> None:
+def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, norm, center, b_dec_init, mse, aux_norm, grad_clip,
+         warmup, decay, betas, target_l0, threshold_lr, seeds, sets, theta_estimator, tokens, batch_size, lr, seed,
+         dead_tokens, val_fraction, log_every, checkpoint_every, include_bos, include_outliers, local_copy, device,
+         out) -> None:
     """Train BatchTopK (default) and baseline SAEs; one pass over the cache feeds a whole sweep.
 
     Rerunning after an interruption resumes; rerunning a finished run prints its SAEs again.
@@ -117,14 +75,20 @@ def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, tokens, batc
         cache = harvest(settings_from(name)[1])
     c = Cache.open(cache)
     d_in = c.d_model()
-    extra = {"dead_tokens": dead_tokens} if dead_tokens is not None else {}
-    if "dead_tokens" in train and not extra:
-        extra["dead_tokens"] = int(train["dead_tokens"])
-    saes = sweep_from(train, {"arch": arch, "k": k, "dict": dict_, "l0_coeff": l0_coeff, "l1_coeff": l1_coeff},
-                      d_in, extra)
+    grid = {"arch": arch, "k": k, "dict": dict_, "l0_coeff": l0_coeff, "l1_coeff": l1_coeff, "norm": norm,
+            "center": center, "b_dec_init": b_dec_init, "mse": mse, "aux_norm": aux_norm, "grad_clip": grad_clip,
+            "warmup": warmup, "decay": decay, "betas": betas, "target_l0": target_l0, "threshold_lr": threshold_lr,
+            "seeds": seeds, "dead_tokens": dead_tokens}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise PipelineError(f"--set takes KEY=VALUES, not {item!r}")
+        grid[key.strip()] = value
+    saes = sweep_from(train, grid, d_in)
     s = TrainSettings(cache=c.location, saes=saes, out="", site=site or train.get("site"), pipeline=name,
                       tokens=parse_tokens(tokens if tokens is not None else train.get("tokens", "all")))
     for key, val in (("batch_size", batch_size), ("lr", lr), ("seed", seed), ("val_fraction", val_fraction),
+                     ("theta_estimator", theta_estimator), ("theta_tokens", None),
                      ("log_every", log_every), ("checkpoint_every", checkpoint_every), ("device", device),
                      ("include_bos", include_bos), ("include_outliers", include_outliers),
                      ("local_copy", local_copy)):

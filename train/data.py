@@ -1,9 +1,14 @@
-"""Batches from a cache: random chunk order, an in-memory shuffle window, background reads.
+"""Batches from a cache: random chunk order, rows shuffled by index within a window, background reads.
 
-The stream is a pure function of (seed, epoch, part), so resuming needs only the number
-of batches already consumed. With several data parts (one per rank under torchrun), part
-p of every epoch reads chunks perm[p::parts]; a global batch is the concatenation of the
-parts' local batches, which a single process can also build (parts > 1, all parts local).
+Chunks that are files on this machine (a local cache, or chunks already in the read-through local
+copy of a remote one) are memory-mapped: a batch gathers its rows straight from the page cache.
+Other chunks go through Zarr's codec pipeline. Each chunk is checked against its checksum the first
+time a process reads it (hashing the mapped pages is that read).
+
+The stream is a pure function of (seed, epoch, part), so resuming needs only the number of batches
+already consumed. With several data parts (one per rank under torchrun), part p of every epoch
+reads chunks perm[p::parts]; a global batch is the concatenation of the parts' local batches, which
+a single process can also build (parts > 1, all parts local).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from harvest.cache import Cache, chunk_hash, to_float32
+from harvest.cache import Cache, chunk_hash, storage_numpy_dtype, to_float32
 from harvest.errors import PipelineError
 
 
@@ -52,8 +57,47 @@ def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.nd
     return keep
 
 
+def decode(x: np.ndarray, dtype: str, device: str, scale: float) -> torch.Tensor:
+    """Stored rows -> float32 on the device, times scale. On a GPU the stored (half-size) rows cross
+    PCIe and are decoded there; on a CPU torch decodes them with its threads."""
+    t = torch.from_numpy(x.view(np.int16) if dtype == "bfloat16" else x)
+    if dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    if device.startswith("cuda"):
+        t = t.pin_memory().to(device, non_blocking=True)
+    t = t.float()
+    return t.mul_(scale) if scale != 1.0 else t
+
+
+class ChunkSource:
+    """One site's chunks in their storage dtype, each verified against its checksum on first read."""
+
+    def __init__(self, cache: Cache, site: str):
+        self.cache, self.site = cache, site
+        self.arr = cache.activations(site)
+        self.col = 1 + cache.sites.index(site)
+        self.rows_per_chunk = cache.chunk_seqs * cache.ctx_len
+        self.dtype = storage_numpy_dtype(cache.dtype)
+        self.verified: set[int] = set()
+
+    def read(self, c: int) -> np.ndarray:
+        r0, r1 = self.cache.row_range(c)
+        path = self.cache.chunk_file(self.site, c)
+        if path is not None:
+            block = np.memmap(path, dtype=self.dtype.newbyteorder("<"), mode="r",
+                              shape=(self.rows_per_chunk, self.arr.shape[1]))[: r1 - r0]
+        else:
+            block = self.arr[r0:r1]
+        if c not in self.verified:  # each chunk is checked once per process
+            if chunk_hash(block) != int(self.cache.checksums[c][self.col]):
+                raise PipelineError(f"chunk {c} of {self.site} in {self.cache.location} fails its checksum "
+                                    "(corrupt cache); run `python -m harvest verify` on it")
+            self.verified.add(c)
+        return block
+
+
 class ActivationStream:
-    """An endless, deterministic stream of normalised float32 batches [batch, d] for some parts."""
+    """An endless, deterministic stream of float32 batches [batch, d] (times `scale`) for some parts."""
 
     def __init__(self, cache: Cache, site: str, chunks: tuple[int, ...], batch_size: int, scale: float,
                  seed: int = 0, parts: int = 1, my_parts: tuple[int, ...] = (0,), shuffle_mb: float = 512,
@@ -62,28 +106,27 @@ class ActivationStream:
         if batch_size % parts:
             raise PipelineError(f"batch size {batch_size} is not divisible by the {parts} data parts (ranks)")
         self.cache, self.site, self.chunks = cache, site, tuple(chunks)
-        self.arr = cache.activations(site)
-        self.sums = cache.checksums[:]  # every chunk read is checked against its checksum
-        self.verified: set[int] = set()
-        self.col = 1 + cache.sites.index(site)
+        self.source = ChunkSource(cache, site)
         self.local = batch_size // parts
         self.scale, self.seed, self.parts, self.my_parts = scale, seed, parts, tuple(my_parts)
         self.device, self.prefetch, self.read_threads = device, prefetch, read_threads
         self.drop_token = drop_token
         self.skip_rows = skip_rows
-        # rows each chunk contributes: positions holding drop_token (BOS) and skip_rows are left out
-        self.rows_in = {c: int(self._keep(c).sum()) for c in self.chunks}
+        # rows each chunk contributes (BOS positions and skip_rows left out), from the cache's counts
+        counts = cache.chunk_counts()
+        skip_col = 1 + cache.sites.index(site)
+        self.rows_in = {}
+        for c in self.chunks:
+            r0, r1 = cache.row_range(c)
+            self.rows_in[c] = (r1 - r0 - (int(counts[c, 0]) if drop_token is not None else 0)
+                               - (int(counts[c, skip_col]) if skip_rows is not None else 0))
         d = cache.d_model()
-        chunk_rows = cache.chunk_seqs * cache.ctx_len
-        self.window = max(1, int(shuffle_mb * 2**20 // (chunk_rows * d * self.arr.dtype.itemsize)))
+        self.window = max(1, int(shuffle_mb * 2**20 // (self.source.rows_per_chunk * d * self.source.dtype.itemsize)))
         rows = [self._rows_of_part(p, 0) for p in range(parts)]
         self.batches_per_epoch = min(r // self.local for r in rows)
         if self.batches_per_epoch < 1:
             raise PipelineError(f"the training part of {cache.location} ({min(rows)} tokens per part) is smaller "
                                 f"than one batch of {self.local}; harvest more tokens or lower the batch size")
-
-    def _keep(self, c: int) -> np.ndarray:
-        return keep_mask(self.cache, c, self.drop_token, self.skip_rows)
 
     def _epoch_chunks(self, epoch: int, part: int) -> list[int]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(np.array(self.chunks))
@@ -96,17 +139,25 @@ class ActivationStream:
     def epoch_tokens(self) -> int:
         return self.batches_per_epoch * self.local * self.parts
 
-    def _read_window(self, chunks: list[int], pool: ThreadPoolExecutor) -> np.ndarray:
-        def read(c: int) -> np.ndarray:
-            r0, r1 = self.cache.row_range(c)
-            block = self.arr[r0:r1]
-            if c not in self.verified:  # each chunk is checked once per process
-                if chunk_hash(block) != int(self.sums[c, self.col]):
-                    raise PipelineError(f"chunk {c} of {self.site} in {self.cache.location} fails its checksum "
-                                        "(corrupt cache); run `python -m harvest verify` on it")
-                self.verified.add(c)
-            return block[self._keep(c)]
-        return np.concatenate(list(pool.map(read, chunks)))  # still in the storage dtype
+    def _open_window(self, chunks: list[int], pool: ThreadPoolExecutor, blocks: dict[int, np.ndarray]) -> np.ndarray:
+        """Map (or read) a window's chunks into `blocks`; return the global ids of the rows it keeps."""
+        def open_one(c: int) -> np.ndarray:
+            blocks[c] = self.source.read(c)
+            keep = keep_mask(self.cache, c, self.drop_token, self.skip_rows)
+            return self.cache.row_range(c)[0] + np.flatnonzero(keep)
+        return np.concatenate(list(pool.map(open_one, chunks)))
+
+    def _gather(self, ids: np.ndarray, blocks: dict[int, np.ndarray]) -> np.ndarray:
+        """Rows by global id, in that order, from the open chunks (still in the storage dtype)."""
+        per = self.source.rows_per_chunk
+        chunk = ids // per
+        out = np.empty((len(ids), self.source.arr.shape[1]), dtype=self.source.dtype)
+        order = np.argsort(chunk, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(chunk[order]) != 0])
+        for seg in np.split(order, starts[1:]):
+            c = int(chunk[seg[0]])
+            out[seg] = blocks[c][ids[seg] - c * per]
+        return out
 
     def _part_batches(self, part: int, start: int, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
         """Local batches of one part from global batch index `start` on, forever."""
@@ -115,19 +166,22 @@ class ActivationStream:
             chunks = self._epoch_chunks(epoch, part)
             windows = [chunks[i:i + self.window] for i in range(0, len(chunks), self.window)]
             skip = j * self.local  # rows of this epoch already consumed
-            carry = np.empty((0, self.arr.shape[1]), dtype=self.arr.dtype)
+            carry = np.empty(0, dtype=np.int64)
+            blocks: dict[int, np.ndarray] = {}
             emitted = j
             for w, wchunks in enumerate(windows):
                 n_rows = sum(self.rows_in[c] for c in wchunks)
                 if skip >= n_rows:  # whole window already consumed: don't read it
                     skip -= n_rows
                     continue
-                rows = self._read_window(wchunks, pool)
-                rows = rows[np.random.default_rng([self.seed, epoch, part, w]).permutation(len(rows))]
-                rows, skip = rows[skip:], 0
-                carry = np.concatenate([carry, rows]) if len(carry) else rows
+                live = set(np.unique(carry // self.source.rows_per_chunk).tolist())  # chunks the carry still needs
+                blocks = {c: b for c, b in blocks.items() if c in live}
+                ids = self._open_window(wchunks, pool, blocks)
+                ids = ids[np.random.default_rng([self.seed, epoch, part, w]).permutation(len(ids))]
+                ids, skip = ids[skip:], 0
+                carry = np.concatenate([carry, ids])
                 while len(carry) >= self.local and emitted < self.batches_per_epoch:
-                    yield carry[:self.local]
+                    yield self._gather(carry[:self.local], blocks)
                     carry = carry[self.local:]
                     emitted += 1
                 if emitted >= self.batches_per_epoch:
@@ -135,9 +189,10 @@ class ActivationStream:
             epoch, j = epoch + 1, 0
 
     def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
-        """Global-batch index `start` onward; reading, decoding and pinning run in a background thread."""
+        """Global-batch index `start` onward; gathering and decoding run in a background thread."""
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
+        dtype = self.cache.dtype
 
         def produce() -> None:
             try:
@@ -145,10 +200,7 @@ class ActivationStream:
                     streams = [self._part_batches(p, start, pool) for p in self.my_parts]
                     while not stop.is_set():
                         x = np.concatenate([next(s) for s in streams]) if len(streams) > 1 else next(streams[0])
-                        t = torch.from_numpy(to_float32(np.ascontiguousarray(x), self.cache.dtype)).mul_(self.scale)
-                        if self.device.startswith("cuda"):
-                            t = t.pin_memory()
-                        q.put(t)
+                        q.put(decode(x, dtype, self.device, self.scale))
             except BaseException as e:  # surface reader errors in the consumer
                 q.put(e)
 
@@ -159,7 +211,7 @@ class ActivationStream:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item.to(self.device, non_blocking=True)
+                yield item
         finally:
             stop.set()
             while not q.empty():

@@ -45,7 +45,7 @@ class SAEConfig:
     d_in: int
     d_sae: int
     k: int | None = None              # batchtopk / topk
-    seed: int = 0                     # replicate: initial weights depend on (run seed, seed, d_in, d_sae), not arch
+    replicate: int = 0                # initial weights depend on (run seed, replicate, d_in, d_sae), not arch
     # how activations reach the encoder
     norm: str = "global"              # global | token (see the module docstring)
     center: bool = False              # encode x - b_dec instead of x
@@ -161,7 +161,7 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, m = cfg.d_in, cfg.d_sae
-        gen = torch.Generator().manual_seed(init_seed(run_seed, cfg.seed, d, m))
+        gen = torch.Generator().manual_seed(init_seed(run_seed, cfg.replicate, d, m))
         W = torch.randn(m, d, generator=gen)
         W /= W.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W)
@@ -318,6 +318,15 @@ class SAE(nn.Module):
         if self.W_dec.grad is not None:
             g = self.W_dec.grad
             g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+
+    @torch.no_grad()
+    def prepare_grads(self) -> float | None:
+        """After backward: project the decoder's gradient, then clip the gradient norm at grad_clip when
+        set. Returns the norm before clipping (None without clipping)."""
+        self.project_decoder_grad()
+        if not self.cfg.grad_clip:
+            return None
+        return float(nn.utils.clip_grad_norm_(self.parameters(), self.cfg.grad_clip))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -20,7 +20,7 @@ from harvest import distributed
 from harvest.cache import Cache
 from harvest.errors import PipelineError
 
-from . import schedule
+from . import recipe
 from .data import ActivationStream, Split, heldout_rows, warn_epochs
 from .sae import SAE, SAEConfig, save_sae, standardized_mse
 from .theta import ESTIMATORS, estimate_theta
@@ -124,7 +124,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.objectives = [DDP(o, device_ids=[torch.device(self.device).index] if self.device.startswith("cuda")
                                    else None) for o in self.objectives]
-        self.opts = [self._optimizer(sae) for sae in self.saes]
+        self.opts = [recipe.make_optimizer(sae, s.lr, tuple(s.betas)) for sae in self.saes]
         self.since_fired = [torch.zeros(c.d_sae, dtype=torch.long, device=self.device) for c in self.cfgs]
         # target L0: log lambda per SAE, moved by the controller (None where no target is set)
         self.log_lambda = [math.log(c.l0_coeff) if c.target_l0 is not None else None for c in self.cfgs]
@@ -132,16 +132,6 @@ class Trainer:
         self.theta_n = [0] * len(self.saes)
         self.step = 0
         self.theta_from = self.total_steps - max(1, round(self.total_steps * s.theta_window))
-
-    def _optimizer(self, sae: SAE) -> torch.optim.Optimizer:
-        cfg = sae.cfg
-        lr = cfg.lr if cfg.lr is not None else self.s.lr
-        groups = [{"params": [p for n, p in sae.named_parameters() if n != "log_threshold"], "lr": lr}]
-        if cfg.arch == "jumprelu":
-            groups.append({"params": [sae.log_threshold], "lr": cfg.threshold_lr if cfg.threshold_lr else lr})
-        for g in groups:
-            g["base_lr"] = g["lr"]
-        return torch.optim.Adam(groups, betas=tuple(cfg.betas or self.s.betas))
 
     # ------------------------------------------------------------ state
     def sae_dir(self, cfg: SAEConfig) -> Path:
@@ -263,10 +253,9 @@ class Trainer:
     def _train_step(self, i: int, x: torch.Tensor) -> dict[str, float]:
         sae, opt, obj, cfg = self.saes[i], self.opts[i], self.objectives[i], self.cfgs[i]
         dead = self.since_fired[i] >= cfg.dead_tokens
-        coeff = schedule.sparsity_coeff(cfg, self.step, self.total_steps, self.log_lambda[i])
-        f = schedule.lr_factor(cfg, self.step, self.total_steps)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * f
+        coeff = recipe.sparsity_coeff(cfg, self.step, self.total_steps, self.log_lambda[i])
+        f = recipe.lr_factor(cfg, self.step, self.total_steps)
+        recipe.set_lr(opt, f)
         opt.zero_grad(set_to_none=True)
         with _autocast(self.device):
             out, code, x_in = obj(x, dead, coeff)
@@ -276,9 +265,7 @@ class Trainer:
                                 f"the last good checkpoint in {self.out} is kept (step "
                                 f"{self._saved_step()}); try a lower learning rate")
         loss.backward()
-        sae.project_decoder_grad()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        sae.prepare_grads()
         opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
@@ -288,7 +275,7 @@ class Trainer:
             if self.log_lambda[i] is not None:
                 nnz = torch.tensor(float(code.nnz), device=x.device)
                 l0 = float(distributed.all_reduce_(nnz)) / (x.shape[0] * self.world)
-                self.log_lambda[i] = schedule.control_l0(self.log_lambda[i], l0, cfg.target_l0)
+                self.log_lambda[i] = recipe.control_l0(self.log_lambda[i], l0, cfg.target_l0)
             if cfg.arch == "batchtopk" and self.step >= self.theta_from and code.nnz:
                 mn = code.min_active().float().reshape(1)
                 distributed.all_reduce_(mn, "sum")
@@ -381,7 +368,7 @@ class Trainer:
             "heldout_sequences": [self.cache.seq_range(held[0])[0], self.cache.n_sequences] if held else None,
             "training_tokens": self.step * self.s.batch_size, "batch_size": self.s.batch_size,
             "lr": cfg.lr if cfg.lr is not None else self.s.lr, "betas": list(cfg.betas or self.s.betas),
-            "seed": self.s.seed, "replicate": cfg.seed, "world_size": self.world, "include_bos": self.s.include_bos,
+            "seed": self.s.seed, "replicate": cfg.replicate, "world_size": self.world, "include_bos": self.s.include_bos,
             "excluded_outlier_rows": 0 if self.skip is None else int(len(self.skip)),
             "global_input_scale": self.scale,
             "theta": float(self.saes[self.cfgs.index(cfg)].theta) if bt else None,

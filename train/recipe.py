@@ -1,16 +1,37 @@
-"""Per-step factors of a training recipe: the learning-rate schedule and the sparsity coefficient.
+"""One SAE's training recipe beyond its losses: optimiser, learning-rate schedule, sparsity coefficient.
 
-Both are pure functions of the step (plus, for a target L0, one number carried in the checkpoint),
-so a resumed run follows exactly the same schedule.
+The schedules are pure functions of the step (plus, for a target L0, one number carried in the
+checkpoint), so a resumed run follows exactly the same schedule.
 """
 from __future__ import annotations
 
 import math
 
-from .sae import SAEConfig
+import torch
+
+from .sae import SAE, SAEConfig
 
 L0_CONTROL_RATE = 0.05  # log-lambda change per step per unit of log(L0 / target)
 L0_CONTROL_MAX_STEP = 0.1
+
+
+def make_optimizer(sae: SAE, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam over the SAE's parameters with the SAE's own lr and betas where it sets them (else the
+    run's); JumpReLU's log-thresholds in a group of their own when threshold_lr is set. Each group
+    remembers its base lr; lr_factor scales it every step."""
+    cfg = sae.cfg
+    lr = cfg.lr if cfg.lr is not None else lr
+    groups = [{"params": [p for n, p in sae.named_parameters() if n != "log_threshold"], "lr": lr}]
+    if cfg.arch == "jumprelu":
+        groups.append({"params": [sae.log_threshold], "lr": cfg.threshold_lr or lr})
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.Adam(groups, betas=tuple(cfg.betas or betas))
+
+
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
 
 
 def lr_factor(cfg: SAEConfig, step: int, total: int) -> float:

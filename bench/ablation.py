@@ -1,0 +1,103 @@
+"""`python -m bench ablation`: what each recipe difference between peers does to our trainer.
+
+Every variant is our trainer with one setting changed (or a named combination), BatchTopK and
+TopK alike, all trained in one pass over the same batches of the paper pipeline's cache and
+scored on the same held-out rows (bench.peers.Budget and score). Several seeds give a spread.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from train.sae import load_sae
+from train.trainer import TrainSettings, Trainer
+
+from .peers import HELDOUT_ROWS, MAIN_MODE, Budget, score
+from .records import Record, device_name
+
+# name -> settings that differ from our defaults (the peers' choices, one at a time, then together)
+DL_RECIPE = {"center": True, "b_dec_init": "geometric_median", "grad_clip": 1.0, "mse": "sum", "betas": (0.9, 0.999),
+             "warmup": 0.1, "aux_norm": True, "dead_tokens": 10_000_000}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "center (encode x - b_dec)": {"center": True},
+    "b_dec = geometric median": {"b_dec_init": "geometric_median"},
+    "betas 0.9/0.999": {"betas": (0.9, 0.999)},
+    "clip 1.0, MSE mean over elements": {"grad_clip": 1.0},
+    "clip 1.0, MSE summed over dimensions": {"grad_clip": 1.0, "mse": "sum"},
+    "lr warm-up 10%": {"warmup": 0.1},
+    "lr decay over the last 20%": {"decay": 0.2},
+    "aux normalised, dead after 10M tokens": {"aux_norm": True, "dead_tokens": 10_000_000},
+    "no aux loss": {"aux_coeff": 0.0},
+    "lr 2e-4/sqrt(m/2^14) (dictionary_learning's)": {"lr": "dl"},
+    "token standardisation (reference code)": {"norm": "token"},
+    "dictionary_learning's whole recipe": DL_RECIPE | {"lr": "dl"},
+}
+
+
+def _cfg(variant: dict[str, Any], arch: str, m: int, k: int) -> dict[str, Any]:
+    v = dict(variant)
+    if v.get("lr") == "dl":
+        v["lr"] = 2e-4 / (m / 2 ** 14) ** 0.5
+    return {"arch": arch, "d_sae": m, "k": k} | v
+
+
+def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchtopk", "topk"), dict_mult: int = 8,
+        k: int = 32, seeds: int = 1, variants: tuple[str, ...] | None = None, extra: dict[str, dict] | None = None,
+        tokens: int | None = None) -> list[Record]:
+    from harvest import pipelines
+    from harvest.cli import settings_from
+    from harvest.run import harvest
+
+    name, pipe = pipelines.get(pipeline)
+    train = pipe["train"]
+    cache = harvest(settings_from(name)[1])
+    b = Budget.of(cache, int(tokens or train.get("tokens", 560000)), int(train.get("batch_size", 4096)),
+                  int(train.get("seed", 0)), float(train.get("val_fraction", 0.05)))
+    m = dict_mult * b.cache.d_model()
+    todo = {n: VARIANTS[n] for n in (variants or VARIANTS)} | (extra or {})
+    cfgs, keys = [], []
+    for vname, v in todo.items():
+        for arch in archs:
+            for r in range(seeds):
+                cfgs.append(_cfg(v, arch, m, k) | {"replicate": r})
+                keys.append((vname, arch))
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = Trainer(TrainSettings(cache=b.cache.location, saes=cfgs, out=str(Path(tmp) / "run"),
+                                     tokens=b.steps * b.batch_size, batch_size=b.batch_size, seed=b.seed,
+                                     val_fraction=b.val_fraction, log_every=50, checkpoint_every=10 ** 9)).run()
+        x = b.heldout(HELDOUT_ROWS)
+        results: dict[tuple[str, str], dict[str, list[dict]]] = {}
+        for key, d in zip(keys, dirs):
+            sae, meta = load_sae(d)
+            for mode in sae.modes:
+                def rec(xb, mode=mode):
+                    x_hat, code = sae.reconstruct(xb / b.scale, mode)
+                    return x_hat * b.scale, code.counts, code.fired()
+                label = mode if sae.cfg.arch == "batchtopk" else MAIN_MODE[sae.cfg.arch]
+                results.setdefault(key, {}).setdefault(label, []).append(score(rec, x, b.batch_size, b.scale))
+    dev = device_name("cpu")
+    settings = {"pipeline": name, "cache_id": b.cache.attrs["cache_id"], "d_sae": m, "k": k, "steps": b.steps,
+                "batch_size": b.batch_size, "training_tokens": b.steps * b.batch_size, "heldout_rows": HELDOUT_ROWS,
+                "seeds": seeds}
+    recs = []
+    for (vname, arch), modes in results.items():
+        main = MAIN_MODE[arch]
+        base = statistics.fmean(r["nmse"] for r in results[(next(iter(todo)), arch)][main])
+        for mode, runs in modes.items():
+            vals = [r["nmse"] for r in runs]
+            label = f"{arch}: {vname}" + (f" ({mode} mode)" if arch == "batchtopk" else "")
+            recs.append(Record(label, statistics.fmean(vals), "NMSE", f"{arch}: {next(iter(todo))}"
+                               + (f" ({main} mode)" if arch == "batchtopk" else ""), base, dev,
+                               settings | {"variant": vname, "arch": arch, "mode": mode,
+                                           "changes": {k2: v for k2, v in _cfg(todo[vname], arch, m, k).items()
+                                                       if k2 not in ("arch", "d_sae", "k")},
+                                           "nmse_per_seed": vals,
+                                           "nmse_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                                           "l0": statistics.fmean(r["l0"] for r in runs),
+                                           "standardized_mse": statistics.fmean(r["standardized_mse"] for r in runs),
+                                           "dead_fraction": statistics.fmean(r["dead_fraction"] for r in runs)}))
+    return recs
+

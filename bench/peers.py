@@ -1,0 +1,280 @@
+"""`python -m bench peers`: our trainer against peer implementations, on exactly the same batches.
+
+Every implementation is fed the batches our training stream yields (same rows, same order, same
+global input scale: mean norm sqrt(d)) for the same number of steps, and every SAE is scored on
+the same held-out rows. Peers run with their own defaults; step-count defaults written for long
+runs (warm-up, threshold start) are scaled to this budget and recorded in each record's settings.
+
+- dictionary_learning 0.1.0 (PyPI): its BatchTopKTrainer, TopKTrainer and JumpReluTrainer, loaded
+  by file path from a private install under data/peers/ (never imported into the product).
+- SAELens (a test dependency): its BatchTopK / TopK / JumpReLU training SAEs driven by its own
+  SAETrainer (Adam 0.9/0.999, gradient norm clipped at 1, its dead-latent window).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from harvest.cache import Cache
+from harvest.pipelines import DATA_DIR
+from train.data import ActivationStream, Split, heldout_rows
+from train.sae import load_sae, standardized_mse
+from train.sparsity import batch_topk_code
+from train.trainer import TrainSettings, Trainer
+
+from .records import Record, device_name
+
+DICTIONARY_LEARNING = "dictionary-learning==0.1.0"
+PEER_SITE = DATA_DIR / "peers" / "site"
+# x [n, d] (normalised space) -> (x_hat [n, d], active latents per token [n], firings per latent [m])
+Reconstruct = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Budget:
+    """The data and budget every implementation gets."""
+
+    cache: Cache
+    site: str
+    batch_size: int
+    steps: int
+    seed: int
+    val_fraction: float
+    scale: float
+    drop: int | None
+    skip: np.ndarray | None
+
+    @classmethod
+    def of(cls, cache: str, tokens: int, batch_size: int, seed: int, val_fraction: float) -> "Budget":
+        c = Cache.open(cache)
+        site = c.sites[0]
+        stats = c.train_stats(site, False)
+        return cls(c, site, batch_size, math.ceil(tokens / batch_size), seed, val_fraction,
+                   math.sqrt(c.d_model()) / float(stats["mean_norm"]), int(c.tokens[0, 0]), c.outliers(site)[0])
+
+    @property
+    def split(self) -> Split:
+        return Split.of(self.cache, self.val_fraction)
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """Exactly the batches our trainer sees, in its order, in the normalised space."""
+        s = ActivationStream(self.cache, self.site, self.split.train_chunks, self.batch_size, self.scale,
+                             seed=self.seed, drop_token=self.drop, skip_rows=self.skip)
+        it = s.batches(0)
+        try:
+            for _ in range(self.steps):
+                yield next(it)
+        finally:
+            it.close()
+
+    def heldout(self, rows: int) -> torch.Tensor:
+        return heldout_rows(self.cache, self.site, self.split, rows, self.scale, self.drop, self.skip)
+
+
+@torch.no_grad()
+def score(rec: Reconstruct, x: torch.Tensor, batch_size: int, scale: float) -> dict[str, float]:
+    """NMSE, the paper's standardised-token MSE, L0 and dead fraction over x (in chunks of batch_size)."""
+    err = var_sum = std_mse = 0.0
+    l0 = 0
+    fired = None
+    mean = x.mean(0)
+    for xb in x.split(batch_size):
+        x_hat, counts, f = rec(xb)
+        err += float((xb - x_hat).pow(2).sum())
+        var_sum += float((xb - mean).pow(2).sum())
+        std_mse += float(standardized_mse(xb / scale, x_hat / scale).sum())
+        l0 += int(counts.sum())
+        fired = f if fired is None else fired + f
+    return {"nmse": err / var_sum, "standardized_mse": std_mse / len(x), "l0": l0 / len(x),
+            "dead_fraction": float((fired == 0).float().mean())}
+
+
+def _dense_rec(encode: Callable[[torch.Tensor], torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor]) -> Reconstruct:
+    def rec(x):
+        f = encode(x)
+        return decode(f), (f != 0).sum(1), (f != 0).sum(0)
+    return rec
+
+
+# ---------------------------------------------------------------- ours
+def train_ours(b: Budget, arch: str, m: int, k: int, seeds: int, out: Path) -> dict[str, list[dict]]:
+    """One pass of our trainer for all seeds; scored in batch and threshold mode."""
+    cfgs = [{"arch": arch, "d_sae": m, "replicate": r} | ({"k": k} if arch in ("batchtopk", "topk") else
+                                                          {"target_l0": k, "jumprelu_init_l0": k})
+            for r in range(seeds)]
+    dirs = Trainer(TrainSettings(cache=b.cache.location, saes=cfgs, out=str(out), tokens=b.steps * b.batch_size,
+                                 batch_size=b.batch_size, seed=b.seed, val_fraction=b.val_fraction,
+                                 log_every=50, checkpoint_every=10 ** 9)).run()
+    x = b.heldout(HELDOUT_ROWS)
+    scores: dict[str, list[dict]] = {}
+    for d in dirs:
+        sae, _ = load_sae(d)
+        for mode in sae.modes:
+            def rec(xb, mode=mode):  # the saved SAE reads raw activations
+                x_hat, code = sae.reconstruct(xb / b.scale, mode)
+                return x_hat * b.scale, code.counts, code.fired()
+            label = mode if arch == "batchtopk" else MAIN_MODE[arch]
+            scores.setdefault(label, []).append(score(rec, x, b.batch_size, b.scale))
+    return scores
+
+
+# ---------------------------------------------------------------- dictionary_learning
+def _load_dictionary_learning() -> types.ModuleType:
+    """dictionary_learning's trainers, imported by file path from a private install (its package
+    __init__ needs nnsight; the trainers need only torch and einops)."""
+    root = PEER_SITE / "dictionary_learning"
+    if not (root / "trainers" / "batch_top_k.py").exists():
+        PEER_SITE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                        "--target", str(PEER_SITE), DICTIONARY_LEARNING, "einops"], check=True)
+    if str(PEER_SITE) not in sys.path:
+        sys.path.append(str(PEER_SITE))
+    for name, path in (("dictionary_learning", root), ("dictionary_learning.trainers", root / "trainers")):
+        if name not in sys.modules:  # packages without their __init__ (which imports nnsight)
+            mod = types.ModuleType(name)
+            mod.__path__ = [str(path)]
+            sys.modules[name] = mod
+    return importlib.import_module("dictionary_learning.trainers")
+
+
+def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int) -> tuple[dict, dict]:
+    importlib.import_module("dictionary_learning.trainers")
+    mods = {a: importlib.import_module(f"dictionary_learning.trainers.{f}")
+            for a, f in (("batchtopk", "batch_top_k"), ("topk", "top_k"), ("jumprelu", "jumprelu"))}
+    d = b.cache.d_model()
+    scaled = max(1, b.steps // 10)  # its 1000-step warm-ups and threshold start, for a 1e5-step run
+    settings = {"warmup_steps": scaled}
+    scores: dict[str, list[dict]] = {}
+    for seed in range(seeds):
+        common = dict(steps=b.steps, activation_dim=d, dict_size=m, layer=0, lm_name="cache", seed=seed,
+                      device="cpu", warmup_steps=scaled)
+        if arch == "batchtopk":
+            tr = mods[arch].BatchTopKTrainer(k=k, threshold_start_step=scaled, **common)
+        elif arch == "topk":
+            tr = mods[arch].TopKTrainer(k=k, threshold_start_step=scaled, **common)
+        else:
+            tr = mods[arch].JumpReluTrainer(target_l0=float(k), sparsity_warmup_steps=scaled, **common)
+        for step, x in enumerate(b.batches()):
+            tr.update(step, x)
+        ae = tr.ae
+        x = b.heldout(HELDOUT_ROWS)
+        if arch == "jumprelu":
+            modes = {"jumprelu": _dense_rec(ae.encode, ae.decode)}
+        else:  # its own selection, and the threshold it learns for inference
+            modes = {MAIN_MODE[arch]: _dense_rec(lambda v: ae.encode(v, use_threshold=False), ae.decode)}
+            if float(ae.threshold) >= 0:
+                modes["threshold"] = _dense_rec(lambda v: ae.encode(v, use_threshold=True), ae.decode)
+        for mode, rec in modes.items():
+            scores.setdefault(mode, []).append(score(rec, x, b.batch_size, b.scale))
+        settings["lr"] = tr.lr
+    return scores, settings
+
+
+# ---------------------------------------------------------------- SAELens
+def train_saelens(b: Budget, arch: str, m: int, k: int, seeds: int) -> tuple[dict, dict]:
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+    import logging
+
+    logging.getLogger("sae_lens").setLevel(logging.WARNING)
+    d = b.cache.d_model()
+    scores: dict[str, list[dict]] = {}
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        if arch == "batchtopk":
+            sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=k, d_in=d, d_sae=m))
+        elif arch == "topk":
+            sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=k, d_in=d, d_sae=m))
+        else:
+            sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d, d_sae=m))
+        cfg = SAETrainerConfig(total_training_samples=b.steps * b.batch_size, train_batch_size_samples=b.batch_size)
+        cfg.lr_end = cfg.lr / 10  # what its runner config sets by default (used by decaying schedules only)
+        trainer = SAETrainer(cfg, sae, data_provider=b.batches())
+        _quiet_fit(trainer)
+        x = b.heldout(HELDOUT_ROWS)
+        modes = {}
+        if arch == "batchtopk":
+            modes["batch"] = _dense_rec(sae.encode, sae.decode)
+        with tempfile.TemporaryDirectory() as tmp:  # its inference SAE (BatchTopK: JumpReLU with its threshold)
+            from sae_lens import SAE
+            sae.save_inference_model(tmp)
+            inf = SAE.load_from_disk(tmp)
+        modes["threshold" if arch == "batchtopk" else MAIN_MODE[arch]] = _dense_rec(inf.encode, inf.decode)
+        for mode, rec in modes.items():
+            scores.setdefault(mode, []).append(score(rec, x, b.batch_size, b.scale))
+    return scores, {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2], "dead_feature_window": cfg.dead_feature_window}
+
+
+def _quiet_fit(trainer) -> None:
+    import contextlib
+    import io
+    with contextlib.redirect_stderr(io.StringIO()):
+        trainer.fit()
+
+
+# ---------------------------------------------------------------- the table
+HELDOUT_ROWS = 16384
+MAIN_MODE = {"batchtopk": "batch", "topk": "topk", "jumprelu": "jumprelu"}  # what each record is compared in
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchtopk", "topk"), dict_mult: int = 8,
+        k: int = 32, tokens: int | None = None, batch_size: int | None = None, seeds: int = 1,
+        peers: tuple[str, ...] = ("dictionary_learning", "saelens")) -> list[Record]:
+    from harvest import pipelines
+    from harvest.cli import settings_from
+    from harvest.run import harvest
+
+    name, pipe = pipelines.get(pipeline)
+    train = pipe["train"]
+    cache = harvest(settings_from(name)[1])
+    b = Budget.of(cache, int(tokens or train.get("tokens", 560000)), int(batch_size or train.get("batch_size", 4096)),
+                  int(train.get("seed", 0)), float(train.get("val_fraction", 0.05)))
+    m = dict_mult * b.cache.d_model()
+    if "dictionary_learning" in peers:
+        _load_dictionary_learning()
+    settings = {"pipeline": name, "cache_id": b.cache.attrs["cache_id"], "site": b.site, "d_sae": m, "k": k,
+                "steps": b.steps, "batch_size": b.batch_size, "training_tokens": b.steps * b.batch_size,
+                "heldout_rows": HELDOUT_ROWS, "seeds": seeds, "data_seed": b.seed}
+    dev = device_name("cpu")
+    recs: list[Record] = []
+    for arch in archs:
+        with tempfile.TemporaryDirectory() as tmp:
+            ours = train_ours(b, arch, m, k, seeds, Path(tmp) / "ours")
+        results = {"ours": (ours, {})}
+        if "dictionary_learning" in peers:
+            results["dictionary_learning 0.1.0"] = train_dictionary_learning(b, arch, m, k, seeds)
+        if "saelens" in peers:
+            import sae_lens
+            results[f"SAELens {sae_lens.__version__}"] = train_saelens(b, arch, m, k, seeds)
+        main = MAIN_MODE[arch]
+        base = _mean_std([s["nmse"] for s in ours[main]])[0]
+        for impl, (scores, extra) in results.items():
+            for mode, runs in scores.items():
+                nmse, sd = _mean_std([r["nmse"] for r in runs])
+                label = f"{impl} {arch}" + ("" if mode == main and arch != "batchtopk" else f" ({mode} mode)")
+                recs.append(Record(label, nmse, "NMSE", f"ours {arch}" + (" (batch mode)" if arch == "batchtopk" else ""),
+                                   base, dev, settings | extra | {
+                                       "implementation": impl, "arch": arch, "mode": mode, "nmse_std": sd,
+                                       "nmse_per_seed": [r["nmse"] for r in runs],
+                                       "standardized_mse": _mean_std([r["standardized_mse"] for r in runs])[0],
+                                       "l0": _mean_std([r["l0"] for r in runs])[0],
+                                       "dead_fraction": _mean_std([r["dead_fraction"] for r in runs])[0]}))
+    return recs

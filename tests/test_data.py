@@ -1,0 +1,104 @@
+"""The training stream: every kept row once per epoch, resume by index, memory maps equal the codec path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harvest.cache import Cache, write_cache
+from train.data import ActivationStream, Split, keep_mask
+
+SITE = "blocks.0.hook_resid_pre"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Cache:
+    rng = np.random.default_rng(0)
+    n_seq, ctx, d = 40, 32, 8
+    tokens = rng.integers(2, 50, (n_seq, ctx)).astype(np.int32)
+    tokens[:, 0] = 0
+    tokens[3, 10] = tokens[17, 5] = 0  # BOS inside contexts too (document boundaries)
+    x = rng.standard_normal((n_seq * ctx, d)).astype(np.float32)
+    x[:, 0] = np.arange(n_seq * ctx)  # each row carries its own id
+    x[[77, 500]] *= 1000.0  # massive rows
+    return write_cache(str(tmp_path_factory.mktemp("c") / "cache"), tokens, {SITE: x}, dtype="float32", chunk_seqs=6)
+
+
+def stream(cache, **kw) -> ActivationStream:
+    split = Split.of(cache, 0.0)
+    args = dict(seed=3, shuffle_mb=0.01, drop_token=0, skip_rows=cache.outliers(SITE)[0]) | kw
+    return ActivationStream(cache, SITE, split.train_chunks, 64, 1.0, **args)
+
+
+def ids(batches) -> list[int]:
+    return [int(v) for b in batches for v in b[:, 0]]
+
+
+def test_chunk_counts_match_brute_force(cache, tmp_path, monkeypatch):
+    counts = cache.chunk_counts()
+    toks = cache.tokens[:]
+    rows, _ = cache.outliers(SITE)
+    assert rows.tolist() == [77, 500]
+    for c in range(cache.n_chunks):
+        s0, s1 = cache.seq_range(c)
+        r0, r1 = cache.row_range(c)
+        assert counts[c, 0] == (toks[s0:s1] == 0).sum()
+        assert counts[c, 1] == ((rows >= r0) & (rows < r1)).sum()
+        assert r1 - r0 - counts[c].sum() == keep_mask(cache, c, 0, rows).sum()
+    # a cache written before chunk_counts existed: computed once, kept in a local index
+    import shutil
+
+    import harvest.pipelines as pipelines
+    old = tmp_path / "old"
+    shutil.copytree(cache.location, old)
+    shutil.rmtree(old / "chunk_counts")
+    monkeypatch.setattr(pipelines, "DATA_DIR", tmp_path / "data")
+    legacy = Cache.open(str(old))
+    np.testing.assert_array_equal(legacy.chunk_counts(), counts)
+    assert (tmp_path / "data" / "cache-index" / f"{legacy.attrs['cache_id']}.chunk_counts.npy").exists()
+
+
+def test_every_kept_row_once_per_epoch(cache):
+    s = stream(cache)
+    it = s.batches(0)
+    epoch = ids(next(it) for _ in range(s.batches_per_epoch))
+    it.close()
+    kept = [r for c in Split.of(cache, 0.0).train_chunks
+            for r in (cache.row_range(c)[0] + np.flatnonzero(keep_mask(cache, c, 0, cache.outliers(SITE)[0])))]
+    assert len(epoch) == len(set(epoch)) == s.batches_per_epoch * 64
+    assert set(epoch) <= set(kept) and len(kept) - len(epoch) < 64  # only the last partial batch is left out
+    assert sum(s.rows_in.values()) == len(kept)
+    assert epoch != sorted(epoch)  # shuffled
+
+
+def test_resume_by_index_and_memory_maps_equal_the_codec_path(cache, monkeypatch):
+    s = stream(cache)
+    it = s.batches(0)
+    ref = [next(it) for _ in range(2 * s.batches_per_epoch + 3)]  # across epochs and windows
+    it.close()
+    it = s.batches(s.batches_per_epoch + 1)
+    resumed = [next(it) for _ in range(s.batches_per_epoch + 2)]
+    it.close()
+    for a, b in zip(ref[s.batches_per_epoch + 1:], resumed):
+        assert torch.equal(a, b)
+    assert cache.chunk_file(SITE, 0) is not None  # a local cache is read through memory maps ...
+    monkeypatch.setattr(Cache, "chunk_file", lambda self, site, c: None)  # ... or through zarr's codecs
+    it = stream(cache).batches(0)
+    for a in ref:
+        assert torch.equal(a, next(it))
+    it.close()
+
+
+def test_bfloat16_and_float16_decode(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((24 * 16, 4)).astype(np.float32)
+    for dtype, torch_dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        c = write_cache(str(tmp_path / dtype), np.ones((24, 16), dtype=np.int32), {SITE: x}, dtype=dtype, chunk_seqs=4)
+        s = ActivationStream(c, SITE, Split.of(c, 0.0).train_chunks, 32, 2.0, shuffle_mb=1)
+        it = s.batches(0)
+        got = torch.cat([next(it) for _ in range(s.batches_per_epoch)])
+        it.close()
+        want = torch.from_numpy(x).to(torch_dtype).float() * 2
+        assert len(got) == len(want)  # 384 rows, 12 batches: the whole epoch, in the shuffle's order
+        key = lambda t: t[np.lexsort(t.numpy().T[::-1])]  # noqa: E731  (rows in lexicographic order)
+        torch.testing.assert_close(key(got), key(want), rtol=0, atol=0)

@@ -1,0 +1,187 @@
+"""Each recipe option changes exactly what it names (one test per option), and paired initial weights."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from train import recipe
+from train.sae import SAE, SAEConfig, geometric_median, standardize
+from train.sweep import expand, sweep_from
+
+D, M = 16, 64
+
+
+def sae_of(**kw) -> SAE:
+    return SAE(SAEConfig(**({"arch": "topk", "d_in": D, "d_sae": M, "k": 4} | kw)))
+
+
+def batch(n=256, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D, generator=g) * 2 + torch.linspace(-3, 3, D)  # a mean far from 0
+
+
+def grads(sae: SAE, x: torch.Tensor, dead=None) -> dict[str, torch.Tensor]:
+    sae.zero_grad()
+    out, _ = sae.losses(x, dead)
+    out["loss"].backward()
+    return {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+
+def test_paired_initial_weights_across_architectures():
+    ref = SAE(SAEConfig("batchtopk", D, M, k=4), run_seed=3)
+    for arch in ("topk", "jumprelu", "relu"):
+        other = SAE(SAEConfig(arch, D, M, k=4 if arch == "topk" else None), run_seed=3)
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            assert torch.equal(getattr(ref, name), getattr(other, name)), (arch, name)
+    # another replicate, run seed or shape starts elsewhere
+    for other in (SAE(SAEConfig("batchtopk", D, M, k=4, replicate=1), run_seed=3),
+                  SAE(SAEConfig("batchtopk", D, M, k=4), run_seed=4), SAE(SAEConfig("batchtopk", D, M + 1, k=4), 3)):
+        assert not torch.equal(ref.W_dec[:M // 2], other.W_dec[:M // 2])
+
+
+def test_center_encodes_x_minus_b_dec_and_trains_b_dec_through_the_encoder():
+    x = batch()
+    plain, centred = sae_of(), sae_of(center=True)
+    for s in (plain, centred):
+        s.init_from_data(x)
+    torch.testing.assert_close(centred.pre(x), (x - centred.b_dec) @ centred.W_enc + centred.b_enc)
+    torch.testing.assert_close(plain.pre(x), x @ plain.W_enc + plain.b_enc)
+    # the sparse path's gradients equal dense autograd through pre = (x - b_dec) W_enc + b_enc
+    g = grads(centred, x, dead=torch.arange(M) < 20)
+    centred.zero_grad()
+    pre = (x - centred.b_dec) @ centred.W_enc + centred.b_enc
+    v, i = pre.relu().topk(4, dim=1)
+    x_hat = torch.zeros_like(pre).scatter(1, i, v) @ centred.W_dec + centred.b_dec
+    a = pre[:, :20].relu()
+    av, ai = a.topk(min(512, 20), dim=1)
+    aux = torch.zeros_like(a).scatter(1, ai, av) @ centred.W_dec[:20]
+    loss = (x_hat - x).pow(2).mean() + (aux - (x - x_hat).detach()).pow(2).mean() / 32
+    loss.backward()
+    for n, p in centred.named_parameters():
+        torch.testing.assert_close(g[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("init", ["mean", "geometric_median", "zero"])
+def test_b_dec_init(init):
+    x = batch()
+    x[:5] += 500.0  # a few far rows: they move the mean, not the geometric median
+    s, ref = sae_of(b_dec_init=init), sae_of()
+    s.init_from_data(x)
+    want = {"mean": x.mean(0), "zero": torch.zeros(D)}.get(init)
+    if init == "geometric_median":
+        gm = s.b_dec.detach().double()
+        # the geometric median minimises the summed distances: no small step lowers it
+        cost = lambda y: float((x.double() - y).norm(dim=1).sum())  # noqa: E731
+        for dirn in torch.eye(D, dtype=torch.float64):
+            assert cost(gm) <= min(cost(gm + 1e-2 * dirn), cost(gm - 1e-2 * dirn)) + 1e-6
+        assert float((gm - x[5:].double().mean(0)).norm()) < 2.0  # not dragged towards the far rows
+    else:
+        torch.testing.assert_close(s.b_dec, want)
+    for name in ("W_enc", "W_dec", "b_enc"):  # nothing else changes
+        assert torch.equal(getattr(s, name), getattr(ref, name))
+
+
+def test_geometric_median_of_symmetric_points_is_their_centre():
+    pts = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1], [0, 0]]) + 5
+    torch.testing.assert_close(geometric_median(pts), torch.tensor([5.0, 5.0]), atol=1e-4, rtol=0)
+
+
+def test_mse_reduction_sum_is_d_times_mean():
+    x = batch()
+    a, b = sae_of(mse="mean"), sae_of(mse="sum")
+    la, lb = a.losses(x, None)[0]["mse"], b.losses(x, None)[0]["mse"]
+    assert float(lb) == pytest.approx(D * float(la), rel=1e-6)
+
+
+def test_aux_norm_divides_by_the_residual_variance():
+    x = batch()
+    dead = torch.arange(M) < 30
+    a, b = sae_of(), sae_of(aux_norm=True)
+    oa, ob = a.losses(x, dead)[0], b.losses(x, dead)[0]
+    resid = x - oa["x_hat"]
+    var = (resid - resid.mean(0)).pow(2).mean()
+    assert float(ob["aux"]) == pytest.approx(float(oa["aux"]) / float(var), rel=1e-5)
+    assert float(ob["mse"]) == float(oa["mse"])
+
+
+def test_grad_clip_clips_the_global_norm_only():
+    x = batch() * 100  # large gradients
+    a, b = sae_of(), sae_of(grad_clip=0.5)
+    ga, gb = grads(a, x), grads(b, x)
+    assert a.prepare_grads() is None
+    norm = b.prepare_grads()
+    assert norm > 0.5
+    clipped = torch.cat([p.grad.flatten() for p in b.parameters()])
+    assert float(clipped.norm()) == pytest.approx(0.5, rel=1e-4)
+    unclipped = torch.cat([p.grad.flatten() for p in a.parameters()])
+    torch.testing.assert_close(clipped / clipped.norm(), unclipped / unclipped.norm(), rtol=1e-4, atol=1e-6)
+    assert ga.keys() == gb.keys()
+
+
+def test_lr_betas_and_threshold_lr_reach_the_optimizer():
+    opt = recipe.make_optimizer(sae_of(), 3e-4, (0.9, 0.99))
+    assert [g["lr"] for g in opt.param_groups] == [3e-4] and opt.defaults["betas"] == (0.9, 0.99)
+    opt = recipe.make_optimizer(sae_of(lr=1e-3, betas=(0.0, 0.999)), 3e-4, (0.9, 0.99))
+    assert [g["lr"] for g in opt.param_groups] == [1e-3] and opt.defaults["betas"] == (0.0, 0.999)
+    jr = SAE(SAEConfig("jumprelu", D, M, threshold_lr=0.05))
+    opt = recipe.make_optimizer(jr, 3e-4, (0.9, 0.99))
+    assert [g["lr"] for g in opt.param_groups] == [3e-4, 0.05]
+    assert opt.param_groups[1]["params"] == [jr.log_threshold]
+
+
+def test_warmup_and_decay_schedules():
+    cfg = SAEConfig("topk", D, M, k=4, warmup=0.1, decay=0.2)
+    f = [recipe.lr_factor(cfg, s, 100) for s in range(100)]
+    assert f[0] == pytest.approx(1 / 11) and f[9] == pytest.approx(10 / 11) and f[10] == 1.0
+    assert f[79] == 1.0 and f[80] == pytest.approx(1.0) and f[90] == pytest.approx(0.5) and f[99] == pytest.approx(0.05)
+    plain = SAEConfig("topk", D, M, k=4)
+    assert {recipe.lr_factor(plain, s, 100) for s in range(100)} == {1.0}
+
+
+def test_sparsity_warmup_and_target_l0_control():
+    cfg = SAEConfig("jumprelu", D, M, l0_coeff=0.02, sparsity_warmup=0.5)
+    assert recipe.sparsity_coeff(cfg, 0, 100, None) == pytest.approx(0.02 / 50)
+    assert recipe.sparsity_coeff(cfg, 49, 100, None) == pytest.approx(0.02)
+    assert recipe.sparsity_coeff(SAEConfig("topk", D, M, k=4), 0, 100, None) is None
+    # the controller raises lambda while L0 is above target, lowers it below, and holds it at target
+    lam = math.log(0.01)
+    assert recipe.control_l0(lam, 64, 32) > lam > recipe.control_l0(lam, 16, 32)
+    assert recipe.control_l0(lam, 32, 32) == lam
+
+
+def test_token_norm_standardises_each_token_and_undoes_it():
+    x = batch() * torch.linspace(0.5, 3, 256)[:, None]
+    s = sae_of(norm="token")
+    x_in, ctx = s.normalize(x)
+    torch.testing.assert_close(x_in.mean(-1), torch.zeros(256), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_in.std(-1), torch.ones(256), atol=1e-3, rtol=0)
+    torch.testing.assert_close(s.denormalize(x_in, ctx), x, atol=1e-3, rtol=1e-4)
+    g = sae_of()  # global norm: one scale for every token
+    g.input_scale.fill_(0.5)
+    torch.testing.assert_close(g.normalize(x)[0], 0.5 * x)
+    torch.testing.assert_close(standardize(3 * x + 1)[0], standardize(x)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_sweep_keys_seeds_and_recipe_overrides():
+    cfgs = expand({"arch": "batchtopk,topk,jumprelu", "dict": "2x", "k": [4, 8], "l0_coeff": 0.1,
+                   "center": "true,false", "seeds": 2}, d_in=D)
+    assert len(cfgs) == 2 * (2 * 2 * 2) + 2 * 2  # (batch)topk: k x center x seeds; jumprelu: center x seeds
+    assert all("k" not in c for c in cfgs if c["arch"] == "jumprelu")
+    assert all("l0_coeff" not in c for c in cfgs if c["arch"] != "jumprelu")
+    assert sorted({c["replicate"] for c in cfgs}) == [0, 1]
+    names = [SAEConfig(d_in=D, **c).name for c in cfgs]
+    assert len(set(names)) == len(names)
+    train = {"lr": 1e-3, "norm": "token", "sweep": [{"arch": ["topk"], "k": [4]}, {"arch": ["relu"]}]}
+    saes = sweep_from(train, {"grad_clip": "1"}, D)  # recipe keys apply to every grid of the sweep
+    assert [c["arch"] for c in saes] == ["topk", "relu"]
+    assert all(c["grad_clip"] == 1.0 and c["norm"] == "token" and "lr" not in c for c in saes)
+    assert [c["arch"] for c in sweep_from(train, {"arch": "batchtopk"}, D)] == ["batchtopk"]  # selection replaces
+    from harvest.errors import PipelineError
+    with pytest.raises(PipelineError, match="unknown sweep key"):
+        expand({"arch": "topk", "colour": "red"}, D)
+    with pytest.raises(PipelineError, match="center='maybe' is not a valid bool"):
+        expand({"arch": "topk", "center": "maybe"}, D)
+    with pytest.raises(PipelineError, match="unknown norm 'layer'"):
+        sweep_from({}, {"norm": "layer"}, D)
