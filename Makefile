@@ -17,7 +17,7 @@ EVAL_ARGS    = $(COMMON) $(call flag,SAE,sae)
 # NPROC=n runs a stage under torchrun (gloo on CPU, NCCL on GPUs).
 launch = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC) -m $(1),$(PY) -m $(1))
 
-.PHONY: setup test demo harvest train eval report bench push pull paper pipeline-run clean
+.PHONY: setup test demo harvest train eval report browse bench peers push pull paper pipeline-run clean
 setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -41,11 +41,16 @@ eval: setup
 report: setup
 	$(PY) -m evaluate report $(COMMON)
 
+# A static latent browser per SAE (opens from disk); prints each index.html.
+browse: setup
+	$(PY) -m evaluate browse $(EVAL_ARGS)
+
 # The whole pipeline on the embedded default: SmolLM2-135M on WikiText-2.
 demo: setup
 	$(PY) -m harvest $(HARVEST_ARGS)
 	$(PY) -m train $(COMMON) --arch batchtopk,topk --k 16,32
 	$(PY) -m evaluate $(COMMON)
+	$(PY) -m evaluate browse $(COMMON)
 	$(PY) -m evaluate report $(COMMON)
 
 # The small-scale replication of the paper's comparison (pipeline smollm2-135m-paper).
@@ -63,6 +68,10 @@ pipeline-run:
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
 
+# Our SAEs against dictionary_learning's and SAELens's on exactly our batches -> data/bench/peers.json
+peers: setup
+	$(PY) -m bench peers $(PEERS_ARGS)
+
 push: setup
 	$(PY) -m harvest push '$(CACHE)' '$(REMOTE)'
 
@@ -70,4 +79,4 @@ pull: setup
 	$(PY) -m harvest pull '$(CACHE)' '$(REMOTE)'
 
 clean:
-	rm -rf data/cache data/saes data/reports data/bench
+	rm -rf data/cache data/saes data/reports data/bench data/browse data/cache-index

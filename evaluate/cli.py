@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from harvest import pipelines
-from harvest.errors import one_line_errors
+from harvest.errors import PipelineError, one_line_errors
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,3 +49,37 @@ def report(pipeline, out) -> None:
 
     name, _ = pipelines.get(pipeline)
     click.echo(str(write_report(name, discover(name), out)))
+
+
+@main.command()
+@click.option("--pipeline", help="Named settings from pipelines.yaml (default: its `default`).")
+@click.option("--sae", "sae_dirs", multiple=True, help="SAE directory (repeatable). Default: every SAE of the pipeline.")
+@click.option("--tokens", type=int, help="Scan at most this many tokens (default: all of the held-out part).")
+@click.option("--whole-cache", is_flag=True, help="Scan the whole cache instead of its held-out part.")
+@click.option("--include-bos", is_flag=True, help="Also scan BOS positions (default: left out).")
+@click.option("--include-outliers", is_flag=True, help="Also scan massive-activation positions (default: left out).")
+@click.option("--out", help="Site directory (one SAE only; default data/browse/<pipeline>/<SAE name>).")
+@click.option("--device", help="cuda or cpu (default: CUDA when present).")
+@one_line_errors
+def browse(pipeline, sae_dirs, tokens, whole_cache, include_bos, include_outliers, out, device) -> None:
+    """Write a static latent browser per SAE (opens from disk); prints each site's index.html."""
+    from harvest import models
+
+    from .browse import BrowseSettings, build, write_overview
+    from .run import discover
+
+    name, _ = pipelines.get(pipeline)
+    dirs = list(sae_dirs) or discover(name)
+    if out and len(dirs) > 1:
+        raise PipelineError(f"--out names one site but {len(dirs)} SAEs were given; drop --out or give one --sae")
+    if tokens is not None and tokens < 1:
+        raise PipelineError(f"--tokens must be positive, not {tokens}")
+    sites = []
+    for d in dirs:
+        sites.append(build(BrowseSettings(sae=d, out=out, tokens=tokens, whole_cache=whole_cache,
+                                          include_bos=include_bos, include_outliers=include_outliers,
+                                          device=device or models.default_device(), pipeline=name)))
+        click.echo(str(sites[-1]))
+    if len(sites) > 1:  # last line: one page linking them all
+        click.echo(str(write_overview(sites, pipelines.DATA_DIR / "browse" / name, name)))
+

@@ -185,6 +185,24 @@ class Cache:
         p = self.local_dir / "activations" / site / meta.encode_chunk_key((chunk, 0))
         return p if p.is_file() else None
 
+    def gather_rows(self, site: str, ids: np.ndarray) -> np.ndarray:
+        """Rows of a site by (sorted) global row id, as float32: from memory-mapped chunk files where
+        there are some, through Zarr otherwise."""
+        arr = self.activations(site)
+        per = self.chunk_seqs * self.ctx_len
+        out = np.empty((len(ids), arr.shape[1]), dtype=np.float32)
+        chunk = ids // per
+        starts = np.flatnonzero(np.r_[True, np.diff(chunk) != 0]) if len(ids) else []
+        for a, b in zip(starts, list(starts[1:]) + [len(ids)]):
+            c = int(chunk[a])
+            path = self.chunk_file(site, c)
+            if path is not None:
+                block = np.memmap(path, dtype=arr.dtype.newbyteorder("<"), mode="r", shape=(per, arr.shape[1]))
+                out[a:b] = to_float32(block[ids[a:b] - c * per], self.dtype)
+            else:
+                out[a:b] = to_float32(arr.get_orthogonal_selection((ids[a:b], slice(None))), self.dtype)
+        return out
+
     def chunk_counts(self) -> np.ndarray:
         """[n_chunks, 1 + n_sites] int64: per chunk, the BOS positions and each site's massive-activation
         rows (Cache.outliers), so a reader knows how many rows it keeps without reading any chunk.

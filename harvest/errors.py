@@ -20,13 +20,43 @@ def one_line_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except PipelineError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            _fail(str(e))
         except OSError as e:
             if e.errno == 28:  # ENOSPC
-                print(f"error: disk full ({e.filename or 'cache'}): free space or choose another "
-                      "location; what was written so far is kept and the run resumes", file=sys.stderr)
-                sys.exit(2)
+                _fail(f"disk full ({e.filename or 'cache'}): free space or choose another "
+                      "location; what was written so far is kept and the run resumes")
+            from .store import remote_failure
+
+            message = remote_failure(e)
+            if message is not None:
+                _fail(message)
+            _report(f"{type(e).__name__}: {e}")
+            raise
+        except BaseException as e:
+            from .store import remote_failure
+
+            message = remote_failure(e) if isinstance(e, Exception) else None
+            if message is not None:  # an object store that stayed away (raised outside remote_errors)
+                _fail(message)
+            if not isinstance(e, SystemExit) or e.code not in (0, None):
+                _report(f"{type(e).__name__}: {e}")
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _report(message: str) -> None:
+    """Under torchrun, tell the other ranks (they stop within seconds instead of waiting for us)."""
+    if "torch.distributed" in sys.modules:
+        from . import distributed
+        distributed.report_failure(message)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    _report(message)
+    if "torch.distributed" in sys.modules:
+        from . import distributed
+        distributed.exit_now(2)
+    sys.exit(2)
+

@@ -165,7 +165,7 @@ def _existing(p: Plan) -> Cache | None:
         fs, path = store.filesystem(p.location)
         with store.remote_errors(p.location):
             others = [x for x in (fs.ls(path, detail=False) if fs.isdir(path) else [])
-                      if not x.rstrip("/").endswith(store.LOCK_NAME)]
+                      if not store.is_lock_file(x)]
         if others:
             raise PipelineError(f"{p.location} exists and is not a cache; refusing to write into it: "
                                 "choose an empty or new location")

@@ -67,7 +67,7 @@ def copy_cache(src: str, dst_root: str, workers: int = 8) -> str:
     sfs, spath = store.filesystem(src)
     dfs, dpath = store.filesystem(dst)
     with store.remote_errors(src), store.remote_errors(dst):
-        files = [f for f in sfs.find(spath) if posixpath.basename(f) != store.LOCK_NAME]
+        files = [f for f in sfs.find(spath) if not store.is_lock_file(f)]
         rel = [posixpath.relpath(f, spath) for f in files]
         body = [(f, r) for f, r in zip(files, rel) if r != "zarr.json"]
         existing = {posixpath.relpath(f, dpath): s for f, s in

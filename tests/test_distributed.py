@@ -101,3 +101,80 @@ def test_ddp_topk_matches_single_process(hargs, tmp_path):
     for name, p in a.state_dict().items():
         # same global batches; only the order of floating-point sums differs
         torch.testing.assert_close(p, b.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------- a failing rank stops every rank
+def launch(module: str, args_per_rank: list[list[str]], port: int, **popen) -> list[subprocess.Popen]:
+    """Ranks started by hand (as on several machines, with no torchrun agent to stop the others)."""
+    procs = []
+    for rank, args in enumerate(args_per_rank):
+        e = dict(env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(args_per_rank)),
+                 LOCAL_WORLD_SIZE=str(len(args_per_rank)), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=e, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen))
+    return procs
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finish(procs, limit: float) -> list[tuple[int, str]]:
+    """Wait for every rank; each must be gone within `limit` seconds."""
+    out = []
+    t0 = time.time()
+    for p in procs:
+        _, err = p.communicate(timeout=max(1.0, limit - (time.time() - t0)))
+        out.append((p.returncode, err))
+    return out
+
+
+def error_lines(err: str) -> list[str]:
+    return [x for x in err.splitlines() if x.startswith("error:")]
+
+
+@pytest.mark.parametrize("bad_rank", [0, 1])
+def test_harvest_startup_failure_on_one_rank_stops_both(hargs, tmp_path, bad_rank):
+    good = [*hargs, "--tokens", str(96 * 32), "--cache-root", str(tmp_path / "c")]
+    bad = [*good[:good.index("--dataset") + 1], str(tmp_path / "missing.txt"), *good[good.index("--dataset") + 2:]]
+    args = [bad if r == bad_rank else good for r in range(2)]
+    t0 = time.time()
+    results = finish(launch("harvest", args, free_port()), 90)
+    assert time.time() - t0 < 60 + 15  # start-up included
+    for rank, (code, err) in enumerate(results):
+        assert code == 2, (rank, err[-1500:])
+        [line] = error_lines(err)
+        assert "missing.txt" in line, line
+        if rank != bad_rank:
+            assert line.startswith(f"error: rank {bad_rank} failed:"), line
+
+
+def test_killed_rank_mid_training_stops_the_other_and_resume_completes(hargs, tmp_path):
+    cache = harvest_cli([*hargs, "--tokens", str(160 * 32)], tmp_path / "c")
+    common = ["--cache", cache, "--arch", "topk", "--k", "4", "--dict", "128", "--tokens", str(256 * 400),
+              "--batch-size", "256", "--lr", "1e-3", "--device", "cpu", "--val-fraction", "0.2",
+              "--checkpoint-every", "20", "--out", str(tmp_path / "run")]
+    procs = launch("train", [common, common], free_port())
+    state = tmp_path / "run" / "state.pt"
+    deadline = time.time() + 240
+    while not state.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    assert state.exists(), [p.communicate()[1][-1500:] for p in procs]
+    procs[1].kill()  # SIGKILL: no chance to say anything
+    t0 = time.time()
+    code, err = finish(procs[:1], 75)[0]
+    procs[1].wait()
+    assert time.time() - t0 < 60, err[-1500:]
+    assert code != 0 and (error_lines(err) or "Connection" in err or "closed" in err), err[-1500:]
+    saved = torch.load(state, weights_only=False)
+    assert 0 < saved["step"] < 400  # the last checkpoint is intact
+    # the same command resumes from it and finishes (a single process here; any number of ranks works)
+    r = subprocess.run([sys.executable, "-m", "train", *common], capture_output=True, text=True, cwd=ROOT, env=env(),
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming {tmp_path / 'run'} at step {saved['step']}" in r.stderr or "resuming" in r.stderr
+    sae, meta = load_sae(r.stdout.strip().splitlines()[-1])
+    assert meta["metadata"]["training_tokens"] == 256 * 400

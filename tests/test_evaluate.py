@@ -199,6 +199,7 @@ def test_bad_input(pipeline_run, tmp_path, tiny_models):
     cfg = json.loads((wide / "cfg.json").read_text())
     cfg["d_in"] = 32
     cfg["metadata"]["sae_config"]["d_in"] = 32
+    del cfg["metadata"]["weights_blake2b"]  # a hand-made SAE: no digest of its weights to check
     (wide / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(PipelineError, match="d_in=32 but .* has width 64"):
         evaluate(EvalSettings(saes=[str(wide)], tokens=256, device="cpu"))

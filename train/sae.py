@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from harvest.errors import PipelineError
@@ -385,11 +386,16 @@ def save_sae(sae: SAE, directory: Path, metadata: dict[str, Any]) -> None:
     if cfg.arch == "topk":
         out["k"] = cfg.k
         out["rescale_acts_by_decoder_norm"] = False
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(directory / WEIGHTS_FILE)
-    (directory / (CFG_FILE + ".tmp")).write_text(json.dumps(out, indent=2))
-    (directory / (CFG_FILE + ".tmp")).replace(directory / CFG_FILE)
+    blob = safetensors_save(tensors)
+    out["metadata"]["weights_blake2b"] = hashlib.blake2b(blob, digest_size=16).hexdigest()
+    for name, data in ((WEIGHTS_FILE, blob), (CFG_FILE, json.dumps(out, indent=2).encode())):
+        tmp = directory / (name + ".tmp")
+        try:
+            tmp.write_bytes(data)
+        except BaseException:  # a full disk: the previous files stay as they were
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(directory / name)
 
 
 def load_sae(directory: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]]:
@@ -399,12 +405,28 @@ def load_sae(directory: str | Path, device: str = "cpu") -> tuple[SAE, dict[str,
     if not d.is_dir() or missing:
         raise PipelineError(f"{d} is not an SAE directory: missing {', '.join(missing) or 'the directory'} "
                             f"(an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE})")
+    fix = (f"restore it from a copy, or train it again (delete its run directory {d.parent} and rerun the same "
+           "`make train`)")
     try:
         meta = json.loads((d / CFG_FILE).read_text())
         cfg = SAEConfig(**(LEGACY | meta["metadata"]["sae_config"]))
-        tensors = load_file(str(d / WEIGHTS_FILE), device=device)
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise PipelineError(f"{d}/{CFG_FILE} is not a config written by this pipeline ({type(e).__name__}: {e})") from None
+    except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PipelineError(f"{d / CFG_FILE} is unreadable or not a config written by this pipeline "
+                            f"({type(e).__name__}: {str(e)[:120]}); {fix}") from None
+    try:
+        blob = (d / WEIGHTS_FILE).read_bytes()
+        want = meta["metadata"].get("weights_blake2b")
+        if want is not None and hashlib.blake2b(blob, digest_size=16).hexdigest() != want:
+            raise ValueError(f"its bytes do not match the digest in {CFG_FILE}")
+        tensors = {k: v.to(device) for k, v in safetensors_load(blob).items()}
+        shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
+                  "b_dec": (cfg.d_in,)}
+        bad = [n for n, shape in shapes.items() if tuple(tensors[n].shape) != shape]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} not of the shape cfg.json gives")
+    except Exception as e:  # truncated or altered safetensors
+        raise PipelineError(f"{d / WEIGHTS_FILE} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                            f"{fix}") from None
     sae = SAE(cfg).to(device)
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):

@@ -20,7 +20,7 @@ from harvest import distributed
 from harvest.cache import Cache
 from harvest.errors import PipelineError
 
-from . import recipe
+from . import checkpoint, recipe
 from .data import ActivationStream, Split, heldout_rows, warn_epochs
 from .sae import SAE, SAEConfig, save_sae, standardized_mse
 from .theta import ESTIMATORS, estimate_theta
@@ -144,12 +144,12 @@ class Trainer:
                 "theta_n": self.theta_n, "log_lambda": self.log_lambda, "torch_rng": torch.get_rng_state()}
 
     def save_state(self) -> None:
+        """Write the checkpoint beside the old one, then replace it: a failed write (a full disk) leaves
+        the previous checkpoint as it was."""
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / (STATE_FILE + ".tmp")
-        torch.save(self._state(), tmp)
-        tmp.replace(self.out / STATE_FILE)
+        checkpoint.save(self._state(), self.out / STATE_FILE)
 
     def _check_out(self) -> bool:
         """True when OUT already holds this finished run. Refuse an OUT holding another run."""
@@ -158,7 +158,11 @@ class Trainer:
             if self.out.exists() and any(self.out.iterdir()):
                 raise PipelineError(f"OUT {self.out} is not empty and holds no training run; choose another OUT")
             return False
-        run = json.loads(run_file.read_text())
+        try:
+            run = json.loads(run_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PipelineError(f"{run_file} is unreadable ({type(e).__name__}): restore it, or delete {self.out} "
+                                "to train this run again") from None
         if run.get("identity") != json.loads(json.dumps(self.identity)):
             raise PipelineError(f"OUT {self.out} holds a different training run; refusing to touch it "
                                 "(choose another OUT, or delete it yourself)")
@@ -168,7 +172,7 @@ class Trainer:
         path = self.out / STATE_FILE
         if not path.exists():
             return
-        st = torch.load(path, map_location=self.device, weights_only=False)
+        st = checkpoint.load(path, self.device)
         for sae, sd in zip(self.saes, st["saes"]):
             sae.load_state_dict(sd)
         for opt, sd in zip(self.opts, st["opts"]):
@@ -301,7 +305,7 @@ class Trainer:
 
     def _saved_step(self) -> int | str:
         p = self.out / STATE_FILE
-        return torch.load(p, weights_only=False)["step"] if p.exists() else "none"
+        return checkpoint.load(p)["step"] if p.exists() else "none"
 
     def _estimate_thetas(self) -> list[dict[str, float] | None]:
         """Every BatchTopK SAE's θ estimates from its final weights, over the training batches that
