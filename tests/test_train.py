@@ -92,9 +92,12 @@ def test_saelens_loads_and_encodes_the_same(synthetic_cache, tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
     cache, _ = synthetic_cache
     sweep = [{"arch": "batchtopk", "d_sae": 64, "k": 3}, {"arch": "topk", "d_sae": 64, "k": 3},
-             {"arch": "jumprelu", "d_sae": 64}, {"arch": "relu", "d_sae": 64}]
+             {"arch": "jumprelu", "d_sae": 64}, {"arch": "relu", "d_sae": 64},
+             # the reference code's choices: each token standardised, the encoder reading x - b_dec
+             {"arch": "batchtopk", "d_sae": 64, "k": 3, "norm": "token", "center": True},
+             {"arch": "topk", "d_sae": 64, "k": 3, "norm": "token"}, {"arch": "relu", "d_sae": 64, "center": True}]
     dirs = Trainer(settings(cache, tmp_path / "r", saes=sweep, tokens=512 * 6)).run()
-    x = torch.randn(50, 32) * 3.0  # raw (unnormalised) activations
+    x = torch.randn(50, 32) * 3.0 + torch.linspace(-2, 2, 32)  # raw (unnormalised) activations
     for d in dirs:
         ours, meta = load_sae(d)
         theirs = sae_lens.SAE.load_from_disk(str(d))
@@ -102,6 +105,15 @@ def test_saelens_loads_and_encodes_the_same(synthetic_cache, tmp_path):
         torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours(x), rtol=1e-4, atol=1e-4)
         assert meta["architecture"] == {"batchtopk": "jumprelu", "topk": "topk", "jumprelu": "jumprelu",
                                         "relu": "standard"}[meta["metadata"]["architecture"]]
+        assert meta["normalize_activations"] == ("layer_norm" if ours.cfg.norm == "token" else "none")
+        assert meta["apply_b_dec_to_input"] == ours.cfg.center
+        # the saved SAE reconstructs the held-out rows exactly as the trained one did before saving
+        from train.data import Split, heldout_rows
+        from harvest.cache import Cache
+        c = Cache.open(cache)
+        val = heldout_rows(c, SITE, Split.of(c, 0.1), 8192, 1.0, 0, c.outliers(SITE)[0])
+        nmse = float((val - ours(val)).pow(2).sum() / (val - val.mean(0)).pow(2).sum())
+        assert nmse == pytest.approx(meta["metadata"]["val_nmse_threshold"], rel=1e-4) and nmse < 0.9, d.name
 
 
 def run_cli(*args):

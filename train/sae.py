@@ -365,7 +365,7 @@ def save_sae(sae: SAE, directory: Path, metadata: dict[str, Any]) -> None:
     """
     cfg = sae.cfg
     directory.mkdir(parents=True, exist_ok=True)
-    s = float(sae.input_scale)
+    s = float(sae.input_scale) if cfg.norm == "global" else 1.0  # token standardisation is scale-free
     W_enc = (sae.W_enc.detach().float() * s).contiguous()
     W_dec = (sae.W_dec.detach().float() / s).contiguous()
     b_dec = (sae.b_dec.detach().float() / s).contiguous()

@@ -118,7 +118,8 @@ class Trainer:
             raise PipelineError(f"the sweep names the same SAE twice: {', '.join(names)}")
         self.saes = [SAE(c, s.seed).to(self.device) for c in self.cfgs]
         for sae in self.saes:
-            sae.input_scale.fill_(self.scale)
+            if sae.cfg.norm == "global":
+                sae.input_scale.fill_(self.scale)
         self.objectives: list[nn.Module] = [Objective(sae) for sae in self.saes]
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
