@@ -34,6 +34,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lr 2e-4/sqrt(m/2^14) (dictionary_learning's)": {"lr": "dl"},
     "token standardisation (reference code)": {"norm": "token"},
     "dictionary_learning's whole recipe": DL_RECIPE | {"lr": "dl"},
+    # second round: what makes the summed-MSE-with-clipping and the higher learning rate work
+    "MSE summed over dimensions": {"mse": "sum"},
+    "lr 6e-4": {"lr": 6e-4},
+    "lr 1e-3": {"lr": 1e-3},
+    "clip 1.0, MSE summed, lr 2e-4/sqrt(m/2^14)": {"grad_clip": 1.0, "mse": "sum", "lr": "dl"},
+    "clip 1.0, MSE summed, lr 6e-4": {"grad_clip": 1.0, "mse": "sum", "lr": 6e-4},
+    "MSE summed, lr 6e-4": {"mse": "sum", "lr": 6e-4},
+    # third round: how far the learning rate goes at this budget, and what combines with it
+    "lr 2e-3": {"lr": 2e-3},
+    "lr 3e-3": {"lr": 3e-3},
+    "clip 1.0, MSE summed, lr 1e-3": {"grad_clip": 1.0, "mse": "sum", "lr": 1e-3},
+    "clip 1.0, MSE summed, lr 2e-3": {"grad_clip": 1.0, "mse": "sum", "lr": 2e-3},
+    "lr 1e-3, token standardisation": {"lr": 1e-3, "norm": "token"},
+    "lr 1e-3, decay over the last 20%": {"lr": 1e-3, "decay": 0.2},
+    "clip 1.0, MSE summed, lr 1e-3, token standardisation": {"grad_clip": 1.0, "mse": "sum", "lr": 1e-3,
+                                                            "norm": "token"},
 }
 
 

@@ -66,7 +66,7 @@ class Group:
     @property
     def recipe(self) -> str:
         """The config's settings beyond architecture, k and size (the name's suffix)."""
-        base = {"batchtopk": 3, "topk": 3, "jumprelu": 4, "relu": 3}[self.arch]
+        base = {"batchtopk": 3, "topk": 3, "jumprelu": 5 if self.first.get("target_l0") else 4, "relu": 3}[self.arch]
         return "_".join(self.config.split("_")[base:])
 
     def values(self, metric: str, mode: str | None = None) -> list[float]:

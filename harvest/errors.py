@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from typing import Callable, TypeVar
 
@@ -17,6 +18,9 @@ def one_line_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # aiohttp (under s3fs) logs "Task exception was never retrieved" with a traceback for connections
+        # that dropped while our retries were already handling the request; the user gets our one line instead
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         try:
             return fn(*args, **kwargs)
         except PipelineError as e:

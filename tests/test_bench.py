@@ -19,9 +19,16 @@ def test_records_follow_the_contract(tmp_path):
 
 @pytest.mark.parametrize("arch", train_bench.ARCHS)
 def test_train_step_measurements_run(arch):
-    for impl in ("ours", "dense"):
+    for impl in ("ours", "dense", "saelens"):
         out = train_bench.step_time(arch, impl, d=16, m=64, k=4, batch=128, steps=1, device="cpu")
         assert out["tokens_per_s"] > 0 and out["peak_mib"] > 0
+
+
+def test_loader_and_fed_training_records(tmp_path):
+    rec = train_bench.loader_record(16, 64, "cpu", tokens=128 * 40)
+    assert rec.value > 0 and rec.baseline_value > 0 and rec.settings["bytes_per_token"] == 32
+    fed = train_bench.fed_training_record(16, 64, 4, 64, "cpu", "cpu", steps=4)
+    assert fed.value > 0 and fed.baseline_value > 0 and fed.settings["steps"] >= 1
 
 
 @pytest.mark.parametrize("arch", train_bench.ARCHS)

@@ -178,3 +178,28 @@ def test_killed_rank_mid_training_stops_the_other_and_resume_completes(hargs, tm
     assert f"resuming {tmp_path / 'run'} at step {saved['step']}" in r.stderr or "resuming" in r.stderr
     sae, meta = load_sae(r.stdout.strip().splitlines()[-1])
     assert meta["metadata"]["training_tokens"] == 256 * 400
+
+
+def test_killed_rank_mid_harvest_stops_the_other_and_resume_is_byte_identical(hargs, tmp_path):
+    args = [*hargs, "--tokens", str(640 * 32), "--batch-size", "1", "--chunk-mb", "0.016",
+            "--cache-root", str(tmp_path / "two")]
+    procs = launch("harvest", [args, args], free_port())
+    deadline, done = time.time() + 240, 0
+    while time.time() < deadline and all(p.poll() is None for p in procs) and done < 6:
+        sums = list((tmp_path / "two").glob("*/checksums"))
+        try:
+            done = int((zarr.open_array(sums[0], mode="r")[:] != 0).all(1).sum()) if sums else 0
+        except Exception:
+            done = 0
+        time.sleep(0.05)
+    procs[1].kill()
+    t0 = time.time()
+    code, err = finish(procs[:1], 75)[0]
+    procs[1].wait()
+    assert time.time() - t0 < 60 and code != 0, err[-1500:]
+    [part] = list((tmp_path / "two").glob("*/zarr.json"))
+    c = Cache.open(str(part.parent), need_complete=False)
+    assert not c.complete and 0 < c.done_chunks().sum() < c.n_chunks
+    assert [p for p in c.verify() if "never written" not in p] == []  # what was written is intact
+    resumed = harvest_cli(args[:-2], tmp_path / "two", launcher=(*TORCHRUN, "-m"))
+    assert_same_cache(harvest_cli(args[:-2], tmp_path / "one"), resumed)

@@ -108,7 +108,7 @@ def test_aux_norm_divides_by_the_residual_variance():
 
 def test_grad_clip_clips_the_global_norm_only():
     x = batch() * 100  # large gradients
-    a, b = sae_of(), sae_of(grad_clip=0.5)
+    a, b = sae_of(grad_clip=None), sae_of(grad_clip=0.5)  # the default clips at 1.0
     ga, gb = grads(a, x), grads(b, x)
     assert a.prepare_grads() is None
     norm = b.prepare_grads()
@@ -140,15 +140,41 @@ def test_warmup_and_decay_schedules():
     assert {recipe.lr_factor(plain, s, 100) for s in range(100)} == {1.0}
 
 
-def test_sparsity_warmup_and_target_l0_control():
+def test_sparsity_warmup():
     cfg = SAEConfig("jumprelu", D, M, l0_coeff=0.02, sparsity_warmup=0.5)
-    assert recipe.sparsity_coeff(cfg, 0, 100, None) == pytest.approx(0.02 / 50)
-    assert recipe.sparsity_coeff(cfg, 49, 100, None) == pytest.approx(0.02)
-    assert recipe.sparsity_coeff(SAEConfig("topk", D, M, k=4), 0, 100, None) is None
-    # the controller raises lambda while L0 is above target, lowers it below, and holds it at target
-    lam = math.log(0.01)
-    assert recipe.control_l0(lam, 64, 32) > lam > recipe.control_l0(lam, 16, 32)
-    assert recipe.control_l0(lam, 32, 32) == lam
+    assert recipe.sparsity_coeff(cfg, 0, 100) == pytest.approx(0.02 / 50)
+    assert recipe.sparsity_coeff(cfg, 49, 100) == pytest.approx(0.02)
+    assert recipe.sparsity_coeff(SAEConfig("relu", D, M, l1_coeff=0.3), 0, 100) == 0.3
+    assert recipe.sparsity_coeff(SAEConfig("topk", D, M, k=4), 0, 100) is None
+
+
+def test_target_l0_penalty_pushes_thresholds_both_ways():
+    x = batch()
+    for target, sign in ((1.0, -1), (60.0, +1)):  # L0 above the target raises thresholds, below lowers them
+        s = SAE(SAEConfig("jumprelu", D, M, target_l0=target, l0_coeff=1.0, jumprelu_init_l0=16, bandwidth=0.5))
+        s.init_from_data(x)
+        out, code = s.losses(x, None)
+        l0 = code.nnz / len(x)
+        assert float(out["sparsity"]) == pytest.approx(D * (l0 / target - 1) ** 2, rel=0.05)  # summed MSE: x D
+        s.zero_grad()
+        out["sparsity"].backward()
+        g = s.log_threshold.grad
+        assert (torch.sign(g[g != 0]) == sign).all() and (g != 0).sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
+def test_sparsity_penalty_keeps_its_weight_against_either_mse(arch):
+    """Sparsity coefficients are in per-element-MSE units: with the MSE summed over dimensions the
+    whole loss is exactly d times the per-element loss, so the same coefficient trains the same SAE."""
+    x = batch()
+    losses = {}
+    for mse in ("mean", "sum"):
+        torch.manual_seed(0)
+        s = SAE(SAEConfig(arch, D, M, mse=mse, l0_coeff=0.1, l1_coeff=0.1, bandwidth=0.5))
+        s.init_from_data(x)
+        losses[mse] = s.losses(x, None)[0]
+    for key in ("mse", "sparsity", "loss"):
+        assert float(losses["sum"][key]) == pytest.approx(D * float(losses["mean"][key]), rel=1e-5), key
 
 
 def test_token_norm_standardises_each_token_and_undoes_it():

@@ -193,3 +193,50 @@ def test_outlier_rows_are_listed_and_skipped(tmp_path):
     assert sum(s.rows_in.values()) == 64 * 31 - 3
     seen = torch.cat([b for b, _ in zip(s.batches(0), range(s.batches_per_epoch))])
     assert len(seen) == s.batches_per_epoch * 64 and float(seen.norm(dim=1).max()) < thr
+
+
+def test_theta_from_final_weights_hits_k_on_heldout_tokens(synthetic_cache, tmp_path):
+    """The default θ (pooled over training batches, final weights) keeps k latents per held-out token,
+    within 2%; all three estimates are recorded."""
+    from harvest.cache import Cache
+    from train.data import Split, heldout_rows
+
+    x, _ = sparse_dictionary_data(n_seq=192, seed=1)
+    tokens = np.ones((192, 64), dtype=np.int32)
+    tokens[:, 0] = 0
+    cache = write_cache(str(tmp_path / "c"), tokens, {SITE: x}, dtype="float32", chunk_seqs=8).location
+    [d] = Trainer(settings(cache, tmp_path / "t", saes=[{"arch": "batchtopk", "d_sae": 128, "k": 3}],
+                           tokens=512 * 120, lr=3e-3, theta_tokens=8192, val_fraction=0.25)).run()
+    sae, meta = load_sae(d)
+    md = meta["metadata"]
+    assert md["theta_estimator"] == "pooled" and set(md["theta_estimates"]) == {"pooled", "mean", "running"}
+    assert md["theta"] == pytest.approx(md["theta_estimates"]["pooled"])
+    c = Cache.open(cache)
+    x = heldout_rows(c, SITE, Split.of(c, 0.25), 10 ** 6, 1.0, 0, None)
+    assert len(x) > 2500
+    l0 = float((sae.encode(x, "threshold") > 0).sum(1).float().mean())
+    assert abs(l0 / 3 - 1) < 0.02, l0
+
+
+def test_jumprelu_lands_on_its_target_l0(tmp_path):
+    """A target-L0 penalty brings JumpReLU near its target and the final threshold factor puts it on it:
+    held-out L0 within 15% of the target, from thresholds that started at 4x the target."""
+    from harvest.cache import Cache
+    from train.data import Split, heldout_rows
+
+    x, _ = sparse_dictionary_data(n_seq=192, seed=2)
+    tokens = np.ones((192, 64), dtype=np.int32)
+    tokens[:, 0] = 0
+    cache = write_cache(str(tmp_path / "c"), tokens, {SITE: x}, dtype="float32", chunk_seqs=8).location
+    target = 6
+    [d] = Trainer(settings(cache, tmp_path / "j", saes=[{"arch": "jumprelu", "d_sae": 128, "target_l0": target,
+                                                          "l0_coeff": 1.0, "jumprelu_init_l0": 4 * target,
+                                                          "threshold_lr": 0.02}],
+                           tokens=512 * 120, lr=3e-3, theta_tokens=8192, val_fraction=0.25)).run()
+    sae, meta = load_sae(d)
+    factor = meta["metadata"]["target_l0_calibration"]["threshold_factor"]
+    assert 0.5 < factor < 2  # the penalty alone already got close
+    c = Cache.open(cache)
+    x = heldout_rows(c, SITE, Split.of(c, 0.25), 10 ** 6, 1.0, 0, None)
+    l0 = float((sae.encode(x, "threshold") > 0).sum(1).float().mean())
+    assert abs(l0 / target - 1) < 0.15, l0

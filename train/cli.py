@@ -31,7 +31,7 @@ from .trainer import THETA_ESTIMATORS
 @click.option("--warmup", help="Fraction of training with a linear lr warm-up.")
 @click.option("--decay", help="Fraction of training, at the end, with a linear lr decay to 0.")
 @click.option("--betas", help="Adam betas as b1/b2, e.g. 0.9/0.999 (comma-separate several).")
-@click.option("--target-l0", help="JumpReLU: adapt lambda so that L0 settles at this.")
+@click.option("--target-l0", help="JumpReLU: penalise (L0/target - 1)^2 (times --l0-coeff) so that L0 lands here.")
 @click.option("--threshold-lr", help="JumpReLU: learning rate of the log-thresholds.")
 @click.option("--seeds", type=int, help="Train this many seeds of every SAE in the same pass (replicates 0..n-1).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUES",
@@ -40,7 +40,7 @@ from .trainer import THETA_ESTIMATORS
               help="BatchTopK's inference threshold: pooled (default), mean (eq. 7, final weights) or running.")
 @click.option("--tokens", help="Training tokens (integer, or 'all' for one epoch of the cache).")
 @click.option("--batch-size", type=int, help="Tokens per batch (default 4096).")
-@click.option("--lr", type=float, help="Adam learning rate (default 3e-4).")
+@click.option("--lr", type=float, help="Adam learning rate (default 2e-3).")
 @click.option("--seed", type=int, help="Seed for initialisation and data order.")
 @click.option("--dead-tokens", type=int, help="Tokens without firing after which a latent counts as dead.")
 @click.option("--val-fraction", type=float, help="Fraction of the cache's chunks held out (default 0.05).")

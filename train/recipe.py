@@ -1,19 +1,12 @@
 """One SAE's training recipe beyond its losses: optimiser, learning-rate schedule, sparsity coefficient.
 
-The schedules are pure functions of the step (plus, for a target L0, one number carried in the
-checkpoint), so a resumed run follows exactly the same schedule.
+The schedules are pure functions of the step, so a resumed run follows exactly the same schedule.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
 from .sae import SAE, SAEConfig
-
-L0_CONTROL_RATE = 0.05  # log-lambda change per step per unit of log(L0 / target)
-L0_CONTROL_MAX_STEP = 0.1
-
 
 def make_optimizer(sae: SAE, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
     """Adam over the SAE's parameters with the SAE's own lr and betas where it sets them (else the
@@ -49,20 +42,9 @@ def base_sparsity_coeff(cfg: SAEConfig) -> float | None:
     return {"jumprelu": cfg.l0_coeff, "relu": cfg.l1_coeff}.get(cfg.arch)
 
 
-def sparsity_coeff(cfg: SAEConfig, step: int, total: int, log_lambda: float | None) -> float | None:
-    """The L0 (JumpReLU) or L1 (ReLU) coefficient at this step: warmed up over `sparsity_warmup`,
-    and for a target L0 the controller's current value instead of the fixed one."""
+def sparsity_coeff(cfg: SAEConfig, step: int, total: int) -> float | None:
+    """The L0 (JumpReLU) or L1 (ReLU) coefficient at this step, warmed up over `sparsity_warmup`."""
     base = base_sparsity_coeff(cfg)
-    if base is None:
-        return None
-    if log_lambda is not None:
-        base = math.exp(log_lambda)
-    if cfg.sparsity_warmup > 0:
-        base *= min(1.0, (step + 1) / (cfg.sparsity_warmup * total))
-    return base
-
-
-def control_l0(log_lambda: float, l0: float, target: float) -> float:
-    """Dual ascent on the constraint L0 = target: raise lambda while L0 is above it, lower it below."""
-    err = math.log(max(l0, 1e-3) / target)
-    return log_lambda + max(-L0_CONTROL_MAX_STEP, min(L0_CONTROL_MAX_STEP, L0_CONTROL_RATE * err))
+    if base is None or cfg.sparsity_warmup <= 0:
+        return base
+    return base * min(1.0, (step + 1) / (cfg.sparsity_warmup * total))

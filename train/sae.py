@@ -52,10 +52,10 @@ class SAEConfig:
     center: bool = False              # encode x - b_dec instead of x
     b_dec_init: str = "mean"          # mean | geometric_median | zero, of the first training batch
     # losses
-    mse: str = "mean"                 # mean over elements, or sum over dimensions (and mean over tokens)
-    l1_coeff: float = 0.01            # relu
-    l0_coeff: float = 0.005           # jumprelu lambda (its starting value when target_l0 is set)
-    target_l0: float | None = None    # jumprelu: adapt lambda each step so L0 settles at this
+    mse: str = "sum"                  # sum over dimensions and mean over tokens, or mean over elements
+    l1_coeff: float = 0.01            # relu (sparsity coefficients weigh against the per-element MSE)
+    l0_coeff: float = 0.005           # jumprelu lambda: of L0, or of the target-L0 penalty when target_l0 is set
+    target_l0: float | None = None    # jumprelu: penalise (L0 / target_l0 - 1)^2 instead of L0 (both ways)
     bandwidth: float = 0.001          # jumprelu straight-through kernel width, in units of the mean input norm
     jumprelu_init_l0: float = 64.0    # initial thresholds give about this many active latents per token
     threshold_lr: float | None = None  # jumprelu: Adam lr of the log-thresholds (None: the SAE's lr)
@@ -67,7 +67,7 @@ class SAEConfig:
     # optimiser (None: the run's setting)
     lr: float | None = None
     betas: tuple[float, float] | None = None
-    grad_clip: float | None = None    # clip the gradient norm of the SAE's parameters at this
+    grad_clip: float | None = 1.0     # clip the gradient norm of the SAE's parameters at this (None: never)
     warmup: float = 0.0               # fraction of training with a linear lr warm-up from 0
     decay: float = 0.0                # fraction of training, at the end, with a linear lr decay to 0
 
@@ -99,8 +99,8 @@ class SAEConfig:
         if self.arch in ("batchtopk", "topk"):
             base = f"{self.arch}_k{self.k}_m{self.d_sae}"
         elif self.arch == "jumprelu":
-            lam = f"t{self.target_l0:g}" if self.target_l0 is not None else f"l{self.l0_coeff:g}"
-            base = f"jumprelu_{lam}_i{self.jumprelu_init_l0:g}_m{self.d_sae}"
+            target = f"t{self.target_l0:g}_" if self.target_l0 is not None else ""
+            base = f"jumprelu_{target}l{self.l0_coeff:g}_i{self.jumprelu_init_l0:g}_m{self.d_sae}"
         else:
             base = f"relu_l{self.l1_coeff:g}_m{self.d_sae}"
         shown = {"arch", "d_in", "d_sae", "k", "l0_coeff", "l1_coeff", "jumprelu_init_l0", "target_l0"}
@@ -264,14 +264,17 @@ class SAE(nn.Module):
             code, aux_code = self._sparse_codes(x, dead)
         else:
             pre = self.pre(x)
+            # sparsity coefficients are in units of the per-element MSE, whichever reduction trains
+            unit = x.shape[-1] if cfg.mse == "sum" else 1
             if cfg.arch == "jumprelu":
                 f = jumprelu(pre, self.threshold, self.eps)
                 lam = cfg.l0_coeff if sparsity_coeff is None else sparsity_coeff
-                out["sparsity"] = lam * step(pre, self.threshold, self.eps).sum(-1).mean()
+                l0 = step(pre, self.threshold, self.eps).sum(-1).mean()  # straight-through in the thresholds
+                out["sparsity"] = unit * lam * (l0 if cfg.target_l0 is None else (l0 / cfg.target_l0 - 1) ** 2)
             else:
                 f = pre.relu()
                 lam = cfg.l1_coeff if sparsity_coeff is None else sparsity_coeff
-                out["sparsity"] = lam * f.abs().sum(-1).mean()
+                out["sparsity"] = unit * lam * f.abs().sum(-1).mean()
             code = Code.from_dense(f)
         # JumpReLU decodes densely: its threshold gradient needs the reconstruction gradient at
         # latents just below threshold, which a sparse decode drops.

@@ -1,4 +1,5 @@
-"""BatchTopK's global inference threshold θ, estimated with the final weights.
+"""Thresholds set after training from the final weights: BatchTopK's global θ, and the common shift that
+puts a JumpReLU with a target L0 on its target.
 
 The paper's eq. 7 sets θ to the expected smallest activation that batch top-(n·k) keeps. Two
 estimates over N training batches of the training batch size n:
@@ -7,6 +8,10 @@ estimates over N training batches of the training batch size n:
     pooled   the smallest activation kept by one top-(N·n·k) over all N batches together: the limit
              of eq. 7 as the batch grows, and the threshold at which those N·n tokens use k latents
              per token on average
+
+A JumpReLU trained with a target-L0 penalty lands near its target, not on it. `target_shift` finds
+the one factor c by which to multiply every threshold so that the same batches use target_l0
+latents per token on average: the pooled estimate above applied to pre / threshold.
 """
 from __future__ import annotations
 
@@ -51,3 +56,12 @@ def estimate_theta(xs: Sequence[torch.Tensor], pre: Callable[[torch.Tensor], tor
         for i in short:
             factors[i] *= 2
             stores[i] = top(i, factors[i])
+
+
+@torch.no_grad()
+def target_shift(xs: Sequence[torch.Tensor], pre: Callable[[torch.Tensor], torch.Tensor], threshold: torch.Tensor,
+                 target: float) -> float | None:
+    """The factor c such that thresholds c·θ keep round(target) latents per token on average over xs
+    (None when fewer pre-activations than that are positive at all)."""
+    c = estimate_theta(xs, lambda x: pre(x) / threshold, max(1, round(target)))["pooled"]
+    return c if c > 0 else None

@@ -23,7 +23,7 @@ from harvest.errors import PipelineError
 from . import checkpoint, recipe
 from .data import ActivationStream, Split, heldout_rows, warn_epochs
 from .sae import SAE, SAEConfig, save_sae, standardized_mse
-from .theta import ESTIMATORS, estimate_theta
+from .theta import ESTIMATORS, estimate_theta, target_shift
 
 STATE_FILE = "state.pt"
 RUN_FILE = "run.json"
@@ -39,7 +39,7 @@ class TrainSettings:
     site: str | None = None             # default: the cache's only (first) site
     tokens: int | None = None           # None: one epoch of the training part
     batch_size: int = 4096
-    lr: float = 3e-4
+    lr: float = 2e-3                    # measured best at the paper pipeline's budget (README, ablation)
     betas: tuple[float, float] = (0.9, 0.99)
     seed: int = 0
     val_fraction: float = 0.05
@@ -127,8 +127,6 @@ class Trainer:
                                    else None) for o in self.objectives]
         self.opts = [recipe.make_optimizer(sae, s.lr, tuple(s.betas)) for sae in self.saes]
         self.since_fired = [torch.zeros(c.d_sae, dtype=torch.long, device=self.device) for c in self.cfgs]
-        # target L0: log lambda per SAE, moved by the controller (None where no target is set)
-        self.log_lambda = [math.log(c.l0_coeff) if c.target_l0 is not None else None for c in self.cfgs]
         self.theta_sum = [0.0] * len(self.saes)
         self.theta_n = [0] * len(self.saes)
         self.step = 0
@@ -142,7 +140,7 @@ class Trainer:
         return {"step": self.step, "identity": self.identity,
                 "saes": [s.state_dict() for s in self.saes], "opts": [o.state_dict() for o in self.opts],
                 "since_fired": [t.cpu() for t in self.since_fired], "theta_sum": self.theta_sum,
-                "theta_n": self.theta_n, "log_lambda": self.log_lambda, "torch_rng": torch.get_rng_state()}
+                "theta_n": self.theta_n, "torch_rng": torch.get_rng_state()}
 
     def save_state(self) -> None:
         """Write the checkpoint beside the old one, then replace it: a failed write (a full disk) leaves
@@ -180,14 +178,15 @@ class Trainer:
             opt.load_state_dict(sd)
         self.since_fired = [t.to(self.device) for t in st["since_fired"]]
         self.theta_sum, self.theta_n, self.step = st["theta_sum"], st["theta_n"], st["step"]
-        self.log_lambda = st.get("log_lambda", self.log_lambda)
         torch.set_rng_state(st["torch_rng"])
         if self.rank == 0:
             print(f"resuming {self.out} at step {self.step}/{self.total_steps}", file=sys.stderr)
 
     # ------------------------------------------------------------ loop
     def run(self) -> list[Path]:
-        if self._check_out():
+        done = self._check_out()
+        distributed.barrier()  # every rank has read OUT before rank 0 writes to it
+        if done:
             return [self.sae_dir(c) for c in self.cfgs]
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +257,7 @@ class Trainer:
     def _train_step(self, i: int, x: torch.Tensor) -> dict[str, float]:
         sae, opt, obj, cfg = self.saes[i], self.opts[i], self.objectives[i], self.cfgs[i]
         dead = self.since_fired[i] >= cfg.dead_tokens
-        coeff = recipe.sparsity_coeff(cfg, self.step, self.total_steps, self.log_lambda[i])
+        coeff = recipe.sparsity_coeff(cfg, self.step, self.total_steps)
         f = recipe.lr_factor(cfg, self.step, self.total_steps)
         recipe.set_lr(opt, f)
         opt.zero_grad(set_to_none=True)
@@ -277,10 +276,6 @@ class Trainer:
             fired = code.fired()
             distributed.all_reduce_(fired)
             self.since_fired[i] = torch.where(fired > 0, 0, self.since_fired[i] + x.shape[0] * self.world)
-            if self.log_lambda[i] is not None:
-                nnz = torch.tensor(float(code.nnz), device=x.device)
-                l0 = float(distributed.all_reduce_(nnz)) / (x.shape[0] * self.world)
-                self.log_lambda[i] = recipe.control_l0(self.log_lambda[i], l0, cfg.target_l0)
             if cfg.arch == "batchtopk" and self.step >= self.theta_from and code.nnz:
                 mn = code.min_active().float().reshape(1)
                 distributed.all_reduce_(mn, "sum")
@@ -309,9 +304,11 @@ class Trainer:
         return checkpoint.load(p)["step"] if p.exists() else "none"
 
     def _estimate_thetas(self) -> list[dict[str, float] | None]:
-        """Every BatchTopK SAE's θ estimates from its final weights, over the training batches that
-        follow the last step (theta_tokens tokens, at the training batch size)."""
-        todo = [i for i, c in enumerate(self.cfgs) if c.arch == "batchtopk"]
+        """Thresholds from the final weights, over the training batches that follow the last step
+        (theta_tokens tokens, at the training batch size): every BatchTopK SAE's θ estimates, and for
+        a JumpReLU with a target L0 the factor on its thresholds that lands it there (theta.py)."""
+        todo = [i for i, c in enumerate(self.cfgs)
+                if c.arch == "batchtopk" or (c.arch == "jumprelu" and c.target_l0 is not None)]
         out: list[dict[str, float] | None] = [None] * len(self.saes)
         if not todo:
             return out
@@ -320,10 +317,15 @@ class Trainer:
         xs = [next(it) for _ in range(n)]
         it.close()
         for i in todo:
-            sae = self.saes[i]
+            sae, cfg = self.saes[i], self.cfgs[i]
             with torch.no_grad(), _autocast(self.device):
-                est = estimate_theta(xs, lambda x: sae.pre(sae.normalize(x)[0]), self.cfgs[i].k)
-            est["running"] = self.theta_sum[i] / max(1, self.theta_n[i])
+                def pre(x, sae=sae):
+                    return sae.pre(sae.normalize(x)[0])
+                if cfg.arch == "batchtopk":
+                    est = estimate_theta(xs, pre, cfg.k)
+                    est["running"] = self.theta_sum[i] / max(1, self.theta_n[i])
+                else:
+                    est = {"threshold_factor": target_shift(xs, pre, sae.threshold, cfg.target_l0) or 1.0}
             for key in est:  # ranks saw different batches: average their estimates
                 v = torch.tensor([est[key]], device=self.device)
                 est[key] = float(distributed.all_reduce_(v)) / self.world
@@ -334,15 +336,18 @@ class Trainer:
         thetas = self._estimate_thetas()
         dirs = []
         for sae, cfg, est in zip(self.saes, self.cfgs, thetas):
-            if est is not None:
+            if est is not None and cfg.arch == "batchtopk":
                 sae.theta.fill_(est[self.s.theta_estimator])
+            elif est is not None:
+                with torch.no_grad():
+                    sae.log_threshold.add_(math.log(est["threshold_factor"]))
             dirs.append(self.sae_dir(cfg))
         if self.rank == 0:
             val = heldout_rows(self.cache, self.site, self.split, 8192, 1.0, self.drop, self.skip).to(self.device)
             for sae, cfg, d, est in zip(self.saes, self.cfgs, dirs, thetas):
                 meta = self._metadata(cfg)
                 if est is not None:
-                    meta["theta_estimates"] = est
+                    meta["theta_estimates" if cfg.arch == "batchtopk" else "target_l0_calibration"] = est
                 with torch.no_grad():
                     for mode in sae.modes:
                         x_hat = sae(val, mode)
@@ -379,8 +384,6 @@ class Trainer:
             "theta": float(self.saes[self.cfgs.index(cfg)].theta) if bt else None,
             "theta_estimator": self.s.theta_estimator if bt else None,
             "theta_estimate": theta_doc[self.s.theta_estimator] if bt else None,
-            "final_l0_coeff": math.exp(self.log_lambda[self.cfgs.index(cfg)])
-            if self.log_lambda[self.cfgs.index(cfg)] is not None else None,
         }
 
 
