@@ -1,4 +1,4 @@
-"""`make bench`: harvest, training and scaling figures, each against a baseline from the same run.
+"""`make bench`: harvest, training, scaling and latent-browser figures, each against a baseline from the same run.
 `python -m bench peers`: our SAEs against peer implementations on the same batches (data/bench/peers.json)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from . import records
 
 
 @click.group(invoke_without_command=True)
-@click.option("--part", "parts", multiple=True, type=click.Choice(["harvest", "train", "scaling"]),
+@click.option("--part", "parts", multiple=True, type=click.Choice(["harvest", "train", "scaling", "browse"]),
               help="Run only these parts (default: all).")
 @click.option("--harvest-tokens", default=8192, show_default=True)
 @click.option("--steps", default=5, show_default=True, help="Training steps timed per implementation.")
@@ -18,13 +18,13 @@ from . import records
 def main(ctx, parts, harvest_tokens, steps) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    from . import harvest_bench, scaling_bench, train_bench
+    from . import browse_bench, harvest_bench, scaling_bench, train_bench
 
-    todo = parts or ("harvest", "train", "scaling")
+    todo = parts or ("harvest", "train", "scaling", "browse")
     for part in todo:
         recs = {"harvest": lambda: harvest_bench.run(tokens=harvest_tokens),
                 "train": lambda: train_bench.run(steps=steps),
-                "scaling": scaling_bench.run}[part]()
+                "scaling": scaling_bench.run, "browse": browse_bench.run}[part]()
         path = records.write(part, recs)
         click.echo(f"\n== {part} ({path})\n{records.table(recs)}")
 
@@ -34,7 +34,7 @@ def main(ctx, parts, harvest_tokens, steps) -> None:
 @click.option("--arch", "archs", default="batchtopk,topk", show_default=True, help="Architectures (jumprelu too).")
 @click.option("--dict", "dict_mult", default=8, show_default=True, help="Dictionary size as a multiple of d_model.")
 @click.option("--k", default=32, show_default=True, help="k (JumpReLU: its target L0).")
-@click.option("--tokens", type=int, help="Training tokens (default: the pipeline's).")
+@click.option("--tokens", type=int, help="Training tokens (default 560,000: 547 steps of 1024).")
 @click.option("--batch-size", type=int, help="Batch size (default: the pipeline's).")
 @click.option("--seeds", default=1, show_default=True, help="Seeds per implementation (initial weights).")
 @click.option("--peers", default="dictionary_learning,saelens", show_default=True)
@@ -57,7 +57,7 @@ def peers(pipeline, archs, dict_mult, k, tokens, batch_size, seeds, peers) -> No
 @click.option("--k", default=32, show_default=True)
 @click.option("--seeds", default=1, show_default=True, help="Seeds per variant (initial weights).")
 @click.option("--variant", "variants", multiple=True, help="Only these variants (default: all; see bench/ablation.py).")
-@click.option("--tokens", type=int, help="Training tokens (default: the pipeline's).")
+@click.option("--tokens", type=int, help="Training tokens (default 560,000: 547 steps of 1024).")
 @one_line_errors
 def ablation(pipeline, archs, dict_mult, k, seeds, variants, tokens) -> None:
     """Our trainer with each peer recipe difference switched on, one pass over the same batches."""

@@ -29,6 +29,7 @@ import torch
 from harvest.cache import Cache
 from harvest.pipelines import DATA_DIR
 from train.data import ActivationStream, Split, heldout_rows
+from train.recipe import JUMPRELU_TARGET_RECIPE
 from train.sae import load_sae, standardized_mse
 from train.sparsity import batch_topk_code
 from train.trainer import TrainSettings, Trainer
@@ -111,7 +112,8 @@ def _dense_rec(encode: Callable[[torch.Tensor], torch.Tensor], decode: Callable[
 def train_ours(b: Budget, arch: str, m: int, k: int, seeds: int, out: Path) -> dict[str, list[dict]]:
     """One pass of our trainer for all seeds; scored in batch and threshold mode."""
     cfgs = [{"arch": arch, "d_sae": m, "replicate": r} | ({"k": k} if arch in ("batchtopk", "topk") else
-                                                          {"target_l0": k, "jumprelu_init_l0": k})
+                                                          {"target_l0": k, "jumprelu_init_l0": 4 * k}
+                                                          | JUMPRELU_TARGET_RECIPE)
             for r in range(seeds)]
     dirs = Trainer(TrainSettings(cache=b.cache.location, saes=cfgs, out=str(out), tokens=b.steps * b.batch_size,
                                  batch_size=b.batch_size, seed=b.seed, val_fraction=b.val_fraction,
@@ -228,6 +230,7 @@ def _quiet_fit(trainer) -> None:
 
 # ---------------------------------------------------------------- the table
 HELDOUT_ROWS = 16384
+COMPARISON_TOKENS = 560_000  # two epochs of the paper cache's training part: 547 steps of 1024
 MAIN_MODE = {"batchtopk": "batch", "topk": "topk", "jumprelu": "jumprelu"}  # what each record is compared in
 
 
@@ -245,7 +248,7 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
     name, pipe = pipelines.get(pipeline)
     train = pipe["train"]
     cache = harvest(settings_from(name)[1])
-    b = Budget.of(cache, int(tokens or train.get("tokens", 560000)), int(batch_size or train.get("batch_size", 4096)),
+    b = Budget.of(cache, tokens or COMPARISON_TOKENS, int(batch_size or train.get("batch_size", 4096)),
                   int(train.get("seed", 0)), float(train.get("val_fraction", 0.05)))
     m = dict_mult * b.cache.d_model()
     if "dictionary_learning" in peers:

@@ -21,9 +21,10 @@ def test_scaled_down_paper_pipeline(tmp_path, tiny_models, corpus_file):
     }
     # the same grids, shrunk: dictionary multiples of d_model=64 stay as they are, k scaled down
     pipe["train"]["sweep"] = [
-        {"arch": ["batchtopk", "topk"], "k": [4], "dict": ["2x", "4x"]},
+        {"arch": ["batchtopk", "topk"], "k": [4], "dict": ["2x"], "seeds": 2},
+        {"arch": ["batchtopk", "topk"], "k": [4], "dict": ["4x"]},
         {"arch": ["batchtopk", "topk"], "k": [2, 8], "dict": ["2x"]},
-        {"arch": ["jumprelu"], "dict": ["2x"], "l0_coeff": [0.01]},
+        {"arch": ["jumprelu"], "dict": ["2x"], "target_l0": [4], "l0_coeff": [1]},
     ]
     cfg = tmp_path / "pipelines.yaml"
     cfg.write_text(yaml.safe_dump({"default": "tiny-paper", "pipelines": {"tiny-paper": pipe}}))
@@ -38,10 +39,13 @@ def test_scaled_down_paper_pipeline(tmp_path, tiny_models, corpus_file):
                 "fig5_frontier.png"):
         assert f"({fig})" in text and (report.parent / fig).stat().st_size > 5000, fig
     metrics = [json.loads(p.read_text()) for p in (tmp_path / "data" / "saes" / "tiny-paper").rglob("metrics.json")]
-    assert len(metrics) == 9  # 4 + 4 (Top)K SAEs and one JumpReLU
+    assert len(metrics) == 11  # 6 + 4 (Top)K SAEs (two seeds of the 2x k=4 pair) and one JumpReLU
     by_arch = {m["architecture"] for m in metrics}
     assert by_arch == {"batchtopk", "topk", "jumprelu"}
     for m in metrics:
         assert m["pipeline"] == "tiny-paper" and m["d_sae"] in (128, 256)
         assert 0 <= m["nmse"] < 2 and m["l0"] > 0
     assert sum(f"| {m['architecture']} |" in text for m in metrics) >= 3
+    assert "±" in text  # two seeds: mean ± std
+    [jr] = [m for m in metrics if m["architecture"] == "jumprelu"]
+    assert abs(jr["l0"] / 4 - 1) < 0.3, jr["l0"]  # on its target, on 512 evaluation tokens

@@ -40,7 +40,7 @@ from .trainer import THETA_ESTIMATORS
               help="BatchTopK's inference threshold: pooled (default), mean (eq. 7, final weights) or running.")
 @click.option("--tokens", help="Training tokens (integer, or 'all' for one epoch of the cache).")
 @click.option("--batch-size", type=int, help="Tokens per batch (default 4096).")
-@click.option("--lr", type=float, help="Adam learning rate (default 2e-3).")
+@click.option("--lr", type=float, help="Adam learning rate (default 1e-3).")
 @click.option("--seed", type=int, help="Seed for initialisation and data order.")
 @click.option("--dead-tokens", type=int, help="Tokens without firing after which a latent counts as dead.")
 @click.option("--val-fraction", type=float, help="Fraction of the cache's chunks held out (default 0.05).")

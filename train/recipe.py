@@ -8,6 +8,13 @@ import torch
 
 from .sae import SAE, SAEConfig
 
+# JumpReLU aimed at a target L0, as `make paper` trains it (pipelines.yaml spells the same settings):
+# the target penalty's weight, its own threshold lr, Gemma Scope's beta1 = 0, sparsity warm-up and
+# lr decay; thresholds start at 4x the target's L0 (the final threshold factor then lands it).
+JUMPRELU_TARGET_RECIPE = {"l0_coeff": 1.0, "threshold_lr": 0.02, "sparsity_warmup": 0.1, "betas": (0.0, 0.999),
+                          "decay": 0.2}
+
+
 def make_optimizer(sae: SAE, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
     """Adam over the SAE's parameters with the SAE's own lr and betas where it sets them (else the
     run's); JumpReLU's log-thresholds in a group of their own when threshold_lr is set. Each group
