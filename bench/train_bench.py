@@ -38,16 +38,23 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
     else:
         f = pre.relu()
     x_hat = f @ sae.W_dec + sae.b_dec
-    loss = (x_hat - x).pow(2).mean()
+    per_token = cfg.mse == "sum"  # summed over dimensions, or averaged over elements
+    unit = x.shape[1] if per_token else 1
+
+    def mse(err: torch.Tensor) -> torch.Tensor:
+        return err.pow(2).sum(-1).mean() if per_token else err.pow(2).mean()
+
+    loss = mse(x_hat - x)
     if cfg.arch == "relu":
-        loss = loss + cfg.l1_coeff * f.abs().sum(-1).mean()
+        loss = loss + unit * cfg.l1_coeff * f.abs().sum(-1).mean()
     if cfg.arch == "jumprelu":
-        loss = loss + cfg.l0_coeff * step(pre, sae.threshold, sae.eps).sum(-1).mean()
+        l0 = step(pre, sae.threshold, sae.eps).sum(-1).mean()
+        loss = loss + unit * cfg.l0_coeff * (l0 if cfg.target_l0 is None else (l0 / cfg.target_l0 - 1) ** 2)
     if cfg.arch in ("batchtopk", "topk") and dead is not None and bool(dead.any()):
         a = pre[:, dead].relu()
         v, i = a.topk(min(cfg.aux_k, int(dead.sum())), dim=1)
         aux = torch.zeros_like(a).scatter(1, i, v) @ sae.W_dec[dead]
-        loss = loss + cfg.aux_coeff * (aux - (x - x_hat).detach()).pow(2).mean()
+        loss = loss + cfg.aux_coeff * mse(aux - (x - x_hat).detach())
     return loss
 
 

@@ -57,7 +57,7 @@ def test_center_encodes_x_minus_b_dec_and_trains_b_dec_through_the_encoder():
     a = pre[:, :20].relu()
     av, ai = a.topk(min(512, 20), dim=1)
     aux = torch.zeros_like(a).scatter(1, ai, av) @ centred.W_dec[:20]
-    loss = (x_hat - x).pow(2).mean() + (aux - (x - x_hat).detach()).pow(2).mean() / 32
+    loss = (x_hat - x).pow(2).sum(-1).mean() + (aux - (x - x_hat).detach()).pow(2).sum(-1).mean() / 32  # summed MSE
     loss.backward()
     for n, p in centred.named_parameters():
         torch.testing.assert_close(g[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
@@ -101,7 +101,7 @@ def test_aux_norm_divides_by_the_residual_variance():
     a, b = sae_of(), sae_of(aux_norm=True)
     oa, ob = a.losses(x, dead)[0], b.losses(x, dead)[0]
     resid = x - oa["x_hat"]
-    var = (resid - resid.mean(0)).pow(2).mean()
+    var = (resid - resid.mean(0)).pow(2).sum(-1).mean()  # the residual's variance, summed over dimensions
     assert float(ob["aux"]) == pytest.approx(float(oa["aux"]) / float(var), rel=1e-5)
     assert float(ob["mse"]) == float(oa["mse"])
 
