@@ -7,6 +7,7 @@ the process group's timeout (hours), and torchrun's agent only stops the ranks o
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import sys
@@ -91,6 +92,8 @@ STALE_S = 45.0  # a rank whose beat has not changed for this long is gone (kille
 
 
 _reported = threading.Event()
+_stopping = threading.Event()  # this rank is leaving cleanly
+_watchdog: threading.Thread | None = None
 
 
 def _store():
@@ -108,7 +111,7 @@ def _start_watchdog() -> None:
     def watch() -> None:
         seen: dict[int, tuple[bytes, float]] = {}
         beat = 0
-        while not _reported.is_set():  # a rank that reported its own failure is on its way out
+        while not _reported.is_set() and not _stopping.is_set():  # a failed or finished rank is on its way out
             try:
                 beat += 1
                 store.set(f"batchtopk/beat/{rank}", str(beat))
@@ -119,7 +122,7 @@ def _start_watchdog() -> None:
                 now = time.monotonic()
                 for r in range(size):
                     key = f"batchtopk/beat/{r}"
-                    if r == rank or not store.check([key]):
+                    if r == rank or not store.check([key]) or store.check([f"batchtopk/done/{r}"]):
                         continue
                     value = store.get(key)
                     if r not in seen or seen[r][0] != value:
@@ -128,13 +131,30 @@ def _start_watchdog() -> None:
                         _die(f"rank {r} stopped responding (killed, or its machine hung); stopping rank {rank} too; "
                              "what was completed is kept: run the same command to resume")
             except Exception as e:  # the store's host (rank 0 or the launcher) is gone
-                if _reported.is_set():
+                if _reported.is_set() or _stopping.is_set():
                     return
                 _die(f"rank {rank} lost contact with the other ranks ({type(e).__name__}); stopping; "
                      "what was completed is kept: run the same command to resume")
-            time.sleep(BEAT_S)
+            _stopping.wait(BEAT_S)
 
-    threading.Thread(target=watch, name="rank-watchdog", daemon=True).start()
+    global _watchdog
+    _watchdog = threading.Thread(target=watch, name="rank-watchdog", daemon=True)
+    _watchdog.start()
+    atexit.register(_leave, store, rank)
+
+
+def _leave(store, rank: int) -> None:
+    """At a clean exit: mark this rank done (the others stop watching its beat), stop the watchdog
+    before the interpreter tears down (a store call still in flight then aborts the process), and
+    release the process group."""
+    _stopping.set()
+    if _watchdog is not None:
+        _watchdog.join(timeout=3 * BEAT_S)
+    try:
+        store.set(f"batchtopk/done/{rank}", "1")
+        dist.destroy_process_group()
+    except Exception:
+        pass
 
 
 def report_failure(message: str) -> None:
