@@ -31,7 +31,6 @@ from harvest.pipelines import DATA_DIR
 from train.data import ActivationStream, Split, heldout_rows
 from train.recipe import JUMPRELU_TARGET_RECIPE
 from train.sae import load_sae, standardized_mse
-from train.sparsity import batch_topk_code
 from train.trainer import TrainSettings, Trainer
 
 from .records import Record, device_name

@@ -1,7 +1,6 @@
 """Each recipe option changes exactly what it names (one test per option), and paired initial weights."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
