@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from . import __version__, distributed, models, store
-from .cache import (FORMAT, FORMAT_VERSION, STORAGE_DTYPES, Cache, chunk_hash, compute_chunk_counts, compute_stats,
-                    storage_numpy_dtype, to_float32, to_storage, write_chunk_counts)
+from .cache import (CHECKSUM, FORMAT, FORMAT_VERSION, STORAGE_DTYPES, Cache, chunk_hash, compute_chunk_counts,
+                    compute_stats, storage_numpy_dtype, to_float32, to_storage, write_chunk_counts)
 from .corpus import CorpusSpec, iter_contexts, iter_texts, resolve_corpus
 from .errors import PipelineError
 from .pipelines import DATA_DIR
@@ -224,7 +224,8 @@ def _prepare(p: Plan) -> None:
         "sites": p.sites, "layers": sorted({models.parse_site(x)[0] for x in p.sites}),
         "d_model": d, "ctx_len": s.ctx_len, "dtype": s.dtype, "chunk_seqs": chunk_seqs,
         "tokens_requested": s.tokens if s.tokens is not None else "all",
-        "checksum": "blake2b-64 of each chunk's C-order bytes; checksums[i, 0] tokens, [i, 1+j] sites[j]",
+        "checksum_algorithm": CHECKSUM,
+        "checksum": f"{CHECKSUM} of each chunk's C-order bytes; checksums[i, 0] tokens, [i, 1+j] sites[j]",
         "code_version": _code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "complete": False, "tokens_complete": False,
     }
@@ -313,7 +314,7 @@ def _harvest_activations(p: Plan, cache: Cache, rank: int, world: int, lock, mod
         row = np.array(sums[i], dtype=np.uint64).reshape(-1)
         for j, site in enumerate(p.sites):
             cache.activations(site)[r0:r1] = blocks[site]
-            row[1 + j] = chunk_hash(blocks[site])
+            row[1 + j] = chunk_hash(blocks[site], cache.checksum_algorithm)
         sums[i] = row  # written last: marks the chunk done
         if lock is not None:
             lock.heartbeat()

@@ -102,3 +102,43 @@ def test_bfloat16_and_float16_decode(tmp_path):
         assert len(got) == len(want)  # 384 rows, 12 batches: the whole epoch, in the shuffle's order
         key = lambda t: t[np.lexsort(t.numpy().T[::-1])]  # noqa: E731  (rows in lexicographic order)
         torch.testing.assert_close(key(got), key(want), rtol=0, atol=0)
+
+
+def test_caches_hashed_with_blake2b_still_verify_and_stream(tmp_path):
+    """Caches written before `checksum_algorithm` existed hold blake2b-64 sums: they still verify and
+    train, a flipped byte is still caught, and an algorithm this version does not know is one line."""
+    import zarr
+
+    from harvest.cache import LEGACY_CHECKSUM, PipelineError, chunk_hash
+
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(2, 50, (12, 16)).astype(np.int32)
+    x = rng.standard_normal((12 * 16, 4)).astype(np.float32)
+    loc = str(tmp_path / "old")
+    new = write_cache(loc, tokens, {SITE: x}, dtype="float16", chunk_seqs=4)
+    assert new.checksum_algorithm == "xxh3-64"
+    g = zarr.open_group(loc, mode="a")
+    attrs = dict(g.attrs)
+    del attrs["checksum_algorithm"]
+    g.attrs.put(attrs)
+    sums = np.zeros(g["checksums"].shape, dtype=np.uint64)
+    for i in range(3):
+        sums[i, 0] = chunk_hash(tokens[4 * i:4 * i + 4], LEGACY_CHECKSUM)
+        sums[i, 1] = chunk_hash(g[f"activations/{SITE}"][64 * i:64 * i + 64], LEGACY_CHECKSUM)
+    assert (sums != new.checksums[:]).all()  # the two algorithms disagree, so the test can tell them apart
+    g["checksums"][:] = sums
+    old = Cache.open(loc)
+    assert old.checksum_algorithm == LEGACY_CHECKSUM and old.verify() == []
+    it = ActivationStream(old, SITE, (0, 1, 2), 32, 1.0).batches(0)
+    np.testing.assert_allclose(np.sort(np.concatenate([next(it).numpy() for _ in range(6)]).ravel()),
+                               np.sort(x.astype(np.float16).astype(np.float32).ravel()))
+    it.close()
+    path = old.chunk_file(SITE, 1)
+    raw = bytearray(open(path, "rb").read())
+    raw[100] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+    assert Cache.open(loc).verify() == [f"chunk 1 of {SITE}: checksum mismatch (rows 64..127)"]
+    attrs["checksum_algorithm"] = "md5"
+    g.attrs.put(attrs)
+    with pytest.raises(PipelineError, match="checksum algorithm 'md5'; this version knows xxh3-64, blake2b-64"):
+        Cache.open(loc).verify()

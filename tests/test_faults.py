@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from faultproxy import FaultProxy
-from harvest.cache import Cache, write_cache
+from harvest.cache import write_cache
 from harvest.errors import PipelineError
 from harvest.store import LOCK_NAME, LostLock, WriterLock
 from train.cli import main as train_cli

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from harvest.cache import Cache, chunk_hash, storage_numpy_dtype, to_float32
+from harvest.cache import Cache, storage_numpy_dtype
 from harvest.errors import PipelineError
 
 
@@ -50,7 +50,7 @@ def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.nd
     r0, r1 = cache.row_range(chunk)
     keep = np.ones(r1 - r0, dtype=bool)
     if drop_token is not None:
-        keep &= (cache.tokens[slice(*cache.seq_range(chunk))] != drop_token).reshape(-1)
+        keep &= (cache.read_chunk("tokens", chunk) != drop_token).reshape(-1)
     if skip_rows is not None:
         lo, hi = np.searchsorted(skip_rows, [r0, r1])
         keep[skip_rows[lo:hi] - r0] = False
@@ -81,15 +81,9 @@ class ChunkSource:
         self.verified: set[int] = set()
 
     def read(self, c: int) -> np.ndarray:
-        r0, r1 = self.cache.row_range(c)
-        path = self.cache.chunk_file(self.site, c)
-        if path is not None:
-            block = np.memmap(path, dtype=self.dtype.newbyteorder("<"), mode="r",
-                              shape=(self.rows_per_chunk, self.arr.shape[1]))[: r1 - r0]
-        else:
-            block = self.arr[r0:r1]
+        block = self.cache.read_chunk(f"activations/{self.site}", c)
         if c not in self.verified:  # each chunk is checked once per process
-            if chunk_hash(block) != int(self.cache.checksums[c][self.col]):
+            if self.cache.chunk_hash(block) != int(self.cache.read_chunk("checksums", c)[0, self.col]):
                 raise PipelineError(f"chunk {c} of {self.site} in {self.cache.location} fails its checksum "
                                     "(corrupt cache); run `python -m harvest verify` on it")
             self.verified.add(c)
@@ -101,7 +95,8 @@ class ActivationStream:
 
     def __init__(self, cache: Cache, site: str, chunks: tuple[int, ...], batch_size: int, scale: float,
                  seed: int = 0, parts: int = 1, my_parts: tuple[int, ...] = (0,), shuffle_mb: float = 512,
-                 read_threads: int = 4, device: str = "cpu", prefetch: int = 4, drop_token: int | None = None,
+                 read_threads: int = 4, gather_threads: int = 2, device: str = "cpu", prefetch: int = 4,
+                 drop_token: int | None = None,
                  skip_rows: np.ndarray | None = None):
         if batch_size % parts:
             raise PipelineError(f"batch size {batch_size} is not divisible by the {parts} data parts (ranks)")
@@ -109,7 +104,7 @@ class ActivationStream:
         self.source = ChunkSource(cache, site)
         self.local = batch_size // parts
         self.scale, self.seed, self.parts, self.my_parts = scale, seed, parts, tuple(my_parts)
-        self.device, self.prefetch, self.read_threads = device, prefetch, read_threads
+        self.device, self.prefetch, self.read_threads, self.gather_threads = device, prefetch, read_threads, gather_threads
         self.drop_token = drop_token
         self.skip_rows = skip_rows
         # rows each chunk contributes (BOS positions and skip_rows left out), from the cache's counts
@@ -148,19 +143,23 @@ class ActivationStream:
         return np.concatenate(list(pool.map(open_one, chunks)))
 
     def _gather(self, ids: np.ndarray, blocks: dict[int, np.ndarray]) -> np.ndarray:
-        """Rows by global id, in that order, from the open chunks (still in the storage dtype)."""
+        """The rows of a batch from the open chunks (still in the storage dtype), in increasing id order:
+        a batch is a set of rows, and taking each chunk's rows together, in file order, is what lets
+        the gather run at memory speed."""
+        ids = np.sort(ids)
         per = self.source.rows_per_chunk
         chunk = ids // per
         out = np.empty((len(ids), self.source.arr.shape[1]), dtype=self.source.dtype)
-        order = np.argsort(chunk, kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(chunk[order]) != 0])
-        for seg in np.split(order, starts[1:]):
-            c = int(chunk[seg[0]])
-            out[seg] = blocks[c][ids[seg] - c * per]
+        cuts = np.flatnonzero(np.diff(chunk)) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(ids)]):
+            c = int(chunk[a])
+            np.take(blocks[c], ids[a:b] - c * per, axis=0, out=out[a:b])
         return out
 
-    def _part_batches(self, part: int, start: int, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
-        """Local batches of one part from global batch index `start` on, forever."""
+    def _part_batches(self, part: int, start: int, pool: ThreadPoolExecutor
+                      ) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray]]]:
+        """Local batches of one part from global batch index `start` on, forever: each as the row ids
+        it takes and the open chunks they lie in (gathered later, in parallel)."""
         epoch, j = divmod(start, self.batches_per_epoch)
         while True:
             chunks = self._epoch_chunks(epoch, part)
@@ -181,7 +180,7 @@ class ActivationStream:
                 ids, skip = ids[skip:], 0
                 carry = np.concatenate([carry, ids])
                 while len(carry) >= self.local and emitted < self.batches_per_epoch:
-                    yield self._gather(carry[:self.local], blocks)
+                    yield carry[:self.local], dict(blocks)
                     carry = carry[self.local:]
                     emitted += 1
                 if emitted >= self.batches_per_epoch:
@@ -189,18 +188,23 @@ class ActivationStream:
             epoch, j = epoch + 1, 0
 
     def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
-        """Global-batch index `start` onward; gathering and decoding run in a background thread."""
+        """Global-batch index `start` onward. A background thread walks the chunks (opening and checking
+        them with `read_threads`); batches are gathered and decoded by `gather_threads` workers at once,
+        and handed out in order."""
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         dtype = self.cache.dtype
 
+        def batch(parts: list[tuple[np.ndarray, dict[int, np.ndarray]]]) -> torch.Tensor:
+            x = np.concatenate([self._gather(*p) for p in parts]) if len(parts) > 1 else self._gather(*parts[0])
+            return decode(x, dtype, self.device, self.scale)
+
         def produce() -> None:
             try:
-                with ThreadPoolExecutor(self.read_threads) as pool:
+                with ThreadPoolExecutor(self.read_threads) as pool, ThreadPoolExecutor(self.gather_threads) as work:
                     streams = [self._part_batches(p, start, pool) for p in self.my_parts]
                     while not stop.is_set():
-                        x = np.concatenate([next(s) for s in streams]) if len(streams) > 1 else next(streams[0])
-                        q.put(decode(x, dtype, self.device, self.scale))
+                        q.put(work.submit(batch, [next(s) for s in streams]))
             except BaseException as e:  # surface reader errors in the consumer
                 q.put(e)
 
@@ -211,7 +215,7 @@ class ActivationStream:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                yield item.result()
         finally:
             stop.set()
             while not q.empty():
