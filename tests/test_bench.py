@@ -31,13 +31,16 @@ def test_loader_and_fed_training_records(tmp_path):
     assert fed.value > 0 and fed.baseline_value > 0 and fed.settings["steps"] >= 1
 
 
-@pytest.mark.parametrize("arch", train_bench.ARCHS)
-def test_dense_reference_computes_the_same_loss_and_gradients(arch):
+@pytest.mark.parametrize("arch,aux_k", [(a, 512) for a in train_bench.ARCHS] + [("batchtopk", 1), ("topk", 1)])
+def test_dense_reference_computes_the_same_loss_and_gradients(arch, aux_k):
+    """Our sparse step against dense autograd, values and gradients; the auxiliary loss takes its dense
+    path over the 20 dead columns with aux_k 512, its per-pair path with aux_k 1 (1 of 20 < 1/12)."""
     import torch
-    from train.sae import SAE, SAEConfig
+    from train.sae import AUX_DENSE_FROM, SAE, SAEConfig
 
+    assert (AUX_DENSE_FROM * min(aux_k, 20) >= 20) == (aux_k == 512)  # the two cases take the two paths
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(arch, d_in=16, d_sae=64, k=4 if arch in ("batchtopk", "topk") else None))
+    sae = SAE(SAEConfig(arch, d_in=16, d_sae=64, k=4 if arch in ("batchtopk", "topk") else None, aux_k=aux_k))
     x = torch.randn(32, 16)
     sae.init_from_data(x)
     dead = torch.zeros(64, dtype=torch.bool)

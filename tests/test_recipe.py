@@ -40,9 +40,10 @@ def test_paired_initial_weights_across_architectures():
         assert not torch.equal(ref.W_dec[:M // 2], other.W_dec[:M // 2])
 
 
-def test_center_encodes_x_minus_b_dec_and_trains_b_dec_through_the_encoder():
+@pytest.mark.parametrize("aux_k", [512, 1])  # the auxiliary loss's dense and per-pair paths
+def test_center_encodes_x_minus_b_dec_and_trains_b_dec_through_the_encoder(aux_k):
     x = batch()
-    plain, centred = sae_of(), sae_of(center=True)
+    plain, centred = sae_of(), sae_of(center=True, aux_k=aux_k)
     for s in (plain, centred):
         s.init_from_data(x)
     torch.testing.assert_close(centred.pre(x), (x - centred.b_dec) @ centred.W_enc + centred.b_enc)
@@ -54,7 +55,7 @@ def test_center_encodes_x_minus_b_dec_and_trains_b_dec_through_the_encoder():
     v, i = pre.relu().topk(4, dim=1)
     x_hat = torch.zeros_like(pre).scatter(1, i, v) @ centred.W_dec + centred.b_dec
     a = pre[:, :20].relu()
-    av, ai = a.topk(min(512, 20), dim=1)
+    av, ai = a.topk(min(aux_k, 20), dim=1)
     aux = torch.zeros_like(a).scatter(1, ai, av) @ centred.W_dec[:20]
     loss = (x_hat - x).pow(2).sum(-1).mean() + (aux - (x - x_hat).detach()).pow(2).sum(-1).mean() / 32  # summed MSE
     loss.backward()

@@ -28,13 +28,14 @@ from torch import nn
 
 from harvest.errors import PipelineError
 
-from .sparsity import Code, batch_topk_code, jumprelu, kept_pre, sparse_decode, step, topk_code
+from .sparsity import Code, batch_topk_code, jumprelu, kept_pre, sparse_decode, step, subset_pre, topk_code
 
 ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
 NORMS = ("global", "token")
 B_DEC_INITS = ("mean", "geometric_median", "zero")
 MSE_REDUCTIONS = ("mean", "sum")
 DENSE_DECODE_ABOVE = 0.05  # decode densely when more than this fraction of latents is active
+AUX_DENSE_FROM = 12        # aux loss: dense over the dead columns when its pairs fill 1/12 of their block or more
 LN_EPS = 1e-5              # token standardisation: (x - mean) / (std + eps), as SAELens's layer_norm
 
 
@@ -259,9 +260,9 @@ class SAE(nn.Module):
         """
         cfg = self.cfg
         out: dict[str, torch.Tensor] = {}
-        aux_code = None
+        aux_decoded = None
         if cfg.arch in ("batchtopk", "topk"):
-            code, aux_code = self._sparse_codes(x, dead)
+            code, aux_decoded = self._sparse_codes(x, dead)
         else:
             pre = self.pre(x)
             # sparsity coefficients are in units of the per-element MSE, whichever reduction trains
@@ -280,9 +281,9 @@ class SAE(nn.Module):
         # latents just below threshold, which a sparse decode drops.
         x_hat = f @ self.W_dec + self.b_dec if cfg.arch == "jumprelu" else self.decode_code(code)
         out["mse"] = self._mse(x_hat - x)
-        if aux_code is not None:
+        if aux_decoded is not None:
             residual = (x - x_hat).detach()
-            aux = self._mse(sparse_decode(aux_code, self.W_dec) - residual)
+            aux = self._mse(aux_decoded - residual)
             if cfg.aux_norm:
                 aux = aux / self._mse(residual - residual.mean(0)).clamp_min(1e-12)
             out["aux"] = cfg.aux_coeff * aux
@@ -290,31 +291,41 @@ class SAE(nn.Module):
         out["x_hat"] = x_hat.detach()
         return out, code
 
-    def _sparse_codes(self, x: torch.Tensor, dead: torch.Tensor | None) -> tuple[Code, Code | None]:
+    def _sparse_codes(self, x: torch.Tensor, dead: torch.Tensor | None) -> tuple[Code, torch.Tensor | None]:
         """TopK / BatchTopK codes whose values carry gradients to W_enc and b_enc (and b_dec when centred)
-        from the kept pairs alone: the dense pre-activations are computed without a graph."""
+        from the kept pairs alone: the dense pre-activations are computed without a graph. Returns the
+        code and the auxiliary reconstruction from dead latents (None when none is dead)."""
         x_in = self.encoder_input(x).detach()
+        shift = self.b_dec if self.cfg.center else None
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_in, self.W_enc)
             code = self.code(pre, "train")
-            aux = self._aux_code(pre, dead)
-        rows, cols = code.rows, code.cols
-        if aux is not None:
-            rows, cols = torch.cat([rows, aux.rows]), torch.cat([cols, aux.cols])
-        vals = kept_pre(pre, x_in, self.W_enc, self.b_enc, rows, cols, self.b_dec if self.cfg.center else None)
-        n = code.vals.numel()
-        code = Code(code.rows, code.cols, vals[:n], code.n, code.m)
-        if aux is not None:
-            aux = Code(aux.rows, aux.cols, vals[n:], aux.n, aux.m)
-        return code, aux
+        vals = kept_pre(pre, x_in, self.W_enc, self.b_enc, code.rows, code.cols, shift)
+        return Code(code.rows, code.cols, vals, code.n, code.m), self._aux_decode(pre, x_in, dead, shift)
 
-    def _aux_code(self, pre: torch.Tensor, dead: torch.Tensor | None) -> Code | None:
-        """The top aux_k dead latents of each token (Gao et al. 2024), to reconstruct the residual."""
+    def _aux_decode(self, pre: torch.Tensor, x_in: torch.Tensor, dead: torch.Tensor | None,
+                    shift: torch.Tensor | None) -> torch.Tensor | None:
+        """The reconstruction from each token's top aux_k dead latents (Gao et al. 2024), which the
+        auxiliary loss fits to the residual. When those pairs fill at least 1/AUX_DENSE_FROM of the dead
+        latents' block (few dead latents, or many per token), dense products over the dead columns are
+        cheaper than per-pair bags; otherwise the kept pairs alone, like the main code."""
         if dead is None or not bool(dead.any()):
             return None
-        dead_idx = dead.nonzero().squeeze(1)
-        code = topk_code(pre[:, dead_idx], min(self.cfg.aux_k, len(dead_idx)))
-        return Code(code.rows, dead_idx[code.cols], code.vals, code.n, self.cfg.d_sae)
+        idx = dead.nonzero().squeeze(1)
+        k = min(self.cfg.aux_k, len(idx))
+        with torch.no_grad():
+            sub = pre[:, idx]
+        if k * AUX_DENSE_FROM >= len(idx):
+            with torch.no_grad():
+                if k < len(idx):
+                    v, i = sub.topk(k, dim=1, sorted=False)
+                    sub = torch.zeros_like(sub).scatter_(1, i, v)
+                sub = sub.relu_()
+            return subset_pre(sub, x_in, self.W_enc, self.b_enc, idx, shift) @ self.W_dec[idx]
+        code = topk_code(sub, k)
+        cols = idx[code.cols]
+        vals = kept_pre(pre, x_in, self.W_enc, self.b_enc, code.rows, cols, shift)
+        return sparse_decode(Code(code.rows, cols, vals, code.n, self.cfg.d_sae), self.W_dec)
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:

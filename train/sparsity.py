@@ -118,6 +118,34 @@ def kept_pre(pre: torch.Tensor, x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: 
     return _KeptPre.apply(pre, x_in.detach(), W_enc, b_enc, shift, rows, cols)
 
 
+class _SubsetPre(torch.autograd.Function):
+    """The block pre[:, cols] of pre = x_in W_enc + b_enc, already masked (zeros where a latent is not
+    kept), with the gradients of W_enc[:, cols] and b_enc[cols] through the kept entries: one dense
+    [d, n] x [n, |cols|] product. For a block the kept pairs fill much of (the auxiliary loss's dead
+    latents), dense products cost less than per-pair bags."""
+
+    @staticmethod
+    def forward(ctx, sub, x_in, W_enc, b_enc, shift, cols):
+        ctx.save_for_backward(x_in, W_enc, cols, sub != 0)
+        ctx.has_shift = shift is not None
+        return sub
+
+    @staticmethod
+    def backward(ctx, g):
+        x_in, W_enc, cols, kept = ctx.saved_tensors
+        g = g.to(x_in.dtype) * kept
+        gW = torch.zeros_like(W_enc, dtype=g.dtype).index_copy_(1, cols, x_in.t() @ g)
+        gb = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device).index_copy_(0, cols, g.sum(0))
+        gshift = -(W_enc.detach().to(gb.dtype) @ gb) if ctx.has_shift else None
+        return None, None, gW.to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None
+
+
+def subset_pre(sub: torch.Tensor, x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+               cols: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable masked block `sub` = pre[:, cols] (zero where not kept), computed without a graph."""
+    return _SubsetPre.apply(sub, x_in.detach(), W_enc, b_enc, shift, cols)
+
+
 def sparse_decode(code: Code, W_dec: torch.Tensor) -> torch.Tensor:
     """sum_j vals_j * W_dec[cols_j] per token (no bias), via embedding_bag."""
     offsets = torch.zeros(code.n, dtype=torch.long, device=code.rows.device)
