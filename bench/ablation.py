@@ -19,8 +19,8 @@ from .records import Record, device_name
 
 # The defaults are what measured best below. Rounds 1-3 were measured on top of the previous
 # defaults (lr 3e-4, MSE averaged over elements, no clipping); they are written that way here, so
-# `--variant` reproduces each row. The last group changes one thing on top of today's defaults.
-PREVIOUS = {"lr": 3e-4, "mse": "mean", "grad_clip": None}
+# `--variant` reproduces each row (with the auxiliary-loss settings of the time, see AUX_BEFORE).
+PREVIOUS = {"lr": 3e-4, "mse": "mean", "grad_clip": None, "aux_coeff": 1 / 32, "dead_tokens": 5 * 4096}
 DL_RECIPE = {"center": True, "b_dec_init": "geometric_median", "grad_clip": 1.0, "mse": "sum", "betas": (0.9, 0.999),
              "warmup": 0.1, "aux_norm": True, "dead_tokens": 10_000_000}
 ROUNDS: dict[str, dict[str, Any]] = {
@@ -54,13 +54,20 @@ ROUNDS: dict[str, dict[str, Any]] = {
     "clip 1.0, MSE summed, lr 1e-3, token standardisation": {"grad_clip": 1.0, "mse": "sum", "lr": 1e-3,
                                                             "norm": "token"},
 }
-ON_DEFAULTS: dict[str, dict[str, Any]] = {
-    "defaults": {},
+# Round 4, on the lr-1e-3 defaults with the dead-latent settings they had then (aux loss 1/32, dead
+# after 20,480 tokens): the reference code's options, a higher lr, and what revives dead latents.
+AUX_BEFORE = {"aux_coeff": 1 / 32, "dead_tokens": 5 * 4096}
+ROUND4: dict[str, dict[str, Any]] = {
+    "defaults, aux 1/32, dead after 20480 tokens": {},
     "defaults + token standardisation": {"norm": "token"},
     "defaults + center": {"center": True},
     "defaults + lr 2e-3": {"lr": 2e-3},
+    "aux 1/8": {"aux_coeff": 1 / 8},
+    "dead after 4096 tokens": {"dead_tokens": 4096},
+    "aux 1/8, dead after 4096 tokens (today's defaults)": {"aux_coeff": 1 / 8, "dead_tokens": 4096},
 }
-VARIANTS: dict[str, dict[str, Any]] = {"defaults": {}} | {n: PREVIOUS | v for n, v in ROUNDS.items()} | ON_DEFAULTS
+VARIANTS: dict[str, dict[str, Any]] = ({"defaults": {}} | {n: PREVIOUS | v for n, v in ROUNDS.items()}
+                                       | {n: AUX_BEFORE | v for n, v in ROUND4.items()})
 
 
 def _cfg(variant: dict[str, Any], arch: str, m: int, k: int) -> dict[str, Any]:

@@ -57,14 +57,17 @@ def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.nd
     return keep
 
 
-def decode(x: np.ndarray, dtype: str, device: str, scale: float) -> torch.Tensor:
-    """Stored rows -> float32 on the device, times scale. On a GPU the stored (half-size) rows cross
-    PCIe and are decoded there; on a CPU torch decodes them with its threads."""
+def stage(x: np.ndarray, dtype: str, device: str) -> torch.Tensor:
+    """Stored rows as a tensor in their storage precision, on the device: on a GPU the (half-size)
+    rows cross PCIe from pinned memory, asynchronously."""
     t = torch.from_numpy(x.view(np.int16) if dtype == "bfloat16" else x)
     if dtype == "bfloat16":
         t = t.view(torch.bfloat16)
-    if device.startswith("cuda"):
-        t = t.pin_memory().to(device, non_blocking=True)
+    return t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t
+
+
+def to_float(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """float32 times scale, where the tensor is (on a GPU, decoded there)."""
     t = t.float()
     return t.mul_(scale) if scale != 1.0 else t
 
@@ -189,15 +192,17 @@ class ActivationStream:
 
     def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
         """Global-batch index `start` onward. A background thread walks the chunks (opening and checking
-        them with `read_threads`); batches are gathered and decoded by `gather_threads` workers at once,
-        and handed out in order."""
+        them with `read_threads`); `gather_threads` workers gather batches at once (and move them to
+        the GPU); each is decoded to float32 as it is handed out, in order. Decoding in the consumer's
+        thread keeps torch's CPU thread pool to one team: a team per worker would spin on the cores
+        the training step needs."""
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         dtype = self.cache.dtype
 
-        def batch(parts: list[tuple[np.ndarray, dict[int, np.ndarray]]]) -> torch.Tensor:
+        def batch(parts: list[tuple[np.ndarray, dict[int, np.ndarray]]]) -> torch.Tensor:  # in a worker
             x = np.concatenate([self._gather(*p) for p in parts]) if len(parts) > 1 else self._gather(*parts[0])
-            return decode(x, dtype, self.device, self.scale)
+            return stage(x, dtype, self.device)
 
         def produce() -> None:
             try:
@@ -215,7 +220,7 @@ class ActivationStream:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item.result()
+                yield to_float(item.result(), self.scale)
         finally:
             stop.set()
             while not q.empty():

@@ -62,9 +62,9 @@ class SAEConfig:
     threshold_lr: float | None = None  # jumprelu: Adam lr of the log-thresholds (None: the SAE's lr)
     sparsity_warmup: float = 0.0      # fraction of training over which the L0/L1 coefficient ramps up from 0
     aux_k: int = 512                  # auxiliary loss on the top aux_k dead latents ...
-    aux_coeff: float = 1 / 32         # ... scaled by this
+    aux_coeff: float = 1 / 8          # ... scaled by this
     aux_norm: bool = False            # ... divided by the residual's variance (dictionary_learning, OpenAI)
-    dead_tokens: int = 5 * 4096       # a latent is dead after this many tokens without firing
+    dead_tokens: int = 4096           # a latent is dead after this many tokens without firing
     # optimiser (None: the run's setting)
     lr: float | None = None
     betas: tuple[float, float] | None = None
