@@ -57,7 +57,8 @@ def test_center_encodes_x_minus_b_dec_and_trains_b_dec_through_the_encoder(aux_k
     a = pre[:, :20].relu()
     av, ai = a.topk(min(aux_k, 20), dim=1)
     aux = torch.zeros_like(a).scatter(1, ai, av) @ centred.W_dec[:20]
-    loss = (x_hat - x).pow(2).sum(-1).mean() + (aux - (x - x_hat).detach()).pow(2).sum(-1).mean() * centred.cfg.aux_coeff
+    aux_loss = (aux - (x - x_hat).detach()).pow(2).sum(-1).mean() * centred.cfg.aux_coeff
+    loss = (x_hat - x).pow(2).sum(-1).mean() + aux_loss  # summed MSE
     loss.backward()
     for n, p in centred.named_parameters():
         torch.testing.assert_close(g[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)

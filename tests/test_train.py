@@ -240,3 +240,18 @@ def test_jumprelu_lands_on_its_target_l0(tmp_path):
     x = heldout_rows(c, SITE, Split.of(c, 0.25), 10 ** 6, 1.0, 0, None)
     l0 = float((sae.encode(x, "threshold") > 0).sum(1).float().mean())
     assert abs(l0 / target - 1) < 0.15, l0
+
+
+def test_run_id_counts_every_sae_field_with_its_default():
+    """The run id (and the identity a resume checks) holds each SAE's whole configuration: naming a
+    default changes nothing, changing any field (so also a default of a later version) makes a new run."""
+    from train.sae import SAEConfig
+    from train.trainer import run_id
+
+    def rid(**cfg):
+        return run_id("cache", TrainSettings(cache="c", saes=[{"arch": "topk", "k": 4, "d_sae": 64} | cfg], out="o"))
+
+    assert rid() == rid(dead_tokens=SAEConfig.dead_tokens, aux_coeff=SAEConfig.aux_coeff)
+    assert len({rid(), rid(dead_tokens=1), rid(aux_coeff=0.5), rid(aux_k=8)}) == 4
+    saes = TrainSettings(cache="c", saes=[{"arch": "topk", "k": 4, "d_sae": 64}], out="o").identity()["saes"]
+    assert saes[0]["dead_tokens"] == SAEConfig.dead_tokens and "d_in" not in saes[0]

@@ -107,7 +107,8 @@ class ActivationStream:
         self.source = ChunkSource(cache, site)
         self.local = batch_size // parts
         self.scale, self.seed, self.parts, self.my_parts = scale, seed, parts, tuple(my_parts)
-        self.device, self.prefetch, self.read_threads, self.gather_threads = device, prefetch, read_threads, gather_threads
+        self.device, self.prefetch = device, prefetch
+        self.read_threads, self.gather_threads = read_threads, gather_threads
         self.drop_token = drop_token
         self.skip_rows = skip_rows
         # rows each chunk contributes (BOS positions and skip_rows left out), from the cache's counts

@@ -57,10 +57,12 @@ class TrainSettings:
     pipeline: str | None = None
 
     def identity(self) -> dict[str, Any]:
-        """What makes two runs the same run (resume only a matching one)."""
-        keep = ("saes", "site", "tokens", "batch_size", "lr", "betas", "seed", "val_fraction", "theta_estimator",
+        """What makes two runs the same run (resume only a matching one). Each SAE counts with every
+        field of its configuration, defaults included, so a change of defaults makes a new run."""
+        keep = ("site", "tokens", "batch_size", "lr", "betas", "seed", "val_fraction", "theta_estimator",
                 "theta_tokens", "theta_window", "include_bos", "include_outliers")
-        return {"cache_id": None, **{k: getattr(self, k) for k in keep}}
+        saes = [{k: v for k, v in asdict(SAEConfig(d_in=1, **c)).items() if k != "d_in"} for c in self.saes]
+        return {"cache_id": None, "saes": saes, **{k: getattr(self, k) for k in keep}}
 
 
 class Objective(nn.Module):
