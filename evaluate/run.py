@@ -181,6 +181,7 @@ def evaluate(s: EvalSettings) -> list[Path]:
                    # the SAE's settings without its replicate: replicates of one config share it
                    "config": replace(cfg, replicate=0).name, "replicate": cfg.replicate,
                    "theta_estimator": md.get("theta_estimator"), "theta_estimates": md.get("theta_estimates"),
+                   "heldout_l0": md.get("heldout_l0"),
                    "cache_id": cache.attrs["cache_id"],
                    "pipeline": md.get("pipeline"), "model": spec.name, "site": site, "mode": main,
                    **modes[main], "modes": modes, "exclude_bos": s.exclude_bos,

@@ -216,6 +216,10 @@ def test_theta_from_final_weights_hits_k_on_heldout_tokens(synthetic_cache, tmp_
     assert len(x) > 2500
     l0 = float((sae.encode(x, "threshold") > 0).sum(1).float().mean())
     assert abs(l0 / 3 - 1) < 0.02, l0
+    # the trainer measured the same, chunk by chunk over the 6 held-out chunks
+    h = md["heldout_l0"]
+    assert h["rows"] == len(x) and len(h["per_chunk"]) == 6 and h["mode"] == "threshold"
+    assert h["mean"] == pytest.approx(l0, rel=1e-4) and 0 < h["standard_error"] < 0.1
 
 
 def test_jumprelu_lands_on_its_target_l0(tmp_path):
@@ -240,6 +244,7 @@ def test_jumprelu_lands_on_its_target_l0(tmp_path):
     x = heldout_rows(c, SITE, Split.of(c, 0.25), 10 ** 6, 1.0, 0, None)
     l0 = float((sae.encode(x, "threshold") > 0).sum(1).float().mean())
     assert abs(l0 / target - 1) < 0.15, l0
+    assert meta["metadata"]["heldout_l0"]["mean"] == pytest.approx(l0, rel=1e-4)
 
 
 def test_run_id_counts_every_sae_field_with_its_default():
@@ -251,7 +256,21 @@ def test_run_id_counts_every_sae_field_with_its_default():
     def rid(**cfg):
         return run_id("cache", TrainSettings(cache="c", saes=[{"arch": "topk", "k": 4, "d_sae": 64} | cfg], out="o"))
 
-    assert rid() == rid(dead_tokens=SAEConfig.dead_tokens, aux_coeff=SAEConfig.aux_coeff)
+    assert rid() == rid(dead_tokens=8192, aux_coeff=SAEConfig.aux_coeff) == rid(dead_tokens=None)
     assert len({rid(), rid(dead_tokens=1), rid(aux_coeff=0.5), rid(aux_k=8)}) == 4
     saes = TrainSettings(cache="c", saes=[{"arch": "topk", "k": 4, "d_sae": 64}], out="o").identity()["saes"]
-    assert saes[0]["dead_tokens"] == SAEConfig.dead_tokens and "d_in" not in saes[0]
+    assert saes[0]["dead_tokens"] == 8192 and "d_in" not in saes[0]
+
+
+def test_dead_latent_window_defaults_by_architecture():
+    """TopK counts a latent dead after 8192 silent tokens, the others after 4096 (bench/ablation.py rounds
+    4-5); the default is not spelled in the name, a different window is, and a window below 1 is refused."""
+    from train.sae import SAEConfig
+
+    assert SAEConfig("topk", 8, 64, k=4).dead_tokens == 8192
+    assert SAEConfig("batchtopk", 8, 64, k=4).dead_tokens == SAEConfig("jumprelu", 8, 64).dead_tokens == 4096
+    assert SAEConfig("topk", 8, 64, k=4, dead_tokens=8192).name == "topk_k4_m64"
+    assert SAEConfig("topk", 8, 64, k=4, dead_tokens=4096).name == "topk_k4_m64_dead_tokens-4096"
+    assert SAEConfig("batchtopk", 8, 64, k=4, dead_tokens=8192).name == "batchtopk_k4_m64_dead_tokens-8192"
+    with pytest.raises(PipelineError, match="dead_tokens=0 must be at least 1"):
+        SAEConfig("topk", 8, 64, k=4, dead_tokens=0)

@@ -234,17 +234,23 @@ def warn_epochs(tokens: int, epoch_tokens: int) -> None:
                       f"{tokens:,} tokens repeats it {tokens / epoch_tokens:.1f} times", stacklevel=2)
 
 
+def heldout_chunk_rows(cache: Cache, site: str, split: Split, drop_token: int | None = None,
+                       skip_rows: np.ndarray | None = None) -> Iterator[torch.Tensor]:
+    """Each held-out chunk's rows in turn (float32), with the stream's exclusions."""
+    if not split.heldout_chunks:
+        raise PipelineError("no held-out chunks (val_fraction is 0)")
+    for c in split.heldout_chunks:
+        rows = cache.read_rows(site, *cache.row_range(c))[keep_mask(cache, c, drop_token, skip_rows)]
+        yield torch.from_numpy(np.ascontiguousarray(rows))
+
+
 def heldout_rows(cache: Cache, site: str, split: Split, max_rows: int, scale: float = 1.0,
                  drop_token: int | None = None, skip_rows: np.ndarray | None = None) -> torch.Tensor:
     """Up to max_rows rows of the held-out chunks (float32, times scale), with the stream's exclusions."""
-    if not split.heldout_chunks:
-        raise PipelineError("no held-out chunks (val_fraction is 0)")
     parts, n = [], 0
-    for c in split.heldout_chunks:  # read only as many chunks as max_rows needs
-        rows = cache.read_rows(site, *cache.row_range(c))[keep_mask(cache, c, drop_token, skip_rows)]
+    for rows in heldout_chunk_rows(cache, site, split, drop_token, skip_rows):  # only the chunks max_rows needs
         parts.append(rows)
         n += len(rows)
         if n >= max_rows:
             break
-    x = np.concatenate(parts)[:max_rows]
-    return torch.from_numpy(np.ascontiguousarray(x)).mul_(scale)
+    return torch.cat(parts)[:max_rows].mul_(scale)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import signal
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +22,7 @@ from harvest.cache import Cache
 from harvest.errors import PipelineError
 
 from . import checkpoint, recipe
-from .data import ActivationStream, Split, heldout_rows, warn_epochs
+from .data import ActivationStream, Split, heldout_chunk_rows, heldout_rows, warn_epochs
 from .sae import SAE, SAEConfig, save_sae, standardized_mse
 from .theta import ESTIMATORS, estimate_theta, target_shift
 
@@ -334,6 +335,34 @@ class Trainer:
             out[i] = est
         return out
 
+    @torch.no_grad()
+    def _heldout_l0(self) -> list[dict[str, Any] | None]:
+        """Inference-mode L0 of every SAE whose L0 is not fixed by construction (BatchTopK's θ, JumpReLU's
+        thresholds) over all held-out rows, chunk by chunk: held-out text differs from chunk to chunk, and
+        the spread over chunks says how far a difference from k (or the target) is more than that."""
+        todo = [i for i, c in enumerate(self.cfgs) if c.arch in ("batchtopk", "jumprelu")]
+        if not todo:
+            return [None] * len(self.saes)
+        sums: dict[int, list[float]] = {i: [] for i in todo}
+        rows: list[int] = []
+        for x in heldout_chunk_rows(self.cache, self.site, self.split, self.drop, self.skip):
+            if not len(x):
+                continue
+            x = x.to(self.device)
+            rows.append(len(x))
+            for i in todo:
+                sae = self.saes[i]
+                with _autocast(self.device):
+                    counts = sae.code(sae.pre(sae.normalize(x)[0]), sae.modes[0]).counts
+                sums[i].append(float(counts.sum()))
+        out: list[dict[str, Any] | None] = [None] * len(self.saes)
+        for i in todo:
+            per_chunk = [s / n for s, n in zip(sums[i], rows)]
+            spread = statistics.stdev(per_chunk) / math.sqrt(len(per_chunk)) if len(per_chunk) > 1 else 0.0
+            out[i] = {"mean": sum(sums[i]) / sum(rows), "standard_error": spread, "per_chunk": per_chunk,
+                      "rows": sum(rows), "mode": self.saes[i].modes[0]}
+        return out
+
     def _finish(self) -> list[Path]:
         thetas = self._estimate_thetas()
         dirs = []
@@ -346,10 +375,13 @@ class Trainer:
             dirs.append(self.sae_dir(cfg))
         if self.rank == 0:
             val = heldout_rows(self.cache, self.site, self.split, 8192, 1.0, self.drop, self.skip).to(self.device)
-            for sae, cfg, d, est in zip(self.saes, self.cfgs, dirs, thetas):
+            l0s = self._heldout_l0()
+            for sae, cfg, d, est, l0 in zip(self.saes, self.cfgs, dirs, thetas, l0s):
                 meta = self._metadata(cfg)
                 if est is not None:
                     meta["theta_estimates" if cfg.arch == "batchtopk" else "target_l0_calibration"] = est
+                if l0 is not None:
+                    meta["heldout_l0"] = l0
                 with torch.no_grad():
                     for mode in sae.modes:
                         x_hat = sae(val, mode)
