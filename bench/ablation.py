@@ -66,8 +66,16 @@ ROUND4: dict[str, dict[str, Any]] = {
     "dead after 4096 tokens": {"dead_tokens": 4096},
     "aux 1/8, dead after 4096 tokens (today's defaults)": {"aux_coeff": 1 / 8, "dead_tokens": 4096},
 }
+# Round 5, TopK at small k (where round 4's settings cost it 2.4%): the dead-latent settings between
+# round 4's two corners, each written out in full.
+ROUND5: dict[str, dict[str, Any]] = {
+    "aux 1/32, dead after 4096 tokens": {"aux_coeff": 1 / 32, "dead_tokens": 4096},
+    "aux 1/16, dead after 4096 tokens": {"aux_coeff": 1 / 16, "dead_tokens": 4096},
+    "aux 1/8, dead after 8192 tokens": {"aux_coeff": 1 / 8, "dead_tokens": 8192},
+    "aux 1/8, dead after 4096 tokens": {"aux_coeff": 1 / 8, "dead_tokens": 4096},
+}
 VARIANTS: dict[str, dict[str, Any]] = ({"defaults": {}} | {n: PREVIOUS | v for n, v in ROUNDS.items()}
-                                       | {n: AUX_BEFORE | v for n, v in ROUND4.items()})
+                                       | {n: AUX_BEFORE | v for n, v in ROUND4.items()} | ROUND5)
 
 
 def _cfg(variant: dict[str, Any], arch: str, m: int, k: int) -> dict[str, Any]:

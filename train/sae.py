@@ -36,6 +36,11 @@ B_DEC_INITS = ("mean", "geometric_median", "zero")
 MSE_REDUCTIONS = ("mean", "sum")
 DENSE_DECODE_ABOVE = 0.05  # decode densely when more than this fraction of latents is active
 AUX_DENSE_FROM = 12        # aux loss: dense over the dead columns when its pairs fill 1/12 of their block or more
+# Dead-latent window by architecture (bench/ablation.py rounds 4 and 5, the peers' batches at 8xd): one
+# batch of 4096 tokens for BatchTopK; TopK, whose latents fire less evenly at small k, 8192 (at k = 16,
+# 4096 left it 2.4% worse and 4% of latents dead; at k = 32 the two are equal).
+DEAD_TOKENS = {"topk": 8192}
+DEAD_TOKENS_DEFAULT = 4096
 LN_EPS = 1e-5              # token standardisation: (x - mean) / (std + eps), as SAELens's layer_norm
 
 
@@ -64,7 +69,7 @@ class SAEConfig:
     aux_k: int = 512                  # auxiliary loss on the top aux_k dead latents ...
     aux_coeff: float = 1 / 8          # ... scaled by this
     aux_norm: bool = False            # ... divided by the residual's variance (dictionary_learning, OpenAI)
-    dead_tokens: int = 4096           # a latent is dead after this many tokens without firing
+    dead_tokens: int | None = None    # a latent is dead after this many tokens without firing (None: DEAD_TOKENS)
     # optimiser (None: the run's setting)
     lr: float | None = None
     betas: tuple[float, float] | None = None
@@ -93,6 +98,10 @@ class SAEConfig:
             raise PipelineError(f"warmup ({self.warmup}) and decay ({self.decay}) together must stay below 1")
         if self.betas is not None:
             self.betas = tuple(float(b) for b in self.betas)
+        if self.dead_tokens is None:
+            self.dead_tokens = DEAD_TOKENS.get(self.arch, DEAD_TOKENS_DEFAULT)
+        if self.dead_tokens < 1:
+            raise PipelineError(f"dead_tokens={self.dead_tokens} must be at least 1")
 
     @property
     def name(self) -> str:
