@@ -85,7 +85,7 @@ class Group:
 
 
 def _heldout_ratio(g: Group) -> str:
-    """Mean L0 / k over all held-out rows ± the standard error over chunks (averaged over replicates)."""
+    """Mean L0 / k over the held-out rows ± the standard error over chunks (averaged over replicates)."""
     hs = [r.get("heldout_l0") for r in g.rows]
     if not all(hs):
         return "–"
@@ -312,10 +312,10 @@ def write_report(pipeline: str, dirs: list[str], out: str | None = None) -> Path
     bt = [g for g in gs if g.arch == "batchtopk"]
     if bt:
         lines += ["", "## BatchTopK: batch mode against threshold mode", "",
-                  "L0 θ / k is measured twice: on the evaluation tokens, and (from training) on every held-out row, "
+                  "L0 θ / k is measured twice: on the evaluation tokens, and (from training) on the held-out rows, "
                   "with the standard error over held-out chunks: how much L0 moves with the text alone.", "",
                   "| configuration | θ estimator | NMSE batch | NMSE θ | CE deg. batch | CE deg. θ | L0 θ | L0 θ / k | "
-                  "L0 θ / k, all held-out rows |", "|---|---|---|---|---|---|---|---|---|"]
+                  "L0 θ / k, held-out rows |", "|---|---|---|---|---|---|---|---|---|"]
         for g in bt:
             ratio = statistics.fmean(v / g.first["k"] for v in g.values("l0", "threshold"))
             lines.append(f"| {g.config} | {g.first.get('theta_estimator') or 'running'} | {g.fmt('nmse', 'batch')} | "

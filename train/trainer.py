@@ -30,6 +30,7 @@ STATE_FILE = "state.pt"
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
 THETA_ESTIMATORS = (*ESTIMATORS, "running")
+HELDOUT_L0_ROWS = 1 << 17  # held-out rows the final L0 check reads at most (the paper pipeline has 31,608)
 
 
 @dataclass
@@ -338,8 +339,9 @@ class Trainer:
     @torch.no_grad()
     def _heldout_l0(self) -> list[dict[str, Any] | None]:
         """Inference-mode L0 of every SAE whose L0 is not fixed by construction (BatchTopK's θ, JumpReLU's
-        thresholds) over all held-out rows, chunk by chunk: held-out text differs from chunk to chunk, and
-        the spread over chunks says how far a difference from k (or the target) is more than that."""
+        thresholds) over the held-out rows (whole chunks, up to HELDOUT_L0_ROWS), chunk by chunk: held-out
+        text differs from chunk to chunk, and the spread over chunks says how far a difference from k (or
+        the target) is more than that."""
         todo = [i for i, c in enumerate(self.cfgs) if c.arch in ("batchtopk", "jumprelu")]
         if not todo:
             return [None] * len(self.saes)
@@ -355,6 +357,8 @@ class Trainer:
                 with _autocast(self.device):
                     counts = sae.code(sae.pre(sae.normalize(x)[0]), sae.modes[0]).counts
                 sums[i].append(float(counts.sum()))
+            if sum(rows) >= HELDOUT_L0_ROWS:  # a large cache's held-out part need not be read whole
+                break
         out: list[dict[str, Any] | None] = [None] * len(self.saes)
         for i in todo:
             per_chunk = [s / n for s, n in zip(sums[i], rows)]
