@@ -14,8 +14,16 @@ from . import records
               help="Run only these parts (default: all).")
 @click.option("--harvest-tokens", default=8192, show_default=True)
 @click.option("--steps", default=5, show_default=True, help="Training steps timed per implementation.")
+@click.option("--d-in", default=576, show_default=True, help="Train part: activation width (GPT-2 small: 768).")
+@click.option("--d-sae", default=4608, show_default=True, help="Train part: latents (GPT-2 setting: 12288).")
+@click.option("--k", default=32, show_default=True, help="Train part: k.")
+@click.option("--batch", default=4096, show_default=True, help="Train part: tokens per batch.")
+@click.option("--dead-fraction", default=0.25, show_default=True,
+              help="Train part: share of latents marked dead, so the auxiliary loss runs.")
+@click.option("--device", help="Train part: cuda or cpu (default: CUDA when present).")
+@click.option("--out", "out_name", help="Write <part>-<OUT>.json instead of <part>.json (keeps other runs' files).")
 @click.pass_context
-def main(ctx, parts, harvest_tokens, steps) -> None:
+def main(ctx, parts, harvest_tokens, steps, d_in, d_sae, k, batch, dead_fraction, device, out_name) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from . import browse_bench, harvest_bench, scaling_bench, train_bench
@@ -23,9 +31,9 @@ def main(ctx, parts, harvest_tokens, steps) -> None:
     todo = parts or ("harvest", "train", "scaling", "browse")
     for part in todo:
         recs = {"harvest": lambda: harvest_bench.run(tokens=harvest_tokens),
-                "train": lambda: train_bench.run(steps=steps),
+                "train": lambda: train_bench.run(d_in, d_sae, k, batch, steps, device, dead_fraction),
                 "scaling": scaling_bench.run, "browse": browse_bench.run}[part]()
-        path = records.write(part, recs)
+        path = records.write(f"{part}-{out_name}" if out_name else part, recs)
         click.echo(f"\n== {part} ({path})\n{records.table(recs)}")
 
 
