@@ -98,7 +98,7 @@ def step_time(arch: str, impl: str, d: int, m: int, k: int, batch: int, steps: i
         sae = SAE(SAEConfig(arch, d_in=d, d_sae=m, k=k if arch in ("batchtopk", "topk") else None,
                             jumprelu_init_l0=k)).to(device)
         sae.init_from_data(x)
-        opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99), fused=device.startswith("cuda") or None)
 
         def one():
             opt.zero_grad(set_to_none=True)

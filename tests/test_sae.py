@@ -175,3 +175,36 @@ def test_aux_loss_revives_dead_latents_on_synthetic_data():
         result[coeff] = (int((fired[32:] > 0).sum()), float(out["mse"].detach()))
     assert result[0.0][0] == 0  # without the aux loss they never fire
     assert result[1 / 32][0] >= 24 and result[1 / 32][1] < 0.6 * result[0.0][1]
+
+
+def test_topk_code_keeps_k_pairs_but_counts_only_positive_ones():
+    """Where fewer than k latents are positive, the code keeps k pairs per row (no read-back of a count),
+    the extra ones at value 0: they count in neither L0 nor firing, and carry no gradient."""
+    torch.manual_seed(8)
+    sae = SAE(SAEConfig("topk", d_in=16, d_sae=64, k=6))
+    with torch.no_grad():
+        sae.b_enc[:] = -3.0  # most pre-activations negative: many rows have fewer than 6 positive
+        sae.b_enc[:4] = 3.0
+    x = torch.randn(48, 16)
+    pre = sae.pre(x).detach()
+    code = topk_code(pre, 6)
+    positive = (pre > 0).sum(1).clamp(max=6)
+    assert code.pairs == 48 * 6 and (positive < 6).any()
+    assert code.counts.tolist() == positive.tolist() and code.nnz == int(positive.sum())
+    assert code.fired().tolist() == (code.dense() > 0).sum(0).tolist()
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[40:] = True
+    ours = sae.losses(x, dead)[0]["loss"]
+    ours.backward()
+    g = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    from bench.train_bench import dense_losses
+    dense_losses(sae, x, dead).backward()
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, g[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_count_is_bincount():
+    from train.sparsity import count
+    idx = torch.tensor([3, 0, 3, 7, 3])
+    assert count(idx, 9).tolist() == torch.bincount(idx, minlength=9).tolist()

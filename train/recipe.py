@@ -26,7 +26,8 @@ def make_optimizer(sae: SAE, lr: float, betas: tuple[float, float]) -> torch.opt
         groups.append({"params": [sae.log_threshold], "lr": cfg.threshold_lr or lr})
     for g in groups:
         g["base_lr"] = g["lr"]
-    return torch.optim.Adam(groups, betas=tuple(cfg.betas or betas))
+    fused = sae.W_enc.is_cuda or None  # one fused kernel on a GPU; the CPU keeps the default (foreach)
+    return torch.optim.Adam(groups, betas=tuple(cfg.betas or betas), fused=fused)
 
 
 def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:

@@ -185,7 +185,7 @@ class SAE(nn.Module):
         self.register_buffer("theta", torch.zeros(()))
         # global norm: raw activations are multiplied by this before encoding (1 once saved: folded in)
         self.register_buffer("input_scale", torch.ones(()))
-        self._hint: float | None = None  # where batch top-k selection starts looking (speed only)
+        self._hint: torch.Tensor | None = None  # where batch top-k selection starts looking (speed only)
 
     # ------------------------------------------------------------ input and output spaces
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -228,8 +228,8 @@ class SAE(nn.Module):
             if mode == "threshold":
                 return Code.from_dense(pre * (pre > self.theta.clamp_min(0)))
             code = batch_topk_code(pre, self.cfg.k, self._hint)
-            if code.nnz:  # the next batch's selection starts from a little below this one's threshold
-                self._hint = 0.9 * float(code.vals.min())
+            if code.pairs:  # the next batch's selection starts from a little below this one's threshold
+                self._hint = 0.9 * code.vals.detach().min()  # stays on the device
             return code
         if a == "topk":
             return topk_code(pre, self.cfg.k)
@@ -238,7 +238,7 @@ class SAE(nn.Module):
         return Code.from_dense(pre.relu())
 
     def decode_code(self, code: Code) -> torch.Tensor:
-        if code.nnz > DENSE_DECODE_ABOVE * code.n * code.m:
+        if code.pairs > DENSE_DECODE_ABOVE * code.n * code.m:
             return code.dense() @ self.W_dec + self.b_dec
         return sparse_decode(code, self.W_dec) + self.b_dec
 
@@ -309,7 +309,8 @@ class SAE(nn.Module):
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_in, self.W_enc)
             code = self.code(pre, "train")
-        vals = kept_pre(pre, x_in, self.W_enc, self.b_enc, code.rows, code.cols, shift)
+        # relu: a TopK code keeps a pair (value 0) where fewer than k latents are positive
+        vals = kept_pre(pre, x_in, self.W_enc, self.b_enc, code.rows, code.cols, shift).relu()
         return Code(code.rows, code.cols, vals, code.n, code.m), self._aux_decode(pre, x_in, dead, shift)
 
     def _aux_decode(self, pre: torch.Tensor, x_in: torch.Tensor, dead: torch.Tensor | None,
@@ -318,9 +319,11 @@ class SAE(nn.Module):
         auxiliary loss fits to the residual. When those pairs fill at least 1/AUX_DENSE_FROM of the dead
         latents' block (few dead latents, or many per token), dense products over the dead columns are
         cheaper than per-pair bags; otherwise the kept pairs alone, like the main code."""
-        if dead is None or not bool(dead.any()):
+        if dead is None:
             return None
         idx = dead.nonzero().squeeze(1)
+        if not len(idx):
+            return None
         k = min(self.cfg.aux_k, len(idx))
         with torch.no_grad():
             sub = pre[:, idx]
@@ -333,7 +336,7 @@ class SAE(nn.Module):
             return subset_pre(sub, x_in, self.W_enc, self.b_enc, idx, shift) @ self.W_dec[idx]
         code = topk_code(sub, k)
         cols = idx[code.cols]
-        vals = kept_pre(pre, x_in, self.W_enc, self.b_enc, code.rows, cols, shift)
+        vals = kept_pre(pre, x_in, self.W_enc, self.b_enc, code.rows, cols, shift).relu()
         return sparse_decode(Code(code.rows, cols, vals, code.n, self.cfg.d_sae), self.W_dec)
 
     @torch.no_grad()
@@ -344,13 +347,13 @@ class SAE(nn.Module):
             g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
 
     @torch.no_grad()
-    def prepare_grads(self) -> float | None:
+    def prepare_grads(self) -> torch.Tensor | None:
         """After backward: project the decoder's gradient, then clip the gradient norm at grad_clip when
-        set. Returns the norm before clipping (None without clipping)."""
+        set. Returns the norm before clipping, on the device (None without clipping)."""
         self.project_decoder_grad()
         if not self.cfg.grad_clip:
             return None
-        return float(nn.utils.clip_grad_norm_(self.parameters(), self.cfg.grad_clip))
+        return nn.utils.clip_grad_norm_(self.parameters(), self.cfg.grad_clip)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

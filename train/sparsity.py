@@ -52,25 +52,39 @@ class Code:
 
     @property
     def nnz(self) -> int:
+        """Active (non-zero) entries; reads the count back from the device."""
+        return int((self.f != 0).sum()) if self._rows is None else int((self._vals != 0).sum())
+
+    @property
+    def pairs(self) -> int:
+        """Stored pairs (a TopK code keeps its k pairs per row even where a value is 0); no device read
+        for a sparse code."""
         return int((self.f != 0).sum()) if self._rows is None else self._vals.numel()
+
+    def _active(self) -> torch.Tensor:
+        return (self._vals != 0).long()
 
     @property
     def counts(self) -> torch.Tensor:
         """Active latents per token."""
         if self._rows is None:
             return (self.f != 0).sum(1)
-        return torch.bincount(self._rows, minlength=self.n)
+        return torch.zeros(self.n, dtype=torch.long, device=self._rows.device).index_add_(0, self._rows,
+                                                                                          self._active())
 
     def fired(self) -> torch.Tensor:
         """How many tokens of the batch each latent fired on."""
         if self._rows is None:
             return (self.f != 0).sum(0)
-        return torch.bincount(self._cols, minlength=self.m)
+        return torch.zeros(self.m, dtype=torch.long, device=self._cols.device).index_add_(0, self._cols,
+                                                                                          self._active())
 
     def min_active(self) -> torch.Tensor:
-        """The smallest kept activation (BatchTopK's threshold estimate uses it)."""
-        v = self.f[self.f != 0] if self._rows is None else self._vals
-        return v.detach().min()
+        """The smallest active activation (BatchTopK's threshold estimate uses it)."""
+        if self._rows is None:
+            return self.f[self.f != 0].detach().min()
+        v = self._vals.detach()
+        return torch.where(v != 0, v, torch.inf).min()
 
     def dense(self) -> torch.Tensor:
         if self.f is not None:
@@ -80,10 +94,15 @@ class Code:
         return out
 
 
+def count(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each of 0..size-1 occurs in idx: bincount without its read-back of idx.max() on a GPU."""
+    return torch.zeros(size, dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+
+
 def _col_bags(cols: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(permutation sorting the pairs by latent, offset of each latent's bag) for embedding_bag."""
     order = torch.argsort(cols)
-    counts = torch.bincount(cols, minlength=m)
+    counts = count(cols, m)
     return order, torch.cumsum(counts, 0) - counts
 
 
@@ -148,25 +167,26 @@ def subset_pre(sub: torch.Tensor, x_in: torch.Tensor, W_enc: torch.Tensor, b_enc
 
 def sparse_decode(code: Code, W_dec: torch.Tensor) -> torch.Tensor:
     """sum_j vals_j * W_dec[cols_j] per token (no bias), via embedding_bag."""
-    offsets = torch.zeros(code.n, dtype=torch.long, device=code.rows.device)
-    if code.n > 1:
-        offsets[1:] = torch.cumsum(code.counts, 0)[:-1]
+    per_row = count(code.rows, code.n)  # stored pairs, zeros included
+    offsets = torch.cumsum(per_row, 0) - per_row
     return F.embedding_bag(code.cols, W_dec, offsets, mode="sum", per_sample_weights=code.vals.to(W_dec.dtype))
 
 
 def topk_code(pre: torch.Tensor, k: int) -> Code:
-    """Exactly k latents per token: the k largest of relu(pre) (positive values only)."""
+    """The k largest of relu(pre) per token: k pairs per row, a value of 0 where fewer than k are
+    positive (kept as pairs, so the code's size is known without reading anything back)."""
     n, m = pre.shape
     vals, cols = pre.topk(k, dim=1, sorted=False)
     rows = torch.arange(n, device=pre.device).repeat_interleave(k)
-    keep = vals.flatten() > 0
-    return Code(rows[keep], cols.flatten()[keep], vals.flatten()[keep], n, m)
+    return Code(rows, cols.flatten(), vals.flatten().relu(), n, m)
 
 
-def batch_topk_indices(pre: torch.Tensor, k: int, hint: float | None = None, candidates: int = 4) -> torch.Tensor:
+def batch_topk_indices(pre: torch.Tensor, k: int, hint: float | torch.Tensor | None = None,
+                       candidates: int = 4) -> torch.Tensor:
     """Flat indices (sorted) of the n*k largest positive entries of pre [n, m]; exact.
 
-    With `hint` (a value a little below the expected n*k-th largest, e.g. from the previous batch),
+    With `hint` (a positive value a little below the expected n*k-th largest, e.g. from the previous
+    batch; a 0-d tensor stays on the device),
     the candidates are the entries above it: one comparison and one nonzero over the batch, then a
     top-(n*k) among a few more than n*k values. When fewer than n*k entries pass, or without a hint,
     each row's top `candidates*k` are the candidates; that holds the answer unless some row had every
@@ -175,7 +195,7 @@ def batch_topk_indices(pre: torch.Tensor, k: int, hint: float | None = None, can
     n, m = pre.shape
     K = min(n * k, n * m)
     flat = pre.flatten()
-    if hint is not None and hint > 0:
+    if hint is not None and (torch.is_tensor(hint) or hint > 0):
         idx = (flat > hint).nonzero().squeeze(1)
         if len(idx) >= K:
             return idx[flat[idx].topk(K, sorted=False).indices].sort().values
@@ -184,7 +204,7 @@ def batch_topk_indices(pre: torch.Tensor, k: int, hint: float | None = None, can
         cv, ci = pre.topk(c, dim=1, sorted=False)
         sel = cv.flatten().topk(K, sorted=False).indices
         rows = sel // c
-        if int(torch.bincount(rows, minlength=n).max()) < c:
+        if int(count(rows, n).max()) < c:
             idx = rows * m + ci.flatten()[sel]
         else:
             idx = flat.topk(K, sorted=False).indices
@@ -194,7 +214,7 @@ def batch_topk_indices(pre: torch.Tensor, k: int, hint: float | None = None, can
     return idx[flat[idx] > 0]
 
 
-def batch_topk_code(pre: torch.Tensor, k: int, hint: float | None = None) -> Code:
+def batch_topk_code(pre: torch.Tensor, k: int, hint: float | torch.Tensor | None = None) -> Code:
     """The n*k largest activations relu(pre) across the whole batch: k per token on average."""
     n, m = pre.shape
     idx = batch_topk_indices(pre, k, hint)

@@ -131,6 +131,8 @@ class Trainer:
                                    else None) for o in self.objectives]
         self.opts = [recipe.make_optimizer(sae, s.lr, tuple(s.betas)) for sae in self.saes]
         self.since_fired = [torch.zeros(c.d_sae, dtype=torch.long, device=self.device) for c in self.cfgs]
+        self.bad_step = [torch.tensor(-1, device=self.device) for _ in self.cfgs]  # first non-finite loss
+        self.bad_loss = [torch.tensor(0.0, device=self.device) for _ in self.cfgs]
         self.theta_sum = [0.0] * len(self.saes)
         self.theta_n = [0] * len(self.saes)
         self.step = 0
@@ -229,6 +231,7 @@ class Trainer:
                 self.step += 1
                 bar.update(self.s.batch_size)
                 if self.step % self.s.log_every == 0 or self.step == self.total_steps:
+                    self._check_finite()
                     rate = (self.step * self.s.batch_size - tok0) / (time.perf_counter() - t0)
                     for cfg, m, f in zip(self.cfgs, metrics, logs):
                         if f is not None:
@@ -241,10 +244,12 @@ class Trainer:
                                 for k, v in m.items():
                                     tb.add_scalar(f"{cfg.name}/{k}", v, self.step)
                 if self.step % self.s.checkpoint_every == 0:
+                    self._check_finite()
                     self.save_state()
                 if interrupted["flag"]:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
+            self._check_finite()
             self.save_state()
             bar.close()
             raise PipelineError(f"interrupted at step {self.step}/{self.total_steps}; state saved in {self.out}, "
@@ -268,10 +273,10 @@ class Trainer:
         with _autocast(self.device):
             out, code, x_in = obj(x, dead, coeff)
         loss = out["loss"]
-        if not bool(torch.isfinite(loss)):
-            raise PipelineError(f"loss became {float(loss)} at step {self.step + 1} for {cfg.name}; stopped; "
-                                f"the last good checkpoint in {self.out} is kept (step "
-                                f"{self._saved_step()}); try a lower learning rate")
+        with torch.no_grad():  # noted on the device, read back at log steps and before saving (_check_finite)
+            new = (self.bad_step[i] < 0) & ~torch.isfinite(loss)
+            self.bad_step[i] = torch.where(new, self.step + 1, self.bad_step[i])
+            self.bad_loss[i] = torch.where(new, loss.detach().float(), self.bad_loss[i])
         loss.backward()
         sae.prepare_grads()
         opt.step()
@@ -302,6 +307,15 @@ class Trainer:
             if self.theta_n[i]:
                 m["theta_running"] = self.theta_sum[i] / self.theta_n[i]
             return m
+
+    def _check_finite(self) -> None:
+        """Stop at the first SAE whose loss became nan or inf, before anything of it is saved."""
+        for i, cfg in enumerate(self.cfgs):
+            step = int(self.bad_step[i])
+            if step >= 0:
+                raise PipelineError(f"loss became {float(self.bad_loss[i])} at step {step} for {cfg.name}; stopped; "
+                                    f"the last good checkpoint in {self.out} is kept (step "
+                                    f"{self._saved_step()}); try a lower learning rate")
 
     def _saved_step(self) -> int | str:
         p = self.out / STATE_FILE
