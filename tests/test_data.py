@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from harvest.cache import Cache, write_cache
+from harvest.cache import Cache, synthetic_tokens, write_cache
 from train.data import ActivationStream, Split, keep_mask
 
 SITE = "blocks.0.hook_resid_pre"
@@ -142,3 +142,18 @@ def test_caches_hashed_with_blake2b_still_verify_and_stream(tmp_path):
     g.attrs.put(attrs)
     with pytest.raises(PipelineError, match="checksum algorithm 'md5'; this version knows xxh3-64, blake2b-64"):
         Cache.open(loc).verify()
+
+
+def test_closing_a_stream_stops_its_threads_before_returning(tmp_path):
+    """After close, no background read or gather still touches a chunk's memory map (a file rewritten
+    then, as the checksum test does, would otherwise kill the process with SIGBUS)."""
+    import threading
+
+    x = np.random.default_rng(2).standard_normal((16 * 64, 8)).astype(np.float32)
+    c = write_cache(str(tmp_path / "c"), synthetic_tokens(64, 16), {SITE: x}, dtype="float16", chunk_seqs=4)
+    before = set(threading.enumerate())
+    for _ in range(5):
+        it = ActivationStream(c, SITE, tuple(range(c.n_chunks)), 32, 1.0, prefetch=8).batches(0)
+        next(it)
+        it.close()
+        assert set(threading.enumerate()) <= before

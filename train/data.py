@@ -222,10 +222,12 @@ class ActivationStream:
                 if isinstance(item, BaseException):
                     raise item
                 yield to_float(item.result(), self.scale)
-        finally:
+        finally:  # stop the producer and wait for it: no gather may touch a chunk's map after close
             stop.set()
-            while not q.empty():
-                q.get_nowait()
+            while thread.is_alive():
+                while not q.empty():
+                    q.get_nowait()
+                thread.join(timeout=0.01)
 
 
 def warn_epochs(tokens: int, epoch_tokens: int) -> None:
