@@ -98,7 +98,7 @@ def scan(sae: SAE, cache: Cache, site: str, chunks: list[int], s: BrowseSettings
     with torch.inference_mode():
         for ids, x in _batches(cache, site, chunks, s, start_seq):
             _, code = sae.reconstruct(x.to(s.device), "threshold")  # BatchTopK: its inference mode
-            stats.add(ids, code.rows.cpu(), code.cols.cpu(), code.vals.cpu())
+            stats.add(ids, *(t.cpu() for t in code.active()))
             bar.update(len(ids))
     bar.close()
     if stats.n_tokens == 0:

@@ -192,6 +192,8 @@ def test_topk_code_keeps_k_pairs_but_counts_only_positive_ones():
     assert code.pairs == 48 * 6 and (positive < 6).any()
     assert code.counts.tolist() == positive.tolist() and code.nnz == int(positive.sum())
     assert code.fired().tolist() == (code.dense() > 0).sum(0).tolist()
+    rows, cols, vals = code.active()  # what the latent browser reads: the non-zero entries only
+    assert (vals > 0).all() and len(vals) == code.nnz and torch.equal(pre[rows, cols], vals)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[40:] = True
     ours = sae.losses(x, dead)[0]["loss"]

@@ -61,6 +61,11 @@ class Code:
         for a sparse code."""
         return int((self.f != 0).sum()) if self._rows is None else self._vals.numel()
 
+    def active(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, cols, vals) of the non-zero entries only (reads their count back from the device)."""
+        keep = self.vals != 0
+        return self.rows[keep], self.cols[keep], self.vals[keep]
+
     def _active(self) -> torch.Tensor:
         return (self._vals != 0).long()
 

@@ -133,7 +133,8 @@ class Trainer:
         self.since_fired = [torch.zeros(c.d_sae, dtype=torch.long, device=self.device) for c in self.cfgs]
         self.bad_step = [torch.tensor(-1, device=self.device) for _ in self.cfgs]  # first non-finite loss
         self.bad_loss = [torch.tensor(0.0, device=self.device) for _ in self.cfgs]
-        self.theta_sum = [0.0] * len(self.saes)
+        # running θ: the sum of each batch's smallest kept activation, kept on the device (float64)
+        self.theta_sum = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in self.saes]
         self.theta_n = [0] * len(self.saes)
         self.step = 0
         self.theta_from = self.total_steps - max(1, round(self.total_steps * s.theta_window))
@@ -145,7 +146,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "identity": self.identity,
                 "saes": [s.state_dict() for s in self.saes], "opts": [o.state_dict() for o in self.opts],
-                "since_fired": [t.cpu() for t in self.since_fired], "theta_sum": self.theta_sum,
+                "since_fired": [t.cpu() for t in self.since_fired], "theta_sum": [float(t) for t in self.theta_sum],
                 "theta_n": self.theta_n, "torch_rng": torch.get_rng_state()}
 
     def save_state(self) -> None:
@@ -183,7 +184,8 @@ class Trainer:
         for opt, sd in zip(self.opts, st["opts"]):
             opt.load_state_dict(sd)
         self.since_fired = [t.to(self.device) for t in st["since_fired"]]
-        self.theta_sum, self.theta_n, self.step = st["theta_sum"], st["theta_n"], st["step"]
+        self.theta_sum = [torch.tensor(v, dtype=torch.float64, device=self.device) for v in st["theta_sum"]]
+        self.theta_n, self.step = st["theta_n"], st["step"]
         torch.set_rng_state(st["torch_rng"])
         if self.rank == 0:
             print(f"resuming {self.out} at step {self.step}/{self.total_steps}", file=sys.stderr)
@@ -285,10 +287,10 @@ class Trainer:
             fired = code.fired()
             distributed.all_reduce_(fired)
             self.since_fired[i] = torch.where(fired > 0, 0, self.since_fired[i] + x.shape[0] * self.world)
-            if cfg.arch == "batchtopk" and self.step >= self.theta_from and code.nnz:
+            if cfg.arch == "batchtopk" and self.step >= self.theta_from and code.pairs:
                 mn = code.min_active().float().reshape(1)
                 distributed.all_reduce_(mn, "sum")
-                self.theta_sum[i] += float(mn) / self.world
+                self.theta_sum[i] += mn[0].double() / self.world
                 self.theta_n[i] += 1
             if (self.step + 1) % self.s.log_every and self.step + 1 != self.total_steps:
                 return {}
@@ -305,7 +307,7 @@ class Trainer:
             if coeff is not None:
                 m["sparsity_coeff"] = coeff
             if self.theta_n[i]:
-                m["theta_running"] = self.theta_sum[i] / self.theta_n[i]
+                m["theta_running"] = float(self.theta_sum[i]) / self.theta_n[i]
             return m
 
     def _check_finite(self) -> None:
@@ -341,7 +343,7 @@ class Trainer:
                     return sae.pre(sae.normalize(x)[0])
                 if cfg.arch == "batchtopk":
                     est = estimate_theta(xs, pre, cfg.k)
-                    est["running"] = self.theta_sum[i] / max(1, self.theta_n[i])
+                    est["running"] = float(self.theta_sum[i]) / max(1, self.theta_n[i])
                 else:
                     est = {"threshold_factor": target_shift(xs, pre, sae.threshold, cfg.target_l0) or 1.0}
             for key in est:  # ranks saw different batches: average their estimates
