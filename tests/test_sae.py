@@ -210,3 +210,19 @@ def test_count_is_bincount():
     from train.sparsity import count
     idx = torch.tensor([3, 0, 3, 7, 3])
     assert count(idx, 9).tolist() == torch.bincount(idx, minlength=9).tolist()
+
+
+@pytest.mark.parametrize("skew", [1.0, 30.0])
+def test_theta_estimates_equal_brute_force(skew):
+    """Pooled θ is the (N·n·k)-th largest activation over all N batches, mean θ the mean of each batch's
+    (n·k)-th largest, exactly, also when one batch runs far hotter (its store must grow) and with the
+    selection hint carried from batch to batch."""
+    from train.theta import estimate_theta
+    torch.manual_seed(9)
+    n, m, k = 64, 200, 5
+    xs = [torch.randn(n, m) * (skew if i == 2 else 1.0) for i in range(6)]
+    est = estimate_theta(xs, lambda x: x, k)
+    allv = torch.cat([x.relu().flatten() for x in xs])
+    assert est["pooled"] == float(allv.topk(len(xs) * n * k).values[-1])
+    per = [float(x.relu().flatten().topk(n * k).values[-1]) for x in xs]
+    assert est["mean"] == pytest.approx(sum(per) / len(per), rel=1e-12)
