@@ -210,6 +210,8 @@ def test_count_is_bincount():
     from train.sparsity import count
     idx = torch.tensor([3, 0, 3, 7, 3])
     assert count(idx, 9).tolist() == torch.bincount(idx, minlength=9).tolist()
+    where = torch.tensor([True, False, True, True, False])
+    assert count(idx, 9, where).tolist() == torch.bincount(idx[where], minlength=9).tolist()
 
 
 @pytest.mark.parametrize("skew", [1.0, 30.0])

@@ -66,23 +66,18 @@ class Code:
         keep = self.vals != 0
         return self.rows[keep], self.cols[keep], self.vals[keep]
 
-    def _active(self) -> torch.Tensor:
-        return (self._vals != 0).long()
-
     @property
     def counts(self) -> torch.Tensor:
         """Active latents per token."""
         if self._rows is None:
             return (self.f != 0).sum(1)
-        return torch.zeros(self.n, dtype=torch.long, device=self._rows.device).index_add_(0, self._rows,
-                                                                                          self._active())
+        return count(self._rows, self.n, self._vals != 0)
 
     def fired(self) -> torch.Tensor:
         """How many tokens of the batch each latent fired on."""
         if self._rows is None:
             return (self.f != 0).sum(0)
-        return torch.zeros(self.m, dtype=torch.long, device=self._cols.device).index_add_(0, self._cols,
-                                                                                          self._active())
+        return count(self._cols, self.m, self._vals != 0)
 
     def min_active(self) -> torch.Tensor:
         """The smallest active activation (BatchTopK's threshold estimate uses it)."""
@@ -99,9 +94,11 @@ class Code:
         return out
 
 
-def count(idx: torch.Tensor, size: int) -> torch.Tensor:
-    """How often each of 0..size-1 occurs in idx: bincount without its read-back of idx.max() on a GPU."""
-    return torch.zeros(size, dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+def count(idx: torch.Tensor, size: int, where: torch.Tensor | None = None) -> torch.Tensor:
+    """How often each of 0..size-1 occurs in idx (only at positions where `where` holds, if given):
+    bincount without its read-back of idx.max() on a GPU."""
+    ones = torch.ones_like(idx) if where is None else where.long()
+    return torch.zeros(size, dtype=torch.long, device=idx.device).index_add_(0, idx, ones)
 
 
 def _col_bags(cols: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
