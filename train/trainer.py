@@ -22,7 +22,7 @@ from harvest.cache import Cache
 from harvest.errors import PipelineError
 
 from . import checkpoint, recipe
-from .data import ActivationStream, Split, heldout_chunk_rows, heldout_rows, warn_epochs
+from .data import ActivationStream, Split, heldout_chunk_rows, warn_epochs
 from .sae import SAE, SAEConfig, save_sae, standardized_mse
 from .theta import ESTIMATORS, estimate_theta, target_shift
 
@@ -31,6 +31,7 @@ RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
 THETA_ESTIMATORS = (*ESTIMATORS, "running")
 HELDOUT_L0_ROWS = 1 << 17  # held-out rows the final L0 check reads at most (the paper pipeline has 31,608)
+VAL_ROWS = 8192  # held-out rows of the validation NMSE in each SAE's metadata
 
 
 @dataclass
@@ -353,18 +354,24 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def _heldout_l0(self) -> list[dict[str, Any] | None]:
-        """Inference-mode L0 of every SAE whose L0 is not fixed by construction (BatchTopK's θ, JumpReLU's
-        thresholds) over the held-out rows (whole chunks, up to HELDOUT_L0_ROWS), chunk by chunk: held-out
-        text differs from chunk to chunk, and the spread over chunks says how far a difference from k (or
-        the target) is more than that."""
+    def _heldout_pass(self, val_rows: int = VAL_ROWS) -> tuple[torch.Tensor, list[dict[str, Any] | None]]:
+        """One read of the held-out chunks: their first val_rows rows (the validation NMSE), and the
+        inference-mode L0 of every SAE whose L0 is not fixed by construction (BatchTopK's θ, JumpReLU's
+        thresholds) over whole chunks, up to HELDOUT_L0_ROWS, chunk by chunk: held-out text differs
+        from chunk to chunk, and the spread over chunks says how far a difference from k (or the
+        target) is more than that."""
         todo = [i for i, c in enumerate(self.cfgs) if c.arch in ("batchtopk", "jumprelu")]
-        if not todo:
-            return [None] * len(self.saes)
         sums: dict[int, list[float]] = {i: [] for i in todo}
-        rows: list[int] = []
+        rows: list[int] = []  # per chunk the L0 check saw
+        val: list[torch.Tensor] = []
         for x in heldout_chunk_rows(self.cache, self.site, self.split, self.drop, self.skip):
-            if not len(x):
+            need_val = sum(map(len, val)) < val_rows
+            need_l0 = bool(todo) and sum(rows) < HELDOUT_L0_ROWS  # a large held-out part is not read whole
+            if not (need_val or need_l0):
+                break
+            if need_val:
+                val.append(x)
+            if not need_l0 or not len(x):
                 continue
             x = x.to(self.device)
             rows.append(len(x))
@@ -373,15 +380,13 @@ class Trainer:
                 with _autocast(self.device):
                     counts = sae.code(sae.pre(sae.normalize(x)[0]), sae.modes[0]).counts
                 sums[i].append(float(counts.sum()))
-            if sum(rows) >= HELDOUT_L0_ROWS:  # a large cache's held-out part need not be read whole
-                break
         out: list[dict[str, Any] | None] = [None] * len(self.saes)
         for i in todo:
             per_chunk = [s / n for s, n in zip(sums[i], rows)]
             spread = statistics.stdev(per_chunk) / math.sqrt(len(per_chunk)) if len(per_chunk) > 1 else 0.0
             out[i] = {"mean": sum(sums[i]) / sum(rows), "standard_error": spread, "per_chunk": per_chunk,
                       "rows": sum(rows), "mode": self.saes[i].modes[0]}
-        return out
+        return torch.cat(val)[:val_rows].to(self.device), out
 
     def _finish(self) -> list[Path]:
         thetas = self._estimate_thetas()
@@ -394,8 +399,7 @@ class Trainer:
                     sae.log_threshold.add_(math.log(est["threshold_factor"]))
             dirs.append(self.sae_dir(cfg))
         if self.rank == 0:
-            val = heldout_rows(self.cache, self.site, self.split, 8192, 1.0, self.drop, self.skip).to(self.device)
-            l0s = self._heldout_l0()
+            val, l0s = self._heldout_pass()
             for sae, cfg, d, est, l0 in zip(self.saes, self.cfgs, dirs, thetas, l0s):
                 meta = self._metadata(cfg)
                 if est is not None:
