@@ -40,7 +40,8 @@ def test_dense_reference_computes_the_same_loss_and_gradients(arch, aux_k):
 
     assert (AUX_DENSE_FROM * min(aux_k, 20) >= 20) == (aux_k == 512)  # the two cases take the two paths
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(arch, d_in=16, d_sae=64, k=4 if arch in ("batchtopk", "topk") else None, aux_k=aux_k))
+    sae = SAE(SAEConfig(arch, d_in=16, d_sae=64, k=4 if arch in ("batchtopk", "topk") else None, aux_k=aux_k,
+                        preact_coeff=1e-3 if arch == "jumprelu" else 0.0))
     x = torch.randn(32, 16)
     sae.init_from_data(x)
     dead = torch.zeros(64, dtype=torch.bool)

@@ -163,6 +163,30 @@ def test_target_l0_penalty_pushes_thresholds_both_ways():
         assert (torch.sign(g[g != 0]) == sign).all() and (g != 0).sum() > 0
 
 
+def test_preact_loss_pulls_latents_below_their_thresholds_up():
+    x = batch()
+    cfg = {"arch": "jumprelu", "d_in": D, "d_sae": M, "bandwidth": 0.5}
+    s = SAE(SAEConfig(**cfg, preact_coeff=0.01))
+    s.init_from_data(x)
+    with torch.no_grad():
+        s.b_enc[:8] = -100.0  # these never fire
+    out, code = s.losses(x, None)
+    with torch.no_grad():
+        expect = D * 0.01 * float((s.threshold - s.pre(x)).relu().sum(-1).mean())
+    assert float(out["preact"].detach()) == pytest.approx(expect)
+    assert not code.fired()[:8].any()
+    s.zero_grad()
+    out["preact"].backward()
+    assert (s.b_enc.grad[:8] < 0).all() and (s.log_threshold.grad[:8] > 0).all()  # pre up, threshold down
+    plain = SAE(SAEConfig(**cfg))
+    plain.load_state_dict(s.state_dict())
+    ref, _ = plain.losses(x, None)
+    assert "preact" not in ref  # the option adds its term and changes nothing else
+    for key in ("mse", "sparsity"):
+        assert float(ref[key].detach()) == float(out[key].detach())
+    assert float(out["loss"].detach()) == pytest.approx(float((ref["loss"] + out["preact"]).detach()))
+
+
 @pytest.mark.parametrize("arch", ["jumprelu", "relu"])
 def test_sparsity_penalty_keeps_its_weight_against_either_mse(arch):
     """Sparsity coefficients are in per-element-MSE units: with the MSE summed over dimensions the

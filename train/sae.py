@@ -66,6 +66,7 @@ class SAEConfig:
     jumprelu_init_l0: float = 64.0    # initial thresholds give about this many active latents per token
     threshold_lr: float | None = None  # jumprelu: Adam lr of the log-thresholds (None: the SAE's lr)
     sparsity_warmup: float = 0.0      # fraction of training over which the L0/L1 coefficient ramps up from 0
+    preact_coeff: float = 0.0         # jumprelu: Anthropic's pre-activation loss, sum_i relu(theta_i - pre_i)
     aux_k: int = 512                  # auxiliary loss on the top aux_k dead latents ...
     aux_coeff: float = 1 / 8          # ... scaled by this
     aux_norm: bool = False            # ... divided by the residual's variance (dictionary_learning, OpenAI)
@@ -281,6 +282,8 @@ class SAE(nn.Module):
                 lam = cfg.l0_coeff if sparsity_coeff is None else sparsity_coeff
                 l0 = step(pre, self.threshold, self.eps).sum(-1).mean()  # straight-through in the thresholds
                 out["sparsity"] = unit * lam * (l0 if cfg.target_l0 is None else (l0 / cfg.target_l0 - 1) ** 2)
+                if cfg.preact_coeff:  # pulls latents below their thresholds (dead ones) back up (and theta down)
+                    out["preact"] = unit * cfg.preact_coeff * (self.threshold - pre).relu().sum(-1).mean()
             else:
                 f = pre.relu()
                 lam = cfg.l1_coeff if sparsity_coeff is None else sparsity_coeff

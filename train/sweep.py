@@ -24,7 +24,7 @@ ONLY_FOR = {
     "k": ("batchtopk", "topk"), "aux_k": ("batchtopk", "topk"), "aux_coeff": ("batchtopk", "topk"),
     "aux_norm": ("batchtopk", "topk"), "dead_tokens": ("batchtopk", "topk"),
     "l0_coeff": ("jumprelu",), "target_l0": ("jumprelu",), "jumprelu_init_l0": ("jumprelu",),
-    "threshold_lr": ("jumprelu",), "bandwidth": ("jumprelu",),
+    "threshold_lr": ("jumprelu",), "bandwidth": ("jumprelu",), "preact_coeff": ("jumprelu",),
     "l1_coeff": ("relu",), "sparsity_warmup": ("jumprelu", "relu"),
 }
 FIELDS = {f.name: f for f in fields(SAEConfig)}
