@@ -66,14 +66,15 @@ def peers(pipeline, archs, dict_mult, k, tokens, batch_size, seeds, peers) -> No
 @click.option("--seeds", default=1, show_default=True, help="Seeds per variant (initial weights).")
 @click.option("--variant", "variants", multiple=True, help="Only these variants (default: all; see bench/ablation.py).")
 @click.option("--tokens", type=int, help="Training tokens (default 560,000: 547 steps of 1024).")
+@click.option("--out", "out_name", help="Write ablation-<OUT>.json instead of ablation.json (keeps earlier rounds).")
 @one_line_errors
-def ablation(pipeline, archs, dict_mult, k, seeds, variants, tokens) -> None:
+def ablation(pipeline, archs, dict_mult, k, seeds, variants, tokens, out_name) -> None:
     """Our trainer with each peer recipe difference switched on, one pass over the same batches."""
     from . import ablation as a
 
     recs = a.run(pipeline, tuple(x for x in archs.split(",") if x), dict_mult, k, seeds, variants or None,
                  tokens=tokens)
-    path = records.write("ablation", recs)
+    path = records.write(f"ablation-{out_name}" if out_name else "ablation", recs)
     click.echo(f"\n== ablation ({path})\n{records.table(recs)}")
     click.echo(str(path))
 

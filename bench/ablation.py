@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from train.recipe import JUMPRELU_TARGET_RECIPE
 from train.sae import load_sae
 from train.trainer import TrainSettings, Trainer
 
@@ -74,14 +75,56 @@ ROUND5: dict[str, dict[str, Any]] = {
     "aux 1/8, dead after 8192 tokens": {"aux_coeff": 1 / 8, "dead_tokens": 8192},
     "aux 1/8, dead after 4096 tokens": {"aux_coeff": 1 / 8, "dead_tokens": 4096},
 }
+# Round 7, JumpReLU (`--arch jumprelu`: make paper's recipe, target L0 = --k): its dead latents, and
+# the parts of Gemma Scope's recipe at this budget. (An auxiliary loss like TopK's, fitted to the
+# residual by the dead latents' pre-activations, was tried too: worse, and more latents dead, since
+# a good fit needs values below the latents' thresholds.)
+JUMPRELU_BEFORE = {"lr": None, "l0_coeff": 1.0, "threshold_lr": 0.02, "sparsity_warmup": 0.1, "betas": (0.0, 0.999),
+                   "decay": 0.2}  # make paper's JumpReLU recipe before round 7 (lr None: the run's, 1e-3)
+ROUND7: dict[str, dict[str, Any]] = {
+    "JumpReLU recipe before round 7": {},
+    # Anthropic's pre-activation loss (their 3e-6 on the summed MSE is 5e-9 per element at d = 576)
+    "pre-act 5e-9": {"preact_coeff": 5e-9},
+    "pre-act 1e-7": {"preact_coeff": 1e-7},
+    "pre-act 4e-7": {"preact_coeff": 4e-7},
+    "pre-act 2e-6": {"preact_coeff": 2e-6},
+    "threshold lr 0.005": {"threshold_lr": 0.005},
+    "pre-act 1e-7, threshold lr 0.005": {"preact_coeff": 1e-7, "threshold_lr": 0.005},
+    "no lr decay": {"decay": 0.0},
+    "betas 0.9/0.99": {"betas": (0.9, 0.99)},
+    "no lr decay, betas 0.9/0.99": {"decay": 0.0, "betas": (0.9, 0.99)},
+    "thresholds start at L0 64": {"jumprelu_init_l0": 64},
+    "lr 2e-3": {"lr": 2e-3},
+    "threshold lr 0.05": {"threshold_lr": 0.05},
+    "bandwidth 0.003": {"bandwidth": 0.003},
+    "no sparsity warm-up": {"sparsity_warmup": 0.0},
+    "lr 2e-3, no sparsity warm-up": {"lr": 2e-3, "sparsity_warmup": 0.0},
+    "lr 2e-3, threshold lr 0.05": {"lr": 2e-3, "threshold_lr": 0.05},
+    "lr 2e-3, threshold lr 0.05, no sparsity warm-up": {"lr": 2e-3, "threshold_lr": 0.05, "sparsity_warmup": 0.0},
+    "lr 2e-3, threshold lr 0.1, no sparsity warm-up": {"lr": 2e-3, "threshold_lr": 0.1, "sparsity_warmup": 0.0},
+    "lr 3e-3, threshold lr 0.05, no sparsity warm-up": {"lr": 3e-3, "threshold_lr": 0.05, "sparsity_warmup": 0.0},
+    "lr 3e-3, threshold lr 0.1, no sparsity warm-up": {"lr": 3e-3, "threshold_lr": 0.1, "sparsity_warmup": 0.0},
+    "lr 2e-3, threshold lr 0.2, no sparsity warm-up": {"lr": 2e-3, "threshold_lr": 0.2, "sparsity_warmup": 0.0},
+    "lr 3e-3, threshold lr 0.2, no sparsity warm-up": {"lr": 3e-3, "threshold_lr": 0.2, "sparsity_warmup": 0.0},
+    "lr 4e-3, threshold lr 0.1, no sparsity warm-up": {"lr": 4e-3, "threshold_lr": 0.1, "sparsity_warmup": 0.0},
+    "lr 3e-3, threshold lr 0.1, no sparsity warm-up, no lr decay": {"lr": 3e-3, "threshold_lr": 0.1,
+                                                                     "sparsity_warmup": 0.0, "decay": 0.0},
+    "lr 3e-3, threshold lr 0.1, no sparsity warm-up, pre-act 4e-7": {"lr": 3e-3, "threshold_lr": 0.1,
+                                                                      "sparsity_warmup": 0.0, "preact_coeff": 4e-7},
+    "lr 3e-3, threshold lr 0.1, no sparsity warm-up, pre-act 2e-6": {"lr": 3e-3, "threshold_lr": 0.1,
+                                                                      "sparsity_warmup": 0.0, "preact_coeff": 2e-6},
+}
 VARIANTS: dict[str, dict[str, Any]] = ({"defaults": {}} | {n: PREVIOUS | v for n, v in ROUNDS.items()}
-                                       | {n: AUX_BEFORE | v for n, v in ROUND4.items()} | ROUND5)
+                                       | {n: AUX_BEFORE | v for n, v in ROUND4.items()} | ROUND5
+                                       | {n: JUMPRELU_BEFORE | v for n, v in ROUND7.items()})
 
 
 def _cfg(variant: dict[str, Any], arch: str, m: int, k: int) -> dict[str, Any]:
     v = dict(variant)
     if v.get("lr") == "dl":
         v["lr"] = 2e-4 / (m / 2 ** 14) ** 0.5
+    if arch == "jumprelu":  # make paper's JumpReLU (train/recipe.py), aimed at L0 = k
+        v = JUMPRELU_TARGET_RECIPE | {"target_l0": k, "jumprelu_init_l0": 128} | v
     return {"arch": arch, "d_sae": m, "k": k} | v
 
 

@@ -236,3 +236,14 @@ def test_sweep_keys_seeds_and_recipe_overrides():
         expand({"arch": "topk", "center": "maybe"}, D)
     with pytest.raises(PipelineError, match="unknown norm 'layer'"):
         sweep_from({}, {"norm": "layer"}, D)
+
+
+def test_paper_pipeline_trains_jumprelu_with_the_recipe():
+    """pipelines.yaml spells make paper's JumpReLU recipe; it must stay recipe.JUMPRELU_TARGET_RECIPE."""
+    from harvest import pipelines
+
+    _, pipe = pipelines.get("smollm2-135m-paper")
+    jumprelus = [c for c in sweep_from(pipe["train"], {}, D) if c["arch"] == "jumprelu"]
+    assert [c["target_l0"] for c in jumprelus] == [16, 32, 64]
+    for c in jumprelus:
+        assert {key: c[key] for key in recipe.JUMPRELU_TARGET_RECIPE} == recipe.JUMPRELU_TARGET_RECIPE
