@@ -77,8 +77,8 @@ ROUND5: dict[str, dict[str, Any]] = {
 }
 # Round 7, JumpReLU (`--arch jumprelu`: make paper's recipe, target L0 = --k): its dead latents, and
 # the parts of Gemma Scope's recipe at this budget. (An auxiliary loss like TopK's, fitted to the
-# residual by the dead latents' pre-activations, was tried too: worse, and more latents dead, since
-# a good fit needs values below the latents' thresholds.)
+# residual by the dead latents' pre-activations, was tried too and not kept: worse, and more latents
+# dead, most likely because a good fit needs values below the latents' thresholds.)
 JUMPRELU_BEFORE = {"lr": None, "l0_coeff": 1.0, "threshold_lr": 0.02, "sparsity_warmup": 0.1, "betas": (0.0, 0.999),
                    "decay": 0.2}  # make paper's JumpReLU recipe before round 7 (lr None: the run's, 1e-3)
 ROUND7: dict[str, dict[str, Any]] = {

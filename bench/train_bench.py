@@ -50,7 +50,8 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
     if cfg.arch == "jumprelu":
         l0 = step(pre, sae.threshold, sae.eps).sum(-1).mean()
         loss = loss + unit * cfg.l0_coeff * (l0 if cfg.target_l0 is None else (l0 / cfg.target_l0 - 1) ** 2)
-        loss = loss + unit * cfg.preact_coeff * (sae.threshold - pre).relu().sum(-1).mean()
+        if cfg.preact_coeff:  # as the SAE does: the dense baseline's step pays for it only when it is on
+            loss = loss + unit * cfg.preact_coeff * (sae.threshold - pre).relu().sum(-1).mean()
     if cfg.arch in ("batchtopk", "topk") and dead is not None and bool(dead.any()):
         a = pre[:, dead].relu()
         v, i = a.topk(min(cfg.aux_k, int(dead.sum())), dim=1)
