@@ -14,6 +14,7 @@ group attributes is written last of all.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -229,7 +230,13 @@ class Cache:
         meta = self._layouts[name]
         c0, shape = meta.chunk_grid.chunk_shape[0], meta.chunk_grid.chunk_shape
         dtype = meta.data_type.to_native_dtype().newbyteorder("<")
-        block = np.memmap(path, dtype=dtype, mode="r", shape=tuple(shape)).view(np.ndarray)
+        with open(path, "rb") as f:  # the map outlives the file object
+            size = os.fstat(f.fileno()).st_size
+            if size != int(np.prod(shape)) * dtype.itemsize:
+                raise PipelineError(f"chunk {chunk} of {name} in {self.location} is {size} bytes, not the "
+                                    f"{int(np.prod(shape)) * dtype.itemsize} its shape needs (corrupt cache); "
+                                    "run `python -m harvest verify` on it")
+            block = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=dtype).reshape(shape)
         return block[:max(0, min(c0, meta.shape[0] - chunk * c0))]
 
     def gather_rows(self, site: str, ids: np.ndarray) -> np.ndarray:

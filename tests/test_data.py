@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harvest.cache import Cache, synthetic_tokens, write_cache
-from train.data import ActivationStream, Split, keep_mask
+from train.data import ActivationStream, BufferPool, Split, keep_mask
 
 SITE = "blocks.0.hook_resid_pre"
 
@@ -142,6 +142,34 @@ def test_caches_hashed_with_blake2b_still_verify_and_stream(tmp_path):
     g.attrs.put(attrs)
     with pytest.raises(PipelineError, match="checksum algorithm 'md5'; this version knows xxh3-64, blake2b-64"):
         Cache.open(loc).verify()
+
+
+def test_buffer_pool_lends_a_buffer_again_only_when_nothing_uses_it():
+    pool, f32 = BufferPool(2), np.dtype(np.float32)
+    a, b = pool.take((3, 4), f32), pool.take((3, 4), f32)
+    kept = torch.from_numpy(a[1:].view(np.int32))  # a view of a view: numpy points it at the owner
+    del a
+    c = pool.take((3, 4), f32)  # both lent: fresh memory, not kept by the pool
+    assert not any(np.shares_memory(c, s) for s in pool.slots)
+    del b
+    assert np.shares_memory(pool.take((3, 4), f32), pool.slots[1])  # b's buffer, free again
+    kept[0, 0] = 7
+    assert not np.shares_memory(pool.take((3, 4), f32), kept.numpy())  # still in use: not lent
+    del kept
+    assert np.shares_memory(pool.take((3, 4), f32), pool.slots[0])
+    assert pool.take((5,), f32).shape == (5,)  # another shape takes a free slot's place
+    assert len(pool.slots) == 2
+
+
+def test_kept_batches_are_never_overwritten(cache):
+    """A consumer that keeps every batch (of two epochs) sees each exactly as a fresh stream yields it."""
+    it = stream(cache).batches(0)
+    kept = [next(it) for _ in range(12)]
+    it.close()
+    it = stream(cache).batches(0)
+    for b in kept:
+        assert torch.equal(b, next(it).clone())
+    it.close()
 
 
 def test_closing_a_stream_stops_its_threads_before_returning(tmp_path):

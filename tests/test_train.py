@@ -166,6 +166,10 @@ def test_incomplete_and_corrupt_caches(synthetic_cache, tmp_path):
     msg = error_of(run_cli("--cache", str(bad), "--out", str(tmp_path / "o2"), "--batch-size", "512",
                            "--tokens", "8192", "--device", "cpu"))
     assert "chunk 2" in msg and "fails its checksum" in msg
+    chunk.write_bytes(bytes(data[:-6]))  # a truncated chunk file: named, not a crash in the memory map
+    msg = error_of(run_cli("--cache", str(bad), "--out", str(tmp_path / "o3"), "--batch-size", "512",
+                           "--tokens", "8192", "--device", "cpu"))
+    assert "chunk 2" in msg and "corrupt cache" in msg and "bytes, not the" in msg, msg
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(synthetic_cache, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import queue
+import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,37 @@ def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.nd
     return keep
 
 
+class BufferPool:
+    """Batch-sized arrays that are handed out again once nothing refers to them any more.
+
+    A batch in fresh memory pays a page fault per 4 KiB page (a batch above glibc's 32 MiB mmap limit
+    is fresh every time), which cost more than gathering and decoding together. A buffer is lent
+    again only when no view of it is left: every numpy view (and every tensor made from one) holds a
+    reference to the array that owns the memory, so its reference count says whether anything still
+    uses it. A consumer may keep any batch it likes; it just gets new memory.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.slots: list[np.ndarray] = []
+        self.lock = threading.Lock()
+        probe = [np.empty(0)]  # the count of a buffer only the pool holds, measured the way take() does
+        self.idle = sys.getrefcount(probe[0])
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        with self.lock:
+            free = [i for i in range(len(self.slots)) if sys.getrefcount(self.slots[i]) == self.idle]
+            for i in free:
+                if self.slots[i].shape == shape and self.slots[i].dtype == dtype:
+                    return self.slots[i][...]
+            base = np.empty(shape, dtype)
+            if len(self.slots) < self.size:
+                self.slots.append(base)
+            elif free:  # a free buffer of another shape makes way
+                self.slots[free[0]] = base
+            return base[...]
+
+
 def stage(x: np.ndarray, dtype: str, device: str) -> torch.Tensor:
     """Stored rows as a tensor in their storage precision, on the device: on a GPU the (half-size)
     rows cross PCIe from pinned memory, asynchronously."""
@@ -66,9 +98,13 @@ def stage(x: np.ndarray, dtype: str, device: str) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t
 
 
-def to_float(t: torch.Tensor, scale: float) -> torch.Tensor:
-    """float32 times scale, where the tensor is (on a GPU, decoded there)."""
-    t = t.float()
+def to_float(t: torch.Tensor, scale: float, pool: BufferPool | None = None) -> torch.Tensor:
+    """float32 times scale, where the tensor is (on a GPU, decoded there; on the CPU into a buffer of
+    `pool` when one is given)."""
+    if pool is not None and t.device.type == "cpu":
+        t = torch.from_numpy(pool.take(tuple(t.shape), np.dtype(np.float32))).copy_(t)
+    else:
+        t = t.float()
     return t.mul_(scale) if scale != 1.0 else t
 
 
@@ -146,19 +182,19 @@ class ActivationStream:
             return self.cache.row_range(c)[0] + np.flatnonzero(keep)
         return np.concatenate(list(pool.map(open_one, chunks)))
 
-    def _gather(self, ids: np.ndarray, blocks: dict[int, np.ndarray]) -> np.ndarray:
-        """The rows of a batch from the open chunks (still in the storage dtype), in increasing id order:
-        a batch is a set of rows, and taking each chunk's rows together, in file order, is what lets
-        the gather run at memory speed."""
+    def _gather(self, ids: np.ndarray, blocks: dict[int, np.ndarray], out: np.ndarray) -> None:
+        """The rows of a batch from the open chunks into `out` (in the storage dtype), in increasing id
+        order: a batch is a set of rows, and taking each chunk's rows together, in file order, is what
+        lets the gather run at memory speed."""
         ids = np.sort(ids)
         per = self.source.rows_per_chunk
         chunk = ids // per
-        out = np.empty((len(ids), self.source.arr.shape[1]), dtype=self.source.dtype)
         cuts = np.flatnonzero(np.diff(chunk)) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(ids)]):
             c = int(chunk[a])
-            np.take(blocks[c], ids[a:b] - c * per, axis=0, out=out[a:b])
-        return out
+            # mode="clip": the indices are in range by construction, and the default ("raise") would
+            # gather through a temporary copy, 3-4x slower
+            np.take(blocks[c], ids[a:b] - c * per, axis=0, out=out[a:b], mode="clip")
 
     def _part_batches(self, part: int, start: int, pool: ThreadPoolExecutor
                       ) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray]]]:
@@ -200,9 +236,14 @@ class ActivationStream:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         dtype = self.cache.dtype
+        shape = (self.local * len(self.my_parts), self.source.arr.shape[1])
+        # stored rows: the queue, the workers' batches and one being decoded; float32: a few in use
+        stored, decoded = BufferPool(self.prefetch + self.gather_threads + 2), BufferPool(4)
 
         def batch(parts: list[tuple[np.ndarray, dict[int, np.ndarray]]]) -> torch.Tensor:  # in a worker
-            x = np.concatenate([self._gather(*p) for p in parts]) if len(parts) > 1 else self._gather(*parts[0])
+            x = stored.take(shape, self.source.dtype)
+            for i, p in enumerate(parts):
+                self._gather(*p, out=x[i * self.local:(i + 1) * self.local])
             return stage(x, dtype, self.device)
 
         def produce() -> None:
@@ -221,7 +262,7 @@ class ActivationStream:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield to_float(item.result(), self.scale)
+                yield to_float(item.result(), self.scale, decoded)
         finally:  # stop the producer and wait for it: no gather may touch a chunk's map after close
             stop.set()
             while thread.is_alive():
