@@ -21,7 +21,7 @@ import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -83,8 +83,13 @@ class Budget:
 
 
 @torch.no_grad()
-def score(rec: Reconstruct, x: torch.Tensor, batch_size: int, scale: float) -> dict[str, float]:
-    """NMSE, the paper's standardised-token MSE, L0 and dead fraction over x (in chunks of batch_size)."""
+def score(rec: Reconstruct, x: torch.Tensor, batch_size: int, scale: float,
+          train: Iterable[torch.Tensor] | None = None) -> dict[str, Any]:
+    """NMSE, the paper's standardised-token MSE, L0 and dead fraction over x (in chunks of batch_size).
+
+    With `train` (the training batches), also how many latents fire on none of them, and how often the
+    latents that are silent on x fired in training: a latent can be silent on held-out text because it
+    is dead, or because it learned something only the training text has."""
     err = var_sum = std_mse = 0.0
     l0 = 0
     fired = None
@@ -96,8 +101,16 @@ def score(rec: Reconstruct, x: torch.Tensor, batch_size: int, scale: float) -> d
         std_mse += float(standardized_mse(xb / scale, x_hat / scale).sum())
         l0 += int(counts.sum())
         fired = f if fired is None else fired + f
-    return {"nmse": err / var_sum, "standardized_mse": std_mse / len(x), "l0": l0 / len(x),
-            "dead_fraction": float((fired == 0).float().mean())}
+    out: dict[str, Any] = {"nmse": err / var_sum, "standardized_mse": std_mse / len(x), "l0": l0 / len(x),
+                           "dead_fraction": float((fired == 0).float().mean())}
+    if train is not None:
+        seen = sum(rec(xb)[2].long() for xb in train)
+        silent = seen[fired == 0].sort().values
+        out |= {"dead_in_training_fraction": float((seen == 0).float().mean()),
+                "heldout_dead_training_firings": ([int(silent[0]), int(silent.median()), int(silent[-1])]
+                                                  if len(silent) else []),
+                "median_training_firings": int(seen.median())}
+    return out
 
 
 def _dense_rec(encode: Callable[[torch.Tensor], torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor]) -> Reconstruct:
@@ -126,7 +139,7 @@ def train_ours(b: Budget, arch: str, m: int, k: int, seeds: int, out: Path) -> d
                 x_hat, code = sae.reconstruct(xb / b.scale, mode)
                 return x_hat * b.scale, code.counts, code.fired()
             label = mode if arch == "batchtopk" else MAIN_MODE[arch]
-            scores.setdefault(label, []).append(score(rec, x, b.batch_size, b.scale))
+            scores.setdefault(label, []).append(score(rec, x, b.batch_size, b.scale, b.batches()))
     return scores
 
 
@@ -177,7 +190,7 @@ def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int) 
             if float(ae.threshold) >= 0:
                 modes["threshold"] = _dense_rec(lambda v: ae.encode(v, use_threshold=True), ae.decode)
         for mode, rec in modes.items():
-            scores.setdefault(mode, []).append(score(rec, x, b.batch_size, b.scale))
+            scores.setdefault(mode, []).append(score(rec, x, b.batch_size, b.scale, b.batches()))
         settings["lr"] = tr.lr
     return scores, settings
 
@@ -216,7 +229,7 @@ def train_saelens(b: Budget, arch: str, m: int, k: int, seeds: int) -> tuple[dic
             inf = SAE.load_from_disk(tmp)
         modes["threshold" if arch == "batchtopk" else MAIN_MODE[arch]] = _dense_rec(inf.encode, inf.decode)
         for mode, rec in modes.items():
-            scores.setdefault(mode, []).append(score(rec, x, b.batch_size, b.scale))
+            scores.setdefault(mode, []).append(score(rec, x, b.batch_size, b.scale, b.batches()))
     return scores, {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2], "dead_feature_window": cfg.dead_feature_window}
 
 
@@ -278,5 +291,10 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
                                        "nmse_per_seed": [r["nmse"] for r in runs],
                                        "standardized_mse": _mean_std([r["standardized_mse"] for r in runs])[0],
                                        "l0": _mean_std([r["l0"] for r in runs])[0],
-                                       "dead_fraction": _mean_std([r["dead_fraction"] for r in runs])[0]}))
+                                       "dead_fraction": _mean_std([r["dead_fraction"] for r in runs])[0],
+                                       "dead_in_training_fraction":
+                                           _mean_std([r["dead_in_training_fraction"] for r in runs])[0],
+                                       "heldout_dead_training_firings":
+                                           [r["heldout_dead_training_firings"] for r in runs],
+                                       "median_training_firings": [r["median_training_firings"] for r in runs]}))
     return recs

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import records, train_bench
 
@@ -55,3 +56,19 @@ def test_dense_reference_computes_the_same_loss_and_gradients(arch, aux_k):
     assert float(ref) == pytest.approx(float(ours), rel=1e-5)
     for n, p in sae.named_parameters():
         torch.testing.assert_close(p.grad, g[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_score_tells_dead_latents_from_ones_only_the_training_text_uses():
+    from bench.peers import score
+
+    def rec(xb):  # an identity "SAE" whose latents are the columns: latent j fires where column j > 0
+        return xb, (xb > 0).sum(1), (xb > 0).sum(0)
+
+    held = torch.tensor([[1.0, -1.0, -1.0], [2.0, -1.0, -1.0], [3.0, -1.0, -1.0], [4.0, -1.0, -1.0]])
+    train = [torch.tensor([[1.0, 2.0, -1.0]] * 3), torch.tensor([[1.0, -2.0, -1.0]] * 5)]
+    s = score(rec, held, 2, 1.0, iter(train))
+    assert s["nmse"] == 0.0 and s["l0"] == 1.0
+    assert s["dead_fraction"] == pytest.approx(2 / 3)  # latents 1 and 2 are silent on the held-out rows
+    assert s["dead_in_training_fraction"] == pytest.approx(1 / 3)  # only latent 2 never fires in training
+    assert s["heldout_dead_training_firings"] == [0, 0, 3]  # latent 1 fired on 3 training rows
+    assert s["median_training_firings"] == 3
