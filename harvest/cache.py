@@ -231,10 +231,10 @@ class Cache:
         c0, shape = meta.chunk_grid.chunk_shape[0], meta.chunk_grid.chunk_shape
         dtype = meta.data_type.to_native_dtype().newbyteorder("<")
         with open(path, "rb") as f:  # the map outlives the file object
-            size = os.fstat(f.fileno()).st_size
-            if size != int(np.prod(shape)) * dtype.itemsize:
+            size, want = os.fstat(f.fileno()).st_size, int(np.prod(shape)) * dtype.itemsize
+            if size != want:
                 raise PipelineError(f"chunk {chunk} of {name} in {self.location} is {size} bytes, not the "
-                                    f"{int(np.prod(shape)) * dtype.itemsize} its shape needs (corrupt cache); "
+                                    f"{want} its shape needs (corrupt cache); "
                                     "run `python -m harvest verify` on it")
             block = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=dtype).reshape(shape)
         return block[:max(0, min(c0, meta.shape[0] - chunk * c0))]

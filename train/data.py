@@ -98,10 +98,10 @@ def stage(x: np.ndarray, dtype: str, device: str) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t
 
 
-def to_float(t: torch.Tensor, scale: float, pool: BufferPool | None = None) -> torch.Tensor:
+def to_float(t: torch.Tensor, scale: float, pool: BufferPool) -> torch.Tensor:
     """float32 times scale, where the tensor is (on a GPU, decoded there; on the CPU into a buffer of
-    `pool` when one is given)."""
-    if pool is not None and t.device.type == "cpu":
+    `pool`)."""
+    if t.device.type == "cpu":
         t = torch.from_numpy(pool.take(tuple(t.shape), np.dtype(np.float32))).copy_(t)
     else:
         t = t.float()
