@@ -1,5 +1,7 @@
 """`make bench`: harvest, training, scaling and latent-browser figures, each against a baseline from the same run.
-`python -m bench peers`: our SAEs against peer implementations on the same batches (data/bench/peers.json)."""
+`python -m bench peers`: our SAEs against peer implementations on the same batches (data/bench/peers.json).
+`python -m bench ablation`: our trainer with each peer recipe difference (data/bench/ablation.json).
+`python -m bench theta SAE_DIR...`: BatchTopK threshold mode against when the training tokens were seen."""
 from __future__ import annotations
 
 import click
@@ -76,6 +78,23 @@ def ablation(pipeline, archs, dict_mult, k, seeds, variants, tokens, out_name) -
                  tokens=tokens)
     path = records.write(f"ablation-{out_name}" if out_name else "ablation", recs)
     click.echo(f"\n== ablation ({path})\n{records.table(recs)}")
+    click.echo(str(path))
+
+
+@main.command()
+@click.argument("sae_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_name", help="Write theta-<OUT>.json instead of theta.json.")
+@one_line_errors
+def theta(sae_dirs, out_name) -> None:
+    """Threshold-mode L0 of saved BatchTopK SAEs by tenth of their run, and on held-out rows at θ from
+    the middle of the run."""
+    from . import theta_recency
+
+    recs = [r for d in sae_dirs for r in theta_recency.measure(d)]
+    path = records.write(f"theta-{out_name}" if out_name else "theta", recs)
+    click.echo(f"\n== theta ({path})\n{records.table(recs)}")
+    for r in recs:
+        click.echo(f"{r.name}: L0/k by tenth of the run {r.settings['train_l0_over_k_by_tenth_of_run']}")
     click.echo(str(path))
 
 

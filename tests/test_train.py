@@ -278,3 +278,32 @@ def test_dead_latent_window_defaults_by_architecture():
     assert SAEConfig("batchtopk", 8, 64, k=4, dead_tokens=8192).name == "batchtopk_k4_m64_dead_tokens-8192"
     with pytest.raises(PipelineError, match="dead_tokens=0 must be at least 1"):
         SAEConfig("topk", 8, 64, k=4, dead_tokens=0)
+
+
+def test_bench_theta_replays_the_training_batches(synthetic_cache, tmp_path):
+    """`bench theta` rebuilds the run's batches from cfg.json: for one epoch of whole batches (10 of
+    504 = every training row) with θ estimated over a whole epoch, the replayed tokens keep k latents
+    each on average, and its held-out L0 at the saved θ is the trainer's own."""
+    from bench.theta_recency import measure
+
+    cache, _ = synthetic_cache
+    s = settings(cache, tmp_path / "t", tokens=None, batch_size=504, theta_tokens=5040,
+                 saes=[{"arch": "batchtopk", "d_sae": 128, "k": 3}, {"arch": "topk", "d_sae": 128, "k": 3}])
+    d, topk = Trainer(s).run()
+    with pytest.raises(PipelineError, match="topk SAE; `bench theta` reads BatchTopK SAEs"):
+        measure(topk)
+    [rec] = measure(d)
+    sae, meta = load_sae(d)
+    meta = meta["metadata"]
+    it = Trainer(s).stream.batches(0)  # the batches as the trainer streams them, in its order
+    with torch.no_grad():
+        want = [float((sae.pre(sae.normalize(next(it))[0]) > meta["theta"]).sum()) / 504 / 3 for _ in range(10)]
+    it.close()
+    assert rec.settings["train_l0_over_k_by_tenth_of_run"] == pytest.approx(want, abs=1e-4)
+    assert rec.settings["steps"] == 10 and rec.settings["middle_steps"] == [1, 7]
+    assert rec.settings["theta"] == pytest.approx(meta["theta"])
+    tenths = rec.settings["train_l0_over_k_by_tenth_of_run"]
+    assert np.mean(tenths) == pytest.approx(1.0, abs=1e-3)  # each tenth is one batch of 504 here
+    assert rec.settings["heldout_rows"] == meta["heldout_l0"]["rows"] == 2 * 8 * 63
+    assert rec.baseline_value == pytest.approx(meta["heldout_l0"]["mean"] / 3, abs=2 / 1008)
+    assert 0.5 < rec.value < 2

@@ -435,6 +435,7 @@ class Trainer:
             "architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae, "pipeline": self.s.pipeline,
             "heldout_sequences": [self.cache.seq_range(held[0])[0], self.cache.n_sequences] if held else None,
             "training_tokens": self.step * self.s.batch_size, "batch_size": self.s.batch_size,
+            "data_parts": self.stream.parts, "shuffle_mb": self.s.shuffle_mb,  # with the seed: the batches
             "lr": cfg.lr if cfg.lr is not None else self.s.lr, "betas": list(cfg.betas or self.s.betas),
             "seed": self.s.seed, "replicate": cfg.replicate, "world_size": self.world, "include_bos": self.s.include_bos,
             "excluded_outlier_rows": 0 if self.skip is None else int(len(self.skip)),
