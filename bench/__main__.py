@@ -83,14 +83,15 @@ def ablation(pipeline, archs, dict_mult, k, seeds, variants, tokens, out_name) -
 
 @main.command()
 @click.argument("sae_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--every", default=1, show_default=True, help="Encode only every n-th batch of the run (long runs).")
 @click.option("--out", "out_name", help="Write theta-<OUT>.json instead of theta.json.")
 @one_line_errors
-def theta(sae_dirs, out_name) -> None:
+def theta(sae_dirs, every, out_name) -> None:
     """Threshold-mode L0 of saved BatchTopK SAEs by tenth of their run, and on held-out rows at θ from
     the middle of the run."""
     from . import theta_recency
 
-    recs = [r for d in sae_dirs for r in theta_recency.measure(d)]
+    recs = [r for d in sae_dirs for r in theta_recency.measure(d, every)]
     path = records.write(f"theta-{out_name}" if out_name else "theta", recs)
     click.echo(f"\n== theta ({path})\n{records.table(recs)}")
     for r in recs:

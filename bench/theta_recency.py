@@ -4,12 +4,14 @@ training tokens were seen.
 For each SAE: the threshold-mode L0 (over k) of the run's own training batches, replayed in training
 order with the final weights at the saved θ, one figure per tenth of the run; the same over every
 held-out row; and the held-out L0 again at a θ estimated (pooled, as the trainer does) from the
-batches of the middle of the run only (steps 10-70%), which leaves out the tokens the SAE saw last.
+batches of the middle of the run only (steps 10-70%, at most 2^18 tokens of them, spread evenly),
+which leaves out the tokens the SAE saw last.
 The batches are the ones the trainer saw: the SAE's cfg.json names its cache, seed, batch size,
 held-out sequences and exclusions.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from train.theta import estimate_theta
 from .records import Record, device_name
 
 MIDDLE = (0.1, 0.7)  # the part of the run whose batches the alternative θ comes from
+MIDDLE_TOKENS = 1 << 18  # at most this many tokens of it, in batches spread evenly over it
 
 
 def _l0(pre: torch.Tensor, theta: float) -> tuple[int, int]:
@@ -32,8 +35,11 @@ def _l0(pre: torch.Tensor, theta: float) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def measure(sae_dir: str | Path) -> list[Record]:
-    """Records for one saved BatchTopK SAE (see the module docstring)."""
+def measure(sae_dir: str | Path, every: int = 1) -> list[Record]:
+    """Records for one saved BatchTopK SAE (see the module docstring); `every` > 1 encodes only every
+    so many of the run's batches (a long run's replay costs a fifth of its training otherwise)."""
+    if every < 1:
+        raise PipelineError(f"every={every} must be at least 1 (encode every n-th batch of the run)")
     sae, meta = load_sae(sae_dir)
     md = meta["metadata"]
     if md.get("architecture") != "batchtopk":
@@ -61,13 +67,15 @@ def measure(sae_dir: str | Path) -> list[Record]:
     theta = float(sae.theta)
     tenths = np.zeros((10, 2))
     lo, hi = (round(steps * f) for f in MIDDLE)
+    spacing = max(1, math.ceil((hi - lo) * batch / MIDDLE_TOKENS))
     middle: list[torch.Tensor] = []
     it = stream.batches(0)
     try:
         for step in range(steps):
             x = next(it)
-            tenths[step * 10 // steps] += _l0(pre(x), theta)
-            if lo <= step < hi:
+            if step % every == 0:
+                tenths[step * 10 // steps] += _l0(pre(x), theta)
+            if lo <= step < hi and (step - lo) % spacing == 0:
                 middle.append(x)
     finally:
         it.close()
@@ -76,10 +84,11 @@ def measure(sae_dir: str | Path) -> list[Record]:
     for rows in heldout_chunk_rows(cache, site, split, drop, skip):
         p = pre(rows)
         held += [_l0(p, theta), _l0(p, theta_mid)]
-    per_tenth = [round(float(a / n / k), 4) for a, n in tenths]
+    per_tenth = [round(float(a / n / k), 4) if n else None for a, n in tenths]  # a run under 10 steps
     l0_saved, l0_mid = (float(a / n / k) for a, n in held)
     settings = {"sae": str(sae_dir), "k": k, "d_sae": md["d_sae"], "steps": steps, "batch": batch,
-                "theta": theta, "theta_middle": theta_mid, "middle_steps": [lo, hi],
+                "theta": theta, "theta_middle": theta_mid, "middle_steps": [lo, hi], "middle_spacing": spacing,
+                "every": every,
                 "heldout_rows": int(held[0, 1]), "train_l0_over_k_by_tenth_of_run": per_tenth}
     dev = device_name("cpu")
     name = Path(sae_dir).name

@@ -307,3 +307,7 @@ def test_bench_theta_replays_the_training_batches(synthetic_cache, tmp_path):
     assert rec.settings["heldout_rows"] == meta["heldout_l0"]["rows"] == 2 * 8 * 63
     assert rec.baseline_value == pytest.approx(meta["heldout_l0"]["mean"] / 3, abs=2 / 1008)
     assert 0.5 < rec.value < 2
+    sparse = measure(d, every=3)[0].settings["train_l0_over_k_by_tenth_of_run"]  # steps 0, 3, 6, 9 only
+    assert sparse[::3] == pytest.approx(want[::3], abs=1e-4) and sparse[1] is None
+    with pytest.raises(PipelineError, match="every=0 must be at least 1"):
+        measure(d, every=0)
