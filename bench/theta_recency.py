@@ -2,10 +2,10 @@
 training tokens were seen.
 
 For each SAE: the threshold-mode L0 (over k) of the run's own training batches, replayed in training
-order with the final weights at the saved θ, one figure per tenth of the run; the same over every
-held-out row; and the held-out L0 again at a θ estimated (pooled, as the trainer does) from the
-batches of the middle of the run only (steps 10-70%, at most 2^18 tokens of them, spread evenly),
-which leaves out the tokens the SAE saw last.
+order with the final weights at the saved θ, one figure per tenth of the run; the same over the
+held-out rows the trainer's `heldout_l0` reads; and the held-out L0 again at a θ estimated (pooled,
+as the trainer does) from the batches of the middle of the run only (steps 10-70%, at most 2^18
+tokens of them, spread evenly), which leaves out the tokens the SAE saw last.
 The batches are the ones the trainer saw: the SAE's cfg.json names its cache, seed, batch size,
 held-out sequences and exclusions.
 """
@@ -22,6 +22,7 @@ from harvest.errors import PipelineError
 from train.data import ActivationStream, Split, heldout_chunk_rows
 from train.sae import load_sae
 from train.theta import estimate_theta
+from train.trainer import HELDOUT_L0_ROWS
 
 from .records import Record, device_name
 
@@ -82,6 +83,8 @@ def measure(sae_dir: str | Path, every: int = 1) -> list[Record]:
     theta_mid = estimate_theta(middle, pre, k)["pooled"]
     held = np.zeros((2, 2))
     for rows in heldout_chunk_rows(cache, site, split, drop, skip):
+        if held[0, 1] >= HELDOUT_L0_ROWS:  # whole chunks up to the trainer's cap, as its heldout_l0 reads
+            break
         p = pre(rows)
         held += [_l0(p, theta), _l0(p, theta_mid)]
     per_tenth = [round(float(a / n / k), 4) if n else None for a, n in tenths]  # a run under 10 steps
