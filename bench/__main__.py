@@ -48,13 +48,15 @@ def main(ctx, parts, harvest_tokens, steps, d_in, d_sae, k, batch, dead_fraction
 @click.option("--batch-size", type=int, help="Batch size (default: the pipeline's).")
 @click.option("--seeds", default=1, show_default=True, help="Seeds per implementation (initial weights).")
 @click.option("--peers", default="dictionary_learning,saelens", show_default=True)
+@click.option("--heldout", type=click.Choice(["tail", "interleaved"]),
+              help="Held-out layout (default: the pipeline's; train/data.py Split).")
 @one_line_errors
-def peers(pipeline, archs, dict_mult, k, tokens, batch_size, seeds, peers) -> None:
+def peers(pipeline, archs, dict_mult, k, tokens, batch_size, seeds, peers, heldout) -> None:
     """Train our SAEs and the peers' on exactly the same batches; NMSE on the same held-out rows."""
     from . import peers as p
 
     recs = p.run(pipeline, tuple(a for a in archs.split(",") if a), dict_mult, k, tokens, batch_size, seeds,
-                 tuple(x for x in peers.split(",") if x))
+                 tuple(x for x in peers.split(",") if x), heldout)
     path = records.write("peers", recs)
     click.echo(f"\n== peers ({path})\n{records.table(recs)}")
     click.echo(str(path))
@@ -69,13 +71,15 @@ def peers(pipeline, archs, dict_mult, k, tokens, batch_size, seeds, peers) -> No
 @click.option("--variant", "variants", multiple=True, help="Only these variants (default: all; see bench/ablation.py).")
 @click.option("--tokens", type=int, help="Training tokens (default 560,000: 547 steps of 1024).")
 @click.option("--out", "out_name", help="Write ablation-<OUT>.json instead of ablation.json (keeps earlier rounds).")
+@click.option("--heldout", type=click.Choice(["tail", "interleaved"]),
+              help="Held-out layout (default: the pipeline's; train/data.py Split).")
 @one_line_errors
-def ablation(pipeline, archs, dict_mult, k, seeds, variants, tokens, out_name) -> None:
+def ablation(pipeline, archs, dict_mult, k, seeds, variants, tokens, out_name, heldout) -> None:
     """Our trainer with each peer recipe difference switched on, one pass over the same batches."""
     from . import ablation as a
 
     recs = a.run(pipeline, tuple(x for x in archs.split(",") if x), dict_mult, k, seeds, variants or None,
-                 tokens=tokens)
+                 tokens=tokens, heldout=heldout)
     path = records.write(f"ablation-{out_name}" if out_name else "ablation", recs)
     click.echo(f"\n== ablation ({path})\n{records.table(recs)}")
     click.echo(str(path))

@@ -130,7 +130,7 @@ def _cfg(variant: dict[str, Any], arch: str, m: int, k: int) -> dict[str, Any]:
 
 def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchtopk", "topk"), dict_mult: int = 8,
         k: int = 32, seeds: int = 1, variants: tuple[str, ...] | None = None, extra: dict[str, dict] | None = None,
-        tokens: int | None = None) -> list[Record]:
+        tokens: int | None = None, heldout: str | None = None) -> list[Record]:
     from harvest import pipelines
     from harvest.cli import settings_from
     from harvest.run import harvest
@@ -139,7 +139,8 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
     train = pipe["train"]
     cache = harvest(settings_from(name)[1])
     b = Budget.of(cache, tokens or COMPARISON_TOKENS, int(train.get("batch_size", 4096)),
-                  int(train.get("seed", 0)), float(train.get("val_fraction", 0.05)))
+                  int(train.get("seed", 0)), float(train.get("val_fraction", 0.05)),
+                  heldout or train.get("heldout", "tail"))
     m = dict_mult * b.cache.d_model()
     todo = {n: VARIANTS[n] for n in (variants or VARIANTS)} | (extra or {})
     cfgs, keys = [], []
@@ -151,7 +152,7 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
     with tempfile.TemporaryDirectory() as tmp:
         dirs = Trainer(TrainSettings(cache=b.cache.location, saes=cfgs, out=str(Path(tmp) / "run"),
                                      tokens=b.steps * b.batch_size, batch_size=b.batch_size, seed=b.seed,
-                                     val_fraction=b.val_fraction, log_every=50, checkpoint_every=10 ** 9)).run()
+                                     val_fraction=b.val_fraction, heldout=b.layout, log_every=50, checkpoint_every=10 ** 9)).run()
         x = b.heldout(HELDOUT_ROWS)
         results: dict[tuple[str, str], dict[str, list[dict]]] = {}
         for key, d in zip(keys, dirs):
@@ -164,7 +165,7 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
                 results.setdefault(key, {}).setdefault(label, []).append(score(rec, x, b.batch_size, b.scale))
     dev = device_name("cpu")
     settings = {"pipeline": name, "cache_id": b.cache.attrs["cache_id"], "d_sae": m, "k": k, "steps": b.steps,
-                "batch_size": b.batch_size, "training_tokens": b.steps * b.batch_size, "heldout_rows": HELDOUT_ROWS,
+                "batch_size": b.batch_size, "training_tokens": b.steps * b.batch_size, "heldout_rows": HELDOUT_ROWS, "heldout": b.layout,
                 "seeds": seeds}
     recs = []
     for (vname, arch), modes in results.items():

@@ -54,23 +54,27 @@ class Budget:
     scale: float
     drop: int | None
     skip: np.ndarray | None
+    layout: str = "tail"  # the held-out layout (train/data.py Split)
 
     @classmethod
-    def of(cls, cache: str, tokens: int, batch_size: int, seed: int, val_fraction: float) -> "Budget":
+    def of(cls, cache: str, tokens: int, batch_size: int, seed: int, val_fraction: float,
+           layout: str = "tail") -> "Budget":
         c = Cache.open(cache)
         site = c.sites[0]
         stats = c.train_stats(site, False)
         return cls(c, site, batch_size, math.ceil(tokens / batch_size), seed, val_fraction,
-                   math.sqrt(c.d_model()) / float(stats["mean_norm"]), int(c.tokens[0, 0]), c.outliers(site)[0])
+                   math.sqrt(c.d_model()) / float(stats["mean_norm"]), int(c.tokens[0, 0]), c.outliers(site)[0],
+                   layout)
 
     @property
     def split(self) -> Split:
-        return Split.of(self.cache, self.val_fraction)
+        return Split.of(self.cache, self.val_fraction, self.layout)
 
     def batches(self) -> Iterator[torch.Tensor]:
         """Exactly the batches our trainer sees, in its order, in the normalised space."""
         s = ActivationStream(self.cache, self.site, self.split.train_chunks, self.batch_size, self.scale,
-                             seed=self.seed, drop_token=self.drop, skip_rows=self.skip)
+                             seed=self.seed, drop_token=self.drop, skip_rows=self.skip,
+                             heldout_every=self.split.every)
         it = s.batches(0)
         try:
             for _ in range(self.steps):
@@ -128,7 +132,7 @@ def train_ours(b: Budget, arch: str, m: int, k: int, seeds: int, out: Path) -> d
                                                           | JUMPRELU_TARGET_RECIPE)
             for r in range(seeds)]
     dirs = Trainer(TrainSettings(cache=b.cache.location, saes=cfgs, out=str(out), tokens=b.steps * b.batch_size,
-                                 batch_size=b.batch_size, seed=b.seed, val_fraction=b.val_fraction,
+                                 batch_size=b.batch_size, seed=b.seed, val_fraction=b.val_fraction, heldout=b.layout,
                                  log_every=50, checkpoint_every=10 ** 9)).run()
     x = b.heldout(HELDOUT_ROWS)
     scores: dict[str, list[dict]] = {}
@@ -252,7 +256,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchtopk", "topk"), dict_mult: int = 8,
         k: int = 32, tokens: int | None = None, batch_size: int | None = None, seeds: int = 1,
-        peers: tuple[str, ...] = ("dictionary_learning", "saelens")) -> list[Record]:
+        peers: tuple[str, ...] = ("dictionary_learning", "saelens"), heldout: str | None = None) -> list[Record]:
     from harvest import pipelines
     from harvest.cli import settings_from
     from harvest.run import harvest
@@ -261,13 +265,14 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
     train = pipe["train"]
     cache = harvest(settings_from(name)[1])
     b = Budget.of(cache, tokens or COMPARISON_TOKENS, int(batch_size or train.get("batch_size", 4096)),
-                  int(train.get("seed", 0)), float(train.get("val_fraction", 0.05)))
+                  int(train.get("seed", 0)), float(train.get("val_fraction", 0.05)),
+                  heldout or train.get("heldout", "tail"))
     m = dict_mult * b.cache.d_model()
     if "dictionary_learning" in peers:
         _load_dictionary_learning()
     settings = {"pipeline": name, "cache_id": b.cache.attrs["cache_id"], "site": b.site, "d_sae": m, "k": k,
                 "steps": b.steps, "batch_size": b.batch_size, "training_tokens": b.steps * b.batch_size,
-                "heldout_rows": HELDOUT_ROWS, "seeds": seeds, "data_seed": b.seed}
+                "heldout_rows": HELDOUT_ROWS, "heldout": b.layout, "seeds": seeds, "data_seed": b.seed}
     dev = device_name("cpu")
     recs: list[Record] = []
     for arch in archs:

@@ -52,15 +52,14 @@ def measure(sae_dir: str | Path, every: int = 1) -> list[Record]:
     site, k, batch = md["hook_name"], md["k"], md["batch_size"]
     if not md.get("heldout_sequences"):
         raise PipelineError(f"{sae_dir} was trained with no held-out part (val_fraction 0): nothing to compare")
-    first_held = md["heldout_sequences"][0] // cache.chunk_seqs
-    split = Split(tuple(range(first_held)), tuple(range(first_held, cache.n_chunks)))
+    split = Split.from_metadata(cache, md)
     drop = None if md["include_bos"] else int(cache.tokens[0, 0])
     skip = cache.outliers(site)[0] if md["excluded_outlier_rows"] else None
     parts = md.get("data_parts", md.get("world_size", 1))  # SAEs saved before data_parts was recorded
     steps = -(-md["training_tokens"] // batch)
     stream = ActivationStream(cache, site, split.train_chunks, batch, 1.0, seed=md["seed"], parts=parts,
                               my_parts=tuple(range(parts)), shuffle_mb=md.get("shuffle_mb", 512),
-                              drop_token=drop, skip_rows=skip)
+                              drop_token=drop, skip_rows=skip, heldout_every=split.every)
 
     def pre(x: torch.Tensor) -> torch.Tensor:
         return sae.pre(sae.normalize(x)[0])

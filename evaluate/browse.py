@@ -25,7 +25,7 @@ from harvest import models
 from harvest.cache import Cache
 from harvest.errors import PipelineError
 from harvest.pipelines import DATA_DIR
-from train.data import keep_mask
+from train.data import Split, heldout_sequences, keep_mask
 from train.sae import SAE, load_sae
 
 from .latents import LatentStats
@@ -50,26 +50,28 @@ class BrowseSettings:
     pipeline: str | None = None
 
 
-def _rows_to_scan(cache: Cache, meta: dict, s: BrowseSettings) -> list[int]:
-    """The chunks to read: those of the held-out sequences (or all), in order."""
+def _held_out(cache: Cache, meta: dict, s: BrowseSettings) -> tuple[Split | None, int]:
+    """The split whose held-out rows to scan (None: the whole cache) and the first sequence scanned."""
     if s.whole_cache:
-        return list(range(cache.n_chunks))
-    held = meta["metadata"].get("heldout_sequences")
-    if not held:
+        return None, 0
+    md = meta["metadata"]
+    seqs = heldout_sequences(md)
+    if not len(seqs):
         raise PipelineError(f"SAE {s.sae} records no held-out sequences; browse the whole cache (--whole-cache)")
-    first = held[0] // cache.chunk_seqs
-    return list(range(first, cache.n_chunks))
+    return Split.from_metadata(cache, md), seqs.start
 
 
-def _batches(cache: Cache, site: str, chunks: list[int], s: BrowseSettings, start_seq: int):
-    """(row ids, float32 rows) of the kept rows, in batches of about batch_tokens, up to s.tokens."""
+def _batches(cache: Cache, site: str, split: Split | None, s: BrowseSettings, start_seq: int):
+    """(row ids, float32 rows) of the kept rows (of the split's held-out part, or all), in batches of
+    about batch_tokens, up to s.tokens."""
     drop = None if s.include_bos else int(cache.tokens[0, 0])
     skip = None if s.include_outliers else cache.outliers(site)[0]
     done = 0
     buf_ids, buf_x = [], []
-    for c in chunks:
+    every = split.every if split else 0
+    for c in (split.heldout_chunks if split else range(cache.n_chunks)):
         r0, r1 = cache.row_range(c)
-        keep = keep_mask(cache, c, drop, skip)
+        keep = keep_mask(cache, c, drop, skip, every, heldout=bool(every))
         ids = r0 + np.flatnonzero(keep)
         lo = max(0, start_seq * cache.ctx_len - r0)  # the held-out part may start inside a chunk
         keep[:lo] = False
@@ -91,12 +93,12 @@ def _batches(cache: Cache, site: str, chunks: list[int], s: BrowseSettings, star
         yield torch.from_numpy(ids_all), torch.from_numpy(np.concatenate(buf_x))
 
 
-def scan(sae: SAE, cache: Cache, site: str, chunks: list[int], s: BrowseSettings, start_seq: int) -> LatentStats:
+def scan(sae: SAE, cache: Cache, site: str, split: Split | None, s: BrowseSettings, start_seq: int) -> LatentStats:
     """The streaming pass: every latent's statistics over the chosen tokens."""
     stats = LatentStats(sae.cfg.d_sae)
     bar = tqdm(desc="browse: scan", unit="tok", unit_scale=True, file=sys.stderr, disable=None)
     with torch.inference_mode():
-        for ids, x in _batches(cache, site, chunks, s, start_seq):
+        for ids, x in _batches(cache, site, split, s, start_seq):
             _, code = sae.reconstruct(x.to(s.device), "threshold")  # BatchTopK: its inference mode
             stats.add(ids, *(t.cpu() for t in code.active()))
             bar.update(len(ids))
@@ -234,9 +236,8 @@ def build(s: BrowseSettings) -> Path:
     if site not in cache.sites:
         raise PipelineError(f"SAE {s.sae} reads {site}, which cache {cache.location} does not hold "
                             f"(it holds: {', '.join(cache.sites)})")
-    start_seq = 0 if s.whole_cache else int(md["heldout_sequences"][0])
-    chunks = _rows_to_scan(cache, meta, s)
-    stats = scan(sae, cache, site, chunks, s, start_seq)
+    split, start_seq = _held_out(cache, meta, s)
+    stats = scan(sae, cache, site, split, s, start_seq)
     t_scan = time.perf_counter() - t0
 
     m = sae.cfg.d_sae

@@ -104,6 +104,15 @@ def groups_of(rows: list[dict]) -> list[Group]:
                                      g.first.get("target_l0") or g.first.get("l0_coeff") or 0, g.config))
 
 
+def _held_text(src: dict) -> str:
+    """The evaluated held-out sequences in words: a range, every n-th of a range, or a count."""
+    if "heldout_sequence_ids" in src:
+        return f"({len(src['heldout_sequence_ids'])} listed in metrics.json)"
+    a, b = src["heldout_sequences"]
+    step = src.get("heldout_every") or 1
+    return f"{a}–{b}" if step == 1 else f"{a}–{b}, every {step}th"
+
+
 def _main_recipe(gs: list[Group]) -> str:
     """The recipe most (Batch)TopK configurations share: plots compare those with each other."""
     c = Counter(g.recipe for g in gs if g.arch in ("batchtopk", "topk"))
@@ -265,8 +274,8 @@ def write_report(pipeline: str, dirs: list[str], out: str | None = None) -> Path
     _frontier_plot(gs, out_dir / "fig5_frontier.png")
     first = rows[0]
     src = first["eval_source"]
-    where = (f"held-out sequences {src['heldout_sequences'][0]}–{src['heldout_sequences'][1]} of cache "
-             f"`{first.get('cache_id') or src.get('cache_id')}`" if "heldout_sequences" in src
+    where = (f"held-out sequences {_held_text(src)} of cache `{first.get('cache_id') or src.get('cache_id')}`"
+             if "heldout_sequences" in src or "heldout_sequence_ids" in src
              else f"corpus `{Path(str(src.get('dataset'))).name}`")
     seeds = sorted({len(g.rows) for g in gs})
     lines = [

@@ -17,6 +17,7 @@ from harvest import models
 from harvest.cache import Cache
 from harvest.errors import PipelineError
 from harvest.pipelines import DATA_DIR
+from train.data import heldout_sequences
 from train.sae import SAE, load_sae
 
 from .metrics import CE, DEFINITIONS, Recon, token_ce, token_kl
@@ -94,16 +95,41 @@ def evaluate_site(model, site: str, batches: Iterable[torch.Tensor], recons: dic
             for name, st in stats.items()}
 
 
-def eval_tokens(cache: Cache, start_seq: int, n_tokens: int, batch_seqs: int, limited_by: str = "") -> list[torch.Tensor]:
-    """Batches of held-out sequences [start_seq, ...) covering n_tokens tokens."""
+def common_heldout(metas: list[tuple[str, dict]]) -> tuple[np.ndarray, str]:
+    """The sequences every SAE of a group held out (sorted), and the SAE that holds out fewest."""
+    ids, fewest = None, ("", 0)
+    for name, md in metas:
+        r = heldout_sequences(md)
+        if not len(r):
+            raise PipelineError(f"SAE {name} records no held-out sequences (trained with val_fraction 0); "
+                                "evaluate it on a corpus (--dataset)")
+        own = np.arange(r.start, r.stop, r.step)
+        ids = own if ids is None else np.intersect1d(ids, own)
+        if not fewest[0] or len(own) < fewest[1]:
+            fewest = (name, len(own))
+    return ids, fewest[0]
+
+
+def eval_tokens(cache: Cache, seqs: np.ndarray, n_tokens: int, batch_seqs: int, limited_by: str = "") -> list[torch.Tensor]:
+    """Batches of the first held-out sequences (`seqs`, sorted) covering n_tokens tokens."""
     n_seq = math.ceil(n_tokens / cache.ctx_len)
-    have = cache.n_sequences - start_seq
-    if have < n_seq:
+    if len(seqs) < n_seq:
         who = f" (the part none of the SAEs trained on; {limited_by} holds out least)" if limited_by else ""
-        raise PipelineError(f"the held-out part of {cache.location} has only {have * cache.ctx_len} tokens{who}, fewer "
-                            f"than the {n_tokens} asked for evaluation; ask for fewer (--tokens) or harvest more")
-    toks = torch.from_numpy(cache.tokens[start_seq:start_seq + n_seq].astype(np.int64))
-    return list(toks.split(batch_seqs))
+        raise PipelineError(f"the held-out part of {cache.location} has only {len(seqs) * cache.ctx_len} tokens{who}, "
+                            f"fewer than the {n_tokens} asked for evaluation; ask for fewer (--tokens) or harvest more")
+    use = np.asarray(seqs[:n_seq], dtype=np.int64)
+    span = np.asarray(cache.tokens[int(use[0]):int(use[-1]) + 1])  # one contiguous read
+    return list(torch.from_numpy(span[use - use[0]].astype(np.int64)).split(batch_seqs))
+
+
+def _source(seqs: np.ndarray) -> dict:
+    """The evaluated sequences as range(start, stop, step) where they are one (always, for SAEs of one
+    split), else listed."""
+    steps = np.unique(np.diff(seqs))
+    if len(steps) <= 1:
+        step = int(steps[0]) if len(steps) else 1
+        return {"heldout_sequences": [int(seqs[0]), int(seqs[-1]) + 1], "heldout_every": step}
+    return {"heldout_sequence_ids": seqs.tolist()}
 
 
 def corpus_tokens(dataset: str, spec: models.ModelSpec, ctx_len: int, n_tokens: int,
@@ -158,10 +184,10 @@ def evaluate(s: EvalSettings) -> list[Path]:
             source = {"dataset": s.dataset}
         else:
             # only sequences that no SAE of the group trained on
-            start, limiting = max((int(m["metadata"]["heldout_sequences"][0]), str(d)) for d, _, m in items)
-            batches = eval_tokens(cache, start, s.tokens, s.batch_seqs, limiting if len(items) > 1 else "")
-            source = {"heldout_sequences": [start, start + sum(len(b) for b in batches)],
-                      "cache_id": cache.attrs["cache_id"], "cache": cache.location}
+            held, limiting = common_heldout([(str(d), m["metadata"]) for d, _, m in items])
+            batches = eval_tokens(cache, held, s.tokens, s.batch_seqs, limiting if len(items) > 1 else "")
+            source = _source(held[:sum(len(b) for b in batches)]) | {"cache_id": cache.attrs["cache_id"],
+                                                                     "cache": cache.location}
         bos_id = int(cache.tokens[0, 0]) if s.exclude_bos else None
         mean = torch.as_tensor(cache.train_stats(site, not s.exclude_bos)["mean"], dtype=torch.float32)
         recons = {(str(d), mode): (sae_reconstructor(sae, mode), sae.cfg.d_sae)

@@ -15,7 +15,7 @@ from evaluate.browse import BrowseSettings, build
 from harvest.cache import Cache
 from harvest.errors import PipelineError
 from harvest.run import HarvestSettings, harvest
-from train.data import keep_mask
+from train.data import heldout_sequences, keep_mask
 from train.sae import load_sae
 from train.trainer import TrainSettings, Trainer
 
@@ -31,6 +31,9 @@ def trained(tmp_path_factory, tiny_models, corpus_file):
     dirs = Trainer(TrainSettings(cache=loc, out=str(tmp / "run"), batch_size=512, tokens=512 * 30, lr=1e-3,
                                  saes=[{"arch": "batchtopk", "d_sae": 128, "k": 4}, {"arch": "topk", "d_sae": 128, "k": 4}],
                                  device="cpu", val_fraction=0.25, pipeline="tiny")).run()
+    dirs += Trainer(TrainSettings(cache=loc, out=str(tmp / "interleaved"), batch_size=512, tokens=512 * 10, lr=1e-3,
+                                  saes=[{"arch": "batchtopk", "d_sae": 128, "k": 4}], device="cpu",
+                                  val_fraction=0.25, heldout="interleaved", pipeline="tiny")).run()
     return loc, dirs
 
 
@@ -40,7 +43,7 @@ def read_js(path: Path, prefix: str) -> dict:
     return json.loads(text[len(prefix):].rstrip(");").rstrip(";").rstrip(")"))
 
 
-@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("which", [0, 1, 2])  # BatchTopK, TopK, BatchTopK with an interleaved held-out part
 def test_statistics_and_top_contexts_equal_brute_force(trained, tmp_path, which):
     loc, dirs = trained
     index = build(BrowseSettings(sae=str(dirs[which]), out=str(tmp_path / "site")))
@@ -48,14 +51,16 @@ def test_statistics_and_top_contexts_equal_brute_force(trained, tmp_path, which)
     idx = read_js(index.parent / "data" / "index.js", "window.BROWSER_INDEX = ")
     sae, meta = load_sae(dirs[which])
     cache = Cache.open(loc)
-    start = meta["metadata"]["heldout_sequences"][0] * cache.ctx_len
+    held = np.array(heldout_sequences(meta["metadata"]))
+    assert held[-1] == cache.n_sequences - 1 and len(held) > 40 and (np.diff(held) == (4 if which == 2 else 1)).all()
     rows, ids = [], []
     for c in range(cache.n_chunks):  # every held-out, non-BOS, non-outlier row
         r0, r1 = cache.row_range(c)
         keep = keep_mask(cache, c, int(cache.tokens[0, 0]), cache.outliers(SITE)[0])
         rid = r0 + np.flatnonzero(keep)
-        rows.append(cache.read_rows(SITE, r0, r1)[keep][rid >= start])
-        ids.append(rid[rid >= start])
+        mine = np.isin(rid // cache.ctx_len, held)
+        rows.append(cache.read_rows(SITE, r0, r1)[keep][mine])
+        ids.append(rid[mine])
     x, ids = torch.from_numpy(np.concatenate(rows)), np.concatenate(ids)
     with torch.no_grad():
         f = sae.encode(x, "threshold").numpy()

@@ -185,3 +185,31 @@ def test_closing_a_stream_stops_its_threads_before_returning(tmp_path):
         next(it)
         it.close()
         assert set(threading.enumerate()) <= before
+
+
+def test_interleaved_split_holds_out_one_sequence_in_every_n_across_the_cache(cache):
+    from harvest.errors import PipelineError
+    from train.data import heldout_chunk_rows, heldout_sequences
+
+    split = Split.of(cache, 0.25, "interleaved")  # 40 sequences in chunks of 6: sequences 3, 7, ..., 39
+    assert split.every == 4 and split.train_chunks == split.heldout_chunks == tuple(range(cache.n_chunks))
+    md = split.metadata(cache)
+    assert md == {"heldout_sequences": [3, 40], "heldout_every": 4}
+    assert list(heldout_sequences(md)) == list(range(3, 40, 4))
+    assert Split.from_metadata(cache, md) == split
+    tail = Split.of(cache, 0.25)
+    assert Split.from_metadata(cache, tail.metadata(cache)) == tail and tail.every == 0
+    skip = cache.outliers(SITE)[0]
+    held = {int(v) for x in heldout_chunk_rows(cache, SITE, split, 0, skip) for v in x[:, 0]}
+    toks = cache.tokens[:].reshape(-1)
+    expect = {r for s in range(3, 40, 4) for r in range(s * 32, s * 32 + 32) if toks[r] != 0 and r not in (77, 500)}
+    assert held == expect
+    s = stream(cache, heldout_every=split.every)
+    it = s.batches(0)
+    epoch = ids(next(it) for _ in range(s.batches_per_epoch))
+    it.close()
+    kept = {r for r in range(40 * 32) if toks[r] != 0 and r not in (77, 500)}
+    assert set(epoch) <= kept - held and sum(s.rows_in.values()) == len(kept - held)
+    assert len(kept - held) - len(epoch) < 64 and len(epoch) == len(set(epoch))
+    with pytest.raises(PipelineError, match="not one of: tail, interleaved"):
+        Split.of(cache, 0.25, "random")

@@ -203,3 +203,31 @@ def test_bad_input(pipeline_run, tmp_path, tiny_models):
     (wide / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(PipelineError, match="d_in=32 but .* has width 64"):
         evaluate(EvalSettings(saes=[str(wide)], tokens=256, device="cpu"))
+
+
+def test_interleaved_heldout_part_is_what_evaluation_reads(pipeline_run, tmp_path):
+    from evaluate.report import _held_text
+    from evaluate.run import common_heldout, eval_tokens
+
+    loc, dirs, _ = pipeline_run
+    [inter] = Trainer(TrainSettings(cache=loc, out=str(tmp_path / "run"), batch_size=512, tokens=512 * 6, lr=1e-3,
+                                    saes=[{"arch": "batchtopk", "d_sae": 128, "k": 4}], device="cpu",
+                                    val_fraction=0.25, heldout="interleaved", pipeline="tiny")).run()
+    md = load_sae(inter)[1]["metadata"]
+    assert md["heldout_sequences"] == [3, 256] and md["heldout_every"] == 4
+    c = Cache.open(loc)
+    rows = sum(int(((c.tokens[s] != 0) & (np.arange(32) > 0)).sum()) for s in range(3, 256, 4))  # no BOS
+    assert md["heldout_l0"]["rows"] == rows - int(np.isin(c.outliers(SITE)[0] // 32, range(3, 256, 4)).sum())
+    evaluate(EvalSettings(saes=[str(inter)], tokens=256, device="cpu"))
+    src = json.loads((inter / "metrics.json").read_text())["eval_source"]
+    assert (src["heldout_sequences"], src["heldout_every"]) == ([3, 32], 4)
+    assert _held_text(src) == "3–32, every 4th"
+    ids, _ = common_heldout([("i", md)])
+    got = torch.cat(eval_tokens(c, ids, 256, 8)).numpy()
+    np.testing.assert_array_equal(got, c.tokens[3:32:4])
+    # with a tail-split SAE in the group, only the sequences both held out
+    tail = load_sae(dirs[0])[1]["metadata"]["heldout_sequences"][0]
+    first = tail + (3 - tail) % 4
+    evaluate(EvalSettings(saes=[str(inter), str(dirs[0])], tokens=256, device="cpu"))
+    src = json.loads((inter / "metrics.json").read_text())["eval_source"]
+    assert (src["heldout_sequences"], src["heldout_every"]) == ([first, first + 29], 4)

@@ -7,6 +7,7 @@ from harvest import pipelines
 from harvest.cli import parse_tokens
 from harvest.errors import PipelineError, one_line_errors
 
+from .data import HELDOUT_LAYOUTS
 from .sae import ARCHS, B_DEC_INITS, MSE_REDUCTIONS, NORMS
 from .sweep import sweep_from
 from .trainer import THETA_ESTIMATORS
@@ -43,7 +44,10 @@ from .trainer import THETA_ESTIMATORS
 @click.option("--lr", type=float, help="Adam learning rate (default 1e-3).")
 @click.option("--seed", type=int, help="Seed for initialisation and data order.")
 @click.option("--dead-tokens", type=int, help="Tokens without firing after which a latent counts as dead.")
-@click.option("--val-fraction", type=float, help="Fraction of the cache's chunks held out (default 0.05).")
+@click.option("--val-fraction", type=float, help="Fraction of the cache held out (default 0.05).")
+@click.option("--heldout", type=click.Choice(HELDOUT_LAYOUTS),
+              help="Which part is held out: tail (the last chunks, default) or interleaved (one sequence in "
+                   "every 1/val-fraction, spread over the whole cache).")
 @click.option("--log-every", type=int, help="Steps between log records.")
 @click.option("--checkpoint-every", type=int, help="Steps between training-state checkpoints.")
 @click.option("--include-bos", is_flag=True, default=None, help="Train on BOS positions too (default: left out).")
@@ -55,7 +59,7 @@ from .trainer import THETA_ESTIMATORS
 @one_line_errors
 def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, norm, center, b_dec_init, mse, aux_norm, grad_clip,
          warmup, decay, betas, target_l0, threshold_lr, seeds, sets, theta_estimator, tokens, batch_size, lr, seed,
-         dead_tokens, val_fraction, log_every, checkpoint_every, include_bos, include_outliers, local_copy, device,
+         dead_tokens, val_fraction, heldout, log_every, checkpoint_every, include_bos, include_outliers, local_copy, device,
          out) -> None:
     """Train BatchTopK (default) and baseline SAEs; one pass over the cache feeds a whole sweep.
 
@@ -88,6 +92,7 @@ def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, norm, center
     s = TrainSettings(cache=c.location, saes=saes, out="", site=site or train.get("site"), pipeline=name,
                       tokens=parse_tokens(tokens if tokens is not None else train.get("tokens", "all")))
     for key, val in (("batch_size", batch_size), ("lr", lr), ("seed", seed), ("val_fraction", val_fraction),
+                     ("heldout", heldout),
                      ("theta_estimator", theta_estimator), ("theta_tokens", None),
                      ("log_every", log_every), ("checkpoint_every", checkpoint_every), ("device", device),
                      ("include_bos", include_bos), ("include_outliers", include_outliers),

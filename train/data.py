@@ -19,7 +19,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -28,26 +28,82 @@ from harvest.cache import Cache, storage_numpy_dtype
 from harvest.errors import PipelineError
 
 
+HELDOUT_LAYOUTS = ("tail", "interleaved")
+
+
 @dataclass(frozen=True)
 class Split:
-    """Which chunks train and which are held out (the last ones, for validation and evaluation)."""
+    """Which rows train and which are held out, in one of two layouts.
+
+    `tail`: the last chunks, whole (cheap to read; on a small corpus they are its last few documents,
+    and a held-out metric then measures those). `interleaved`: one sequence in every `every`
+    (sequences s with s % every == every - 1) in every chunk, so the held-out text is spread over the
+    whole corpus like the training text; the training stream leaves those rows out.
+    """
 
     train_chunks: tuple[int, ...]
     heldout_chunks: tuple[int, ...]
+    every: int = 0  # interleaved: one held-out sequence in every `every`; 0: the tail layout
 
     @classmethod
-    def of(cls, cache: Cache, val_fraction: float) -> "Split":
+    def of(cls, cache: Cache, val_fraction: float, layout: str = "tail") -> "Split":
+        if layout not in HELDOUT_LAYOUTS:
+            raise PipelineError(f"held-out layout {layout!r} is not one of: {', '.join(HELDOUT_LAYOUTS)}")
         n = cache.n_chunks
+        if layout == "interleaved" and val_fraction > 0:
+            every = max(2, round(1 / val_fraction))
+            if cache.n_sequences < every:
+                raise PipelineError(f"cache {cache.location} has only {cache.n_sequences} sequence(s): too few to "
+                                    f"hold out one in {every} for validation; harvest more tokens")
+            held = [c for c in range(n) if _held_seqs(*cache.seq_range(c), every).size]
+            return cls(tuple(range(n)), tuple(held), every)
         held = max(1, math.ceil(n * val_fraction)) if val_fraction > 0 else 0  # at least the fraction
         if n - held < 1:
             raise PipelineError(f"cache {cache.location} has only {n} chunk(s): too small to hold out "
                                 f"{val_fraction:.0%} for validation; harvest more tokens")
         return cls(tuple(range(n - held)), tuple(range(n - held, n)))
 
+    @classmethod
+    def from_metadata(cls, cache: Cache, md: dict) -> "Split":
+        """The split an SAE was trained with, from its metadata (`heldout_sequences` [start, stop] and
+        `heldout_every`, as Python's range)."""
+        held = md.get("heldout_sequences")
+        if not held:
+            return cls(tuple(range(cache.n_chunks)), ())
+        every = int(md.get("heldout_every") or 1)
+        if every > 1:
+            return cls.of(cache, 1 / every, "interleaved")
+        first = int(held[0]) // cache.chunk_seqs
+        return cls(tuple(range(first)), tuple(range(first, cache.n_chunks)))
 
-def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.ndarray | None) -> np.ndarray:
+    def metadata(self, cache: Cache) -> dict[str, Any]:
+        """`heldout_sequences` [start, stop] and `heldout_every` (the step): range(start, stop, every)
+        are the held-out sequences."""
+        if not self.heldout_chunks:
+            return {"heldout_sequences": None, "heldout_every": None}
+        if self.every:
+            return {"heldout_sequences": [self.every - 1, cache.n_sequences], "heldout_every": self.every}
+        return {"heldout_sequences": [cache.seq_range(self.heldout_chunks[0])[0], cache.n_sequences],
+                "heldout_every": 1}
+
+
+def _held_seqs(s0: int, s1: int, every: int) -> np.ndarray:
+    """The held-out sequences of the interleaved layout in [s0, s1)."""
+    first = s0 + (every - 1 - s0) % every
+    return np.arange(first, s1, every)
+
+
+def heldout_sequences(md: dict) -> range:
+    """The held-out sequences an SAE's metadata names (empty if none)."""
+    held = md.get("heldout_sequences")
+    return range(int(held[0]), int(held[1]), int(md.get("heldout_every") or 1)) if held else range(0)
+
+
+def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.ndarray | None,
+              every: int = 0, heldout: bool = False) -> np.ndarray:
     """Which rows of a chunk an SAE sees: not at drop_token (BOS) positions, not in skip_rows
-    (sorted row indices, as Cache.outliers gives them)."""
+    (sorted row indices, as Cache.outliers gives them); with `every` (an interleaved split) only the
+    training rows, or only the held-out ones if `heldout`."""
     r0, r1 = cache.row_range(chunk)
     keep = np.ones(r1 - r0, dtype=bool)
     if drop_token is not None:
@@ -55,6 +111,11 @@ def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.nd
     if skip_rows is not None:
         lo, hi = np.searchsorted(skip_rows, [r0, r1])
         keep[skip_rows[lo:hi] - r0] = False
+    if every:
+        s0, s1 = cache.seq_range(chunk)
+        held = np.zeros(s1 - s0, dtype=bool)
+        held[_held_seqs(s0, s1, every) - s0] = True
+        keep &= np.repeat(held if heldout else ~held, cache.ctx_len)
     return keep
 
 
@@ -136,7 +197,7 @@ class ActivationStream:
                  seed: int = 0, parts: int = 1, my_parts: tuple[int, ...] = (0,), shuffle_mb: float = 512,
                  read_threads: int = 4, gather_threads: int = 2, device: str = "cpu", prefetch: int = 4,
                  drop_token: int | None = None,
-                 skip_rows: np.ndarray | None = None):
+                 skip_rows: np.ndarray | None = None, heldout_every: int = 0):
         if batch_size % parts:
             raise PipelineError(f"batch size {batch_size} is not divisible by the {parts} data parts (ranks)")
         self.cache, self.site, self.chunks = cache, site, tuple(chunks)
@@ -147,13 +208,16 @@ class ActivationStream:
         self.read_threads, self.gather_threads = read_threads, gather_threads
         self.drop_token = drop_token
         self.skip_rows = skip_rows
-        # rows each chunk contributes (BOS positions and skip_rows left out), from the cache's counts
+        self.heldout_every = heldout_every  # an interleaved split: its held-out rows are left out
+        # rows each chunk contributes (BOS positions and skip_rows left out), from the cache's counts;
+        # an interleaved split's held-out rows overlap those, so its counts come from the masks
         counts = cache.chunk_counts()
         skip_col = 1 + cache.sites.index(site)
         self.rows_in = {}
         for c in self.chunks:
             r0, r1 = cache.row_range(c)
-            self.rows_in[c] = (r1 - r0 - (int(counts[c, 0]) if drop_token is not None else 0)
+            self.rows_in[c] = (int(self._keep(c).sum()) if heldout_every else
+                               r1 - r0 - (int(counts[c, 0]) if drop_token is not None else 0)
                                - (int(counts[c, skip_col]) if skip_rows is not None else 0))
         d = cache.d_model()
         self.window = max(1, int(shuffle_mb * 2**20 // (self.source.rows_per_chunk * d * self.source.dtype.itemsize)))
@@ -162,6 +226,9 @@ class ActivationStream:
         if self.batches_per_epoch < 1:
             raise PipelineError(f"the training part of {cache.location} ({min(rows)} tokens per part) is smaller "
                                 f"than one batch of {self.local}; harvest more tokens or lower the batch size")
+
+    def _keep(self, c: int) -> np.ndarray:
+        return keep_mask(self.cache, c, self.drop_token, self.skip_rows, self.heldout_every)
 
     def _epoch_chunks(self, epoch: int, part: int) -> list[int]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(np.array(self.chunks))
@@ -178,8 +245,7 @@ class ActivationStream:
         """Map (or read) a window's chunks into `blocks`; return the global ids of the rows it keeps."""
         def open_one(c: int) -> np.ndarray:
             blocks[c] = self.source.read(c)
-            keep = keep_mask(self.cache, c, self.drop_token, self.skip_rows)
-            return self.cache.row_range(c)[0] + np.flatnonzero(keep)
+            return self.cache.row_range(c)[0] + np.flatnonzero(self._keep(c))
         return np.concatenate(list(pool.map(open_one, chunks)))
 
     def _gather(self, ids: np.ndarray, blocks: dict[int, np.ndarray], out: np.ndarray) -> None:
@@ -279,17 +345,18 @@ def warn_epochs(tokens: int, epoch_tokens: int) -> None:
 
 def heldout_chunk_rows(cache: Cache, site: str, split: Split, drop_token: int | None = None,
                        skip_rows: np.ndarray | None = None) -> Iterator[torch.Tensor]:
-    """Each held-out chunk's rows in turn (float32), with the stream's exclusions."""
+    """Each held-out chunk's held-out rows in turn (float32), with the stream's exclusions."""
     if not split.heldout_chunks:
         raise PipelineError("no held-out chunks (val_fraction is 0)")
     for c in split.heldout_chunks:
-        rows = cache.read_rows(site, *cache.row_range(c))[keep_mask(cache, c, drop_token, skip_rows)]
+        keep = keep_mask(cache, c, drop_token, skip_rows, split.every, heldout=True)
+        rows = cache.read_rows(site, *cache.row_range(c))[keep]
         yield torch.from_numpy(np.ascontiguousarray(rows))
 
 
 def heldout_rows(cache: Cache, site: str, split: Split, max_rows: int, scale: float = 1.0,
                  drop_token: int | None = None, skip_rows: np.ndarray | None = None) -> torch.Tensor:
-    """Up to max_rows rows of the held-out chunks (float32, times scale), with the stream's exclusions."""
+    """Up to max_rows held-out rows (float32, times scale), with the stream's exclusions."""
     parts, n = [], 0
     for rows in heldout_chunk_rows(cache, site, split, drop_token, skip_rows):  # only the chunks max_rows needs
         parts.append(rows)

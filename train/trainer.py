@@ -46,6 +46,7 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.99)
     seed: int = 0
     val_fraction: float = 0.05
+    heldout: str = "tail"               # tail | interleaved: which rows are held out (train/data.py Split)
     theta_estimator: str = "pooled"     # pooled | mean (eq. 7 with the final weights) | running (see theta.py)
     theta_tokens: int = 65536           # training tokens the final-weight estimates look at
     theta_window: float = 0.2           # running: the mean over the last 20% of training batches
@@ -65,7 +66,8 @@ class TrainSettings:
         keep = ("site", "tokens", "batch_size", "lr", "betas", "seed", "val_fraction", "theta_estimator",
                 "theta_tokens", "theta_window", "include_bos", "include_outliers")
         saes = [{k: v for k, v in asdict(SAEConfig(d_in=1, **c)).items() if k != "d_in"} for c in self.saes]
-        return {"cache_id": None, "saes": saes, **{k: getattr(self, k) for k in keep}}
+        ident = {"cache_id": None, "saes": saes, **{k: getattr(self, k) for k in keep}}
+        return ident | ({"heldout": self.heldout} if self.heldout != "tail" else {})  # older runs: tail
 
 
 class Objective(nn.Module):
@@ -102,7 +104,7 @@ class Trainer:
         self.skip = None if s.include_outliers else self.cache.outliers(self.site)[0]
         self.d = self.cache.d_model()
         self.scale = math.sqrt(self.d) / float(stats["mean_norm"])  # global norm: mean norm sqrt(d)
-        self.split = Split.of(self.cache, s.val_fraction)
+        self.split = Split.of(self.cache, s.val_fraction, s.heldout)
         parts = s.data_parts or self.world
         if self.world > 1 and parts != self.world:
             raise PipelineError(f"data_parts={parts} must equal the number of ranks ({self.world})")
@@ -111,7 +113,7 @@ class Trainer:
         self.stream = ActivationStream(self.cache, self.site, self.split.train_chunks, s.batch_size, 1.0,
                                        seed=s.seed, parts=parts, my_parts=mine,
                                        shuffle_mb=s.shuffle_mb, device=self.device, drop_token=self.drop,
-                                       skip_rows=self.skip)
+                                       skip_rows=self.skip, heldout_every=self.split.every)
         self.tokens = s.tokens if s.tokens is not None else self.stream.epoch_tokens
         self.total_steps = max(1, math.ceil(self.tokens / s.batch_size))
         self.out = Path(s.out)
@@ -421,7 +423,6 @@ class Trainer:
 
     def _metadata(self, cfg: SAEConfig) -> dict[str, Any]:
         a = self.cache.attrs
-        held = self.split.heldout_chunks
         theta_doc = {"pooled": f"the smallest activation kept by one batch top-k over {self.s.theta_tokens} training "
                                "tokens, final weights",
                      "mean": f"the mean smallest kept activation of batches of {self.s.batch_size} over "
@@ -433,7 +434,7 @@ class Trainer:
             "model_name": a["model"], "hook_name": self.site, "context_size": a["ctx_len"], "prepend_bos": True,
             "dataset_path": a["dataset"].get("dataset"), "cache": self.cache.location, "cache_id": a["cache_id"],
             "architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae, "pipeline": self.s.pipeline,
-            "heldout_sequences": [self.cache.seq_range(held[0])[0], self.cache.n_sequences] if held else None,
+            **self.split.metadata(self.cache),  # heldout_sequences, heldout_every
             "training_tokens": self.step * self.s.batch_size, "batch_size": self.s.batch_size,
             "data_parts": self.stream.parts, "shuffle_mb": self.s.shuffle_mb,  # with the seed: the batches
             "lr": cfg.lr if cfg.lr is not None else self.s.lr, "betas": list(cfg.betas or self.s.betas),
