@@ -46,6 +46,8 @@ def test_scaled_down_paper_pipeline(tmp_path, tiny_models, corpus_file):
         assert m["pipeline"] == "tiny-paper" and m["d_sae"] in (128, 256)
         assert 0 <= m["nmse"] < 2 and m["l0"] > 0
     assert sum(f"| {m['architecture']} |" in text for m in metrics) >= 3
+    # the pipeline's interleaved held-out part (every tenth sequence) is what evaluation read
+    assert {m["eval_source"]["heldout_every"] for m in metrics} == {10} and "every 10th" in text
     assert "±" in text  # two seeds: mean ± std
     [jr] = [m for m in metrics if m["architecture"] == "jumprelu"]
     assert abs(jr["l0"] / 4 - 1) < 0.3, jr["l0"]  # on its target, on 512 evaluation tokens
