@@ -114,9 +114,14 @@ ROUND7: dict[str, dict[str, Any]] = {
     "lr 3e-3, threshold lr 0.1, no sparsity warm-up, pre-act 2e-6": {"lr": 3e-3, "threshold_lr": 0.1,
                                                                       "sparsity_warmup": 0.0, "preact_coeff": 2e-6},
 }
+# The reference code's two options on today's defaults (the README's 16x/32xd options table).
+OPTIONS: dict[str, dict[str, Any]] = {
+    "defaults + --norm token": {"norm": "token"},
+    "defaults + --center": {"center": True},
+}
 VARIANTS: dict[str, dict[str, Any]] = ({"defaults": {}} | {n: PREVIOUS | v for n, v in ROUNDS.items()}
                                        | {n: AUX_BEFORE | v for n, v in ROUND4.items()} | ROUND5
-                                       | {n: JUMPRELU_BEFORE | v for n, v in ROUND7.items()})
+                                       | {n: JUMPRELU_BEFORE | v for n, v in ROUND7.items()} | OPTIONS)
 
 
 def _cfg(variant: dict[str, Any], arch: str, m: int, k: int) -> dict[str, Any]:
@@ -165,7 +170,7 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
                 results.setdefault(key, {}).setdefault(label, []).append(score(rec, x, b.batch_size, b.scale))
     dev = device_name("cpu")
     settings = {"pipeline": name, "cache_id": b.cache.attrs["cache_id"], "d_sae": m, "k": k, "steps": b.steps,
-                "batch_size": b.batch_size, "training_tokens": b.steps * b.batch_size, "heldout_rows": HELDOUT_ROWS, "heldout": b.layout,
+                "batch_size": b.batch_size, "training_tokens": b.steps * b.batch_size, "heldout_rows": len(x), "heldout": b.layout,
                 "seeds": seeds}
     recs = []
     for (vname, arch), modes in results.items():

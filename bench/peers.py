@@ -68,13 +68,13 @@ class Budget:
 
     @property
     def split(self) -> Split:
-        return Split.of(self.cache, self.val_fraction, self.layout)
+        """Our trainer's split: every other held-out sequence calibrates its θ, the others are scored."""
+        return Split.of(self.cache, self.val_fraction, self.layout, calibrate=True)
 
     def batches(self) -> Iterator[torch.Tensor]:
         """Exactly the batches our trainer sees, in its order, in the normalised space."""
-        s = ActivationStream(self.cache, self.site, self.split.train_chunks, self.batch_size, self.scale,
-                             seed=self.seed, drop_token=self.drop, skip_rows=self.skip,
-                             heldout_every=self.split.every)
+        s = ActivationStream(self.cache, self.site, self.split, self.batch_size, self.scale,
+                             seed=self.seed, drop_token=self.drop, skip_rows=self.skip)
         it = s.batches(0)
         try:
             for _ in range(self.steps):
@@ -272,7 +272,7 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
         _load_dictionary_learning()
     settings = {"pipeline": name, "cache_id": b.cache.attrs["cache_id"], "site": b.site, "d_sae": m, "k": k,
                 "steps": b.steps, "batch_size": b.batch_size, "training_tokens": b.steps * b.batch_size,
-                "heldout_rows": HELDOUT_ROWS, "heldout": b.layout, "seeds": seeds, "data_seed": b.seed}
+                "heldout_rows": len(b.heldout(HELDOUT_ROWS)), "heldout": b.layout, "seeds": seeds, "data_seed": b.seed}
     dev = device_name("cpu")
     recs: list[Record] = []
     for arch in archs:

@@ -57,9 +57,9 @@ def measure(sae_dir: str | Path, every: int = 1) -> list[Record]:
     skip = cache.outliers(site)[0] if md["excluded_outlier_rows"] else None
     parts = md.get("data_parts", md.get("world_size", 1))  # SAEs saved before data_parts was recorded
     steps = -(-md["training_tokens"] // batch)
-    stream = ActivationStream(cache, site, split.train_chunks, batch, 1.0, seed=md["seed"], parts=parts,
+    stream = ActivationStream(cache, site, split, batch, 1.0, seed=md["seed"], parts=parts,
                               my_parts=tuple(range(parts)), shuffle_mb=md.get("shuffle_mb", 512),
-                              drop_token=drop, skip_rows=skip, heldout_every=split.every)
+                              drop_token=drop, skip_rows=skip)
 
     def pre(x: torch.Tensor) -> torch.Tensor:
         return sae.pre(sae.normalize(x)[0])

@@ -194,10 +194,10 @@ def loader_record(d: int, batch: int, dev: str, tokens: int | None = None) -> Re
     with tempfile.TemporaryDirectory() as tmp:
         cache = _synthetic_cache(f"{tmp}/c", d, tokens)
         split = Split.of(cache, 0.0)
-        n_batches = ActivationStream(cache, "s", split.train_chunks, batch, 1.0).batches_per_epoch
+        n_batches = ActivationStream(cache, "s", split, batch, 1.0).batches_per_epoch
 
         def load():  # a fresh stream each time: checksums are verified again, as in a new process
-            it = ActivationStream(cache, "s", split.train_chunks, batch, 1.0).batches(0)
+            it = ActivationStream(cache, "s", split, batch, 1.0).batches(0)
             for _ in range(n_batches):
                 next(it)
             it.close()
@@ -222,7 +222,7 @@ def fed_training_record(d: int, m: int, k: int, batch: int, device: str, dev: st
     the same steps on batches already in memory, best of 5 each, alternating."""
     with tempfile.TemporaryDirectory() as tmp:
         cache = _synthetic_cache(f"{tmp}/c", d, batch * steps)
-        stream = ActivationStream(cache, "s", Split.of(cache, 0.0).train_chunks, batch, 1.0, device=device)
+        stream = ActivationStream(cache, "s", Split.of(cache, 0.0), batch, 1.0, device=device)
         it = stream.batches(0)
         held = [next(it) for _ in range(stream.batches_per_epoch)]
         it.close()

@@ -61,21 +61,17 @@ def _held_out(cache: Cache, meta: dict, s: BrowseSettings) -> tuple[Split | None
     return Split.from_metadata(cache, md), seqs.start
 
 
-def _batches(cache: Cache, site: str, split: Split | None, s: BrowseSettings, start_seq: int):
-    """(row ids, float32 rows) of the kept rows (of the split's held-out part, or all), in batches of
-    about batch_tokens, up to s.tokens."""
+def _batches(cache: Cache, site: str, split: Split | None, s: BrowseSettings):
+    """(row ids, float32 rows) of the kept rows (of the split's held-out part evaluation reads, or all),
+    in batches of about batch_tokens, up to s.tokens."""
     drop = None if s.include_bos else int(cache.tokens[0, 0])
     skip = None if s.include_outliers else cache.outliers(site)[0]
     done = 0
     buf_ids, buf_x = [], []
-    every = split.every if split else 0
     for c in (split.heldout_chunks if split else range(cache.n_chunks)):
         r0, r1 = cache.row_range(c)
-        keep = keep_mask(cache, c, drop, skip, every, heldout=bool(every))
+        keep = keep_mask(cache, c, drop, skip, split, "heldout") if split else keep_mask(cache, c, drop, skip)
         ids = r0 + np.flatnonzero(keep)
-        lo = max(0, start_seq * cache.ctx_len - r0)  # the held-out part may start inside a chunk
-        keep[:lo] = False
-        ids = ids[ids >= r0 + lo]
         x = cache.read_rows(site, r0, r1)[keep]
         if s.tokens is not None:
             x, ids = x[: s.tokens - done], ids[: s.tokens - done]
@@ -93,12 +89,12 @@ def _batches(cache: Cache, site: str, split: Split | None, s: BrowseSettings, st
         yield torch.from_numpy(ids_all), torch.from_numpy(np.concatenate(buf_x))
 
 
-def scan(sae: SAE, cache: Cache, site: str, split: Split | None, s: BrowseSettings, start_seq: int) -> LatentStats:
+def scan(sae: SAE, cache: Cache, site: str, split: Split | None, s: BrowseSettings) -> LatentStats:
     """The streaming pass: every latent's statistics over the chosen tokens."""
     stats = LatentStats(sae.cfg.d_sae)
     bar = tqdm(desc="browse: scan", unit="tok", unit_scale=True, file=sys.stderr, disable=None)
     with torch.inference_mode():
-        for ids, x in _batches(cache, site, split, s, start_seq):
+        for ids, x in _batches(cache, site, split, s):
             _, code = sae.reconstruct(x.to(s.device), "threshold")  # BatchTopK: its inference mode
             stats.add(ids, *(t.cpu() for t in code.active()))
             bar.update(len(ids))
@@ -237,7 +233,7 @@ def build(s: BrowseSettings) -> Path:
         raise PipelineError(f"SAE {s.sae} reads {site}, which cache {cache.location} does not hold "
                             f"(it holds: {', '.join(cache.sites)})")
     split, start_seq = _held_out(cache, meta, s)
-    stats = scan(sae, cache, site, split, s, start_seq)
+    stats = scan(sae, cache, site, split, s)
     t_scan = time.perf_counter() - t0
 
     m = sae.cfg.d_sae

@@ -7,6 +7,7 @@ difference is reported pair by pair.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -92,6 +93,22 @@ def _heldout_ratio(g: Group) -> str:
     k = g.first["k"]
     return (f"{statistics.fmean(h['mean'] for h in hs) / k:.3f} ± "
             f"{statistics.fmean(h['standard_error'] for h in hs) / k:.3f} ({hs[0]['rows']:,} rows)")
+
+
+def _estimator_table(bt: list[Group]) -> list[str]:
+    """Held-out L0 / k at each θ estimate a BatchTopK SAE recorded (the one in use marked *)."""
+    gs = [g for g in bt if all((r.get("heldout_l0") or {}).get("at_estimates") for r in g.rows)]
+    if not gs:
+        return []
+    names = list(gs[0].first["heldout_l0"]["at_estimates"])
+    lines = ["", "### θ estimators: L0 θ / k on the held-out rows at each estimate", "",
+             "Every estimate is in each SAE's `cfg.json` (`theta_estimates`); * marks the one in use.", "",
+             "| configuration | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for g in gs:
+        cells = [f"{statistics.fmean(r['heldout_l0']['at_estimates'].get(n, math.nan) for r in g.rows) / g.first['k']:.3f}"
+                 + (" *" if n == g.first.get("theta_estimator") else "") for n in names]
+        lines.append(f"| {g.config} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def groups_of(rows: list[dict]) -> list[Group]:
@@ -331,6 +348,7 @@ def write_report(pipeline: str, dirs: list[str], out: str | None = None) -> Path
                          f"{g.fmt('nmse', 'threshold')} | {g.fmt('ce_degradation', 'batch')} | "
                          f"{g.fmt('ce_degradation', 'threshold')} | {g.fmt('l0', 'threshold', 3)} | {ratio:.3f} | "
                          f"{_heldout_ratio(g)} |")
+        lines += _estimator_table(bt)
     lines += ["", "## Every SAE", "",
               "| SAE | arch | k | dict | seed | " + " | ".join(TABLE_KEYS) + " |",
               "|" + "---|" * (5 + len(TABLE_KEYS))]

@@ -43,7 +43,7 @@ def read_js(path: Path, prefix: str) -> dict:
     return json.loads(text[len(prefix):].rstrip(");").rstrip(";").rstrip(")"))
 
 
-@pytest.mark.parametrize("which", [0, 1, 2])  # BatchTopK, TopK, BatchTopK with an interleaved held-out part
+@pytest.mark.parametrize("which", [0, 1, 2])  # BatchTopK, TopK (one run, tail), BatchTopK with an interleaved held-out part
 def test_statistics_and_top_contexts_equal_brute_force(trained, tmp_path, which):
     loc, dirs = trained
     index = build(BrowseSettings(sae=str(dirs[which]), out=str(tmp_path / "site")))
@@ -52,7 +52,8 @@ def test_statistics_and_top_contexts_equal_brute_force(trained, tmp_path, which)
     sae, meta = load_sae(dirs[which])
     cache = Cache.open(loc)
     held = np.array(heldout_sequences(meta["metadata"]))
-    assert held[-1] == cache.n_sequences - 1 and len(held) > 40 and (np.diff(held) == (4 if which == 2 else 1)).all()
+    # the sequences evaluation reads: every other one of the held-out part (the rest calibrated θ)
+    assert held[-1] == cache.n_sequences - 1 and len(held) > 25 and (np.diff(held) == (8 if which == 2 else 2)).all()
     rows, ids = [], []
     for c in range(cache.n_chunks):  # every held-out, non-BOS, non-outlier row
         r0, r1 = cache.row_range(c)

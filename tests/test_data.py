@@ -24,10 +24,9 @@ def cache(tmp_path_factory) -> Cache:
     return write_cache(str(tmp_path_factory.mktemp("c") / "cache"), tokens, {SITE: x}, dtype="float32", chunk_seqs=6)
 
 
-def stream(cache, **kw) -> ActivationStream:
-    split = Split.of(cache, 0.0)
+def stream(cache, split: Split | None = None, **kw) -> ActivationStream:
     args = dict(seed=3, shuffle_mb=0.01, drop_token=0, skip_rows=cache.outliers(SITE)[0]) | kw
-    return ActivationStream(cache, SITE, split.train_chunks, 64, 1.0, **args)
+    return ActivationStream(cache, SITE, split or Split.of(cache, 0.0), 64, 1.0, **args)
 
 
 def ids(batches) -> list[int]:
@@ -94,7 +93,7 @@ def test_bfloat16_and_float16_decode(tmp_path):
     x = rng.standard_normal((24 * 16, 4)).astype(np.float32)
     for dtype, torch_dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
         c = write_cache(str(tmp_path / dtype), np.ones((24, 16), dtype=np.int32), {SITE: x}, dtype=dtype, chunk_seqs=4)
-        s = ActivationStream(c, SITE, Split.of(c, 0.0).train_chunks, 32, 2.0, shuffle_mb=1)
+        s = ActivationStream(c, SITE, Split.of(c, 0.0), 32, 2.0, shuffle_mb=1)
         it = s.batches(0)
         got = torch.cat([next(it) for _ in range(s.batches_per_epoch)])
         it.close()
@@ -129,7 +128,7 @@ def test_caches_hashed_with_blake2b_still_verify_and_stream(tmp_path):
     g["checksums"][:] = sums
     old = Cache.open(loc)
     assert old.checksum_algorithm == LEGACY_CHECKSUM and old.verify() == []
-    it = ActivationStream(old, SITE, (0, 1, 2), 32, 1.0).batches(0)
+    it = ActivationStream(old, SITE, Split((0, 1, 2), ()), 32, 1.0).batches(0)
     np.testing.assert_allclose(np.sort(np.concatenate([next(it).numpy() for _ in range(6)]).ravel()),
                                np.sort(x.astype(np.float16).astype(np.float32).ravel()))
     it.close()
@@ -181,7 +180,7 @@ def test_closing_a_stream_stops_its_threads_before_returning(tmp_path):
     c = write_cache(str(tmp_path / "c"), synthetic_tokens(64, 16), {SITE: x}, dtype="float16", chunk_seqs=4)
     before = set(threading.enumerate())
     for _ in range(5):
-        it = ActivationStream(c, SITE, tuple(range(c.n_chunks)), 32, 1.0, prefetch=8).batches(0)
+        it = ActivationStream(c, SITE, Split.of(c, 0.0), 32, 1.0, prefetch=8).batches(0)
         next(it)
         it.close()
         assert set(threading.enumerate()) <= before
@@ -194,7 +193,8 @@ def test_interleaved_split_holds_out_one_sequence_in_every_n_across_the_cache(ca
     split = Split.of(cache, 0.25, "interleaved")  # 40 sequences in chunks of 6: sequences 3, 7, ..., 39
     assert split.every == 4 and split.train_chunks == split.heldout_chunks == tuple(range(cache.n_chunks))
     md = split.metadata(cache)
-    assert md == {"heldout_sequences": [3, 40], "heldout_every": 4}
+    assert md == {"heldout_layout": "interleaved", "heldout_sequences": [3, 40], "heldout_every": 4,
+                  "calibration_sequences": None, "calibration_every": None}
     assert list(heldout_sequences(md)) == list(range(3, 40, 4))
     assert Split.from_metadata(cache, md) == split
     tail = Split.of(cache, 0.25)
@@ -204,7 +204,7 @@ def test_interleaved_split_holds_out_one_sequence_in_every_n_across_the_cache(ca
     toks = cache.tokens[:].reshape(-1)
     expect = {r for s in range(3, 40, 4) for r in range(s * 32, s * 32 + 32) if toks[r] != 0 and r not in (77, 500)}
     assert held == expect
-    s = stream(cache, heldout_every=split.every)
+    s = stream(cache, split)
     it = s.batches(0)
     epoch = ids(next(it) for _ in range(s.batches_per_epoch))
     it.close()
@@ -213,3 +213,29 @@ def test_interleaved_split_holds_out_one_sequence_in_every_n_across_the_cache(ca
     assert len(kept - held) - len(epoch) < 64 and len(epoch) == len(set(epoch))
     with pytest.raises(PipelineError, match="not one of: tail, interleaved"):
         Split.of(cache, 0.25, "random")
+
+
+@pytest.mark.parametrize("layout", ["tail", "interleaved"])
+def test_calibration_takes_every_other_heldout_sequence_and_never_trains(cache, layout):
+    from train.data import heldout_chunk_rows, heldout_sequences
+
+    plain, split = Split.of(cache, 0.25, layout), Split.of(cache, 0.25, layout, calibrate=True)
+    held = list(plain.sequences(cache, "heldout"))  # tail: chunks 5, 6 of 7 (sequences 30..39); else 3, 7, ...
+    assert held == (list(range(30, 40)) if layout == "tail" else list(range(3, 40, 4)))
+    assert list(split.sequences(cache, "calibration")) == held[0::2]
+    assert list(split.sequences(cache, "heldout")) == held[1::2]
+    md = split.metadata(cache)
+    assert list(heldout_sequences(md)) == held[1::2] and Split.from_metadata(cache, md) == split
+    assert list(range(md["calibration_sequences"][0], md["calibration_sequences"][1], md["calibration_every"])) == held[0::2]
+    toks, skip = cache.tokens[:].reshape(-1), cache.outliers(SITE)[0]
+
+    def rows_of(seqs):
+        return {r for s in seqs for r in range(s * 32, s * 32 + 32) if toks[r] != 0 and r not in (77, 500)}
+    for part, seqs in (("calibration", held[0::2]), ("heldout", held[1::2])):
+        got = [int(v) for x in heldout_chunk_rows(cache, SITE, split, 0, skip, part) for v in x[:, 0]]
+        assert sorted(got) == sorted(rows_of(seqs))
+    s = stream(cache, split)  # the training stream is the plain split's: calibration rows never train
+    it = s.batches(0)
+    epoch = ids(next(it) for _ in range(s.batches_per_epoch))
+    it.close()
+    assert not set(epoch) & rows_of(held) and sum(s.rows_in.values()) == len(rows_of(range(40)) - rows_of(held))

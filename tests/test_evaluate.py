@@ -214,20 +214,24 @@ def test_interleaved_heldout_part_is_what_evaluation_reads(pipeline_run, tmp_pat
                                     saes=[{"arch": "batchtopk", "d_sae": 128, "k": 4}], device="cpu",
                                     val_fraction=0.25, heldout="interleaved", pipeline="tiny")).run()
     md = load_sae(inter)[1]["metadata"]
-    assert md["heldout_sequences"] == [3, 256] and md["heldout_every"] == 4
+    # every other held-out sequence (3, 11, ...) calibrated θ; evaluation reads the others (7, 15, ...)
+    assert (md["heldout_sequences"], md["heldout_every"]) == ([7, 256], 8)
+    assert (md["calibration_sequences"], md["calibration_every"]) == ([3, 256], 8)
     c = Cache.open(loc)
-    rows = sum(int(((c.tokens[s] != 0) & (np.arange(32) > 0)).sum()) for s in range(3, 256, 4))  # no BOS
-    assert md["heldout_l0"]["rows"] == rows - int(np.isin(c.outliers(SITE)[0] // 32, range(3, 256, 4)).sum())
+    rows = sum(int(((c.tokens[s] != 0) & (np.arange(32) > 0)).sum()) for s in range(7, 256, 8))  # no BOS
+    assert md["heldout_l0"]["rows"] == rows - int(np.isin(c.outliers(SITE)[0] // 32, range(7, 256, 8)).sum())
     evaluate(EvalSettings(saes=[str(inter)], tokens=256, device="cpu"))
     src = json.loads((inter / "metrics.json").read_text())["eval_source"]
-    assert (src["heldout_sequences"], src["heldout_every"]) == ([3, 32], 4)
-    assert _held_text(src) == "3–32, every 4th"
+    assert (src["heldout_sequences"], src["heldout_every"]) == ([7, 64], 8)
+    assert _held_text(src) == "7–64, every 8th"
     ids, _ = common_heldout([("i", md)])
     got = torch.cat(eval_tokens(c, ids, 256, 8)).numpy()
-    np.testing.assert_array_equal(got, c.tokens[3:32:4])
-    # with a tail-split SAE in the group, only the sequences both held out
-    tail = load_sae(dirs[0])[1]["metadata"]["heldout_sequences"][0]
-    first = tail + (3 - tail) % 4
+    np.testing.assert_array_equal(got, c.tokens[7:64:8])
+    # with a tail-split SAE in the group (it evaluates on the odd sequences of its tail), only the
+    # sequences both evaluate on
+    tail = load_sae(dirs[0])[1]["metadata"]
+    assert tail["heldout_every"] == 2 and tail["heldout_sequences"][0] % 2 == 1
+    first = tail["heldout_sequences"][0] + (7 - tail["heldout_sequences"][0]) % 8
     evaluate(EvalSettings(saes=[str(inter), str(dirs[0])], tokens=256, device="cpu"))
     src = json.loads((inter / "metrics.json").read_text())["eval_source"]
-    assert (src["heldout_sequences"], src["heldout_every"]) == ([first, first + 29], 4)
+    assert (src["heldout_sequences"], src["heldout_every"]) == ([first, first + 57], 8)

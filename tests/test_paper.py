@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def test_scaled_down_paper_pipeline(tmp_path, tiny_models, corpus_file):
         "harvest": {**real["harvest"], "model": str(tiny_models["llama"]), "layers": [2], "dataset": str(corpus_file),
                     "dataset_fallback": None, "tokens": 200 * 32, "ctx_len": 32, "chunk_mb": 0.05},
         "train": {**real["train"], "tokens": 256 * 40, "batch_size": 256},
-        "eval": {"tokens": 512},
+        "eval": {"tokens": 256},  # 8 of the 10 sequences evaluation may read (19, 39, ...)
     }
     # the same grids, shrunk: dictionary multiples of d_model=64 stay as they are, k scaled down
     pipe["train"]["sweep"] = [
@@ -46,8 +47,13 @@ def test_scaled_down_paper_pipeline(tmp_path, tiny_models, corpus_file):
         assert m["pipeline"] == "tiny-paper" and m["d_sae"] in (128, 256)
         assert 0 <= m["nmse"] < 2 and m["l0"] > 0
     assert sum(f"| {m['architecture']} |" in text for m in metrics) >= 3
-    # the pipeline's interleaved held-out part (every tenth sequence) is what evaluation read
-    assert {m["eval_source"]["heldout_every"] for m in metrics} == {10} and "every 10th" in text
+    # the pipeline's interleaved held-out part (every tenth sequence), less the half that calibrated θ
+    # (9, 29, ...), is what evaluation read
+    assert {(tuple(m["eval_source"]["heldout_sequences"]), m["eval_source"]["heldout_every"]) for m in metrics} \
+        == {((19, 160), 20)} and "19–160, every 20th" in text
     assert "±" in text  # two seeds: mean ± std
+    # every θ estimate's held-out L0, the one in use (unseen) marked
+    assert "### θ estimators" in text and "| pooled | mean | unseen | running |" in text
+    assert re.search(r"\| \d\.\d{3} \| \d\.\d{3} \| \d\.\d{3} \* \| \d\.\d{3} \|", text)
     [jr] = [m for m in metrics if m["architecture"] == "jumprelu"]
-    assert abs(jr["l0"] / 4 - 1) < 0.3, jr["l0"]  # on its target, on 512 evaluation tokens
+    assert abs(jr["l0"] / 4 - 1) < 0.3, jr["l0"]  # on its target, on 256 evaluation tokens

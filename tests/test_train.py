@@ -111,7 +111,7 @@ def test_saelens_loads_and_encodes_the_same(synthetic_cache, tmp_path):
         from train.data import Split, heldout_rows
         from harvest.cache import Cache
         c = Cache.open(cache)
-        val = heldout_rows(c, SITE, Split.of(c, 0.1), 8192, 1.0, 0, c.outliers(SITE)[0])
+        val = heldout_rows(c, SITE, Split.from_metadata(c, meta["metadata"]), 8192, 1.0, 0, c.outliers(SITE)[0])
         nmse = float((val - ours(val)).pow(2).sum() / (val - val.mean(0)).pow(2).sum())
         assert nmse == pytest.approx(meta["metadata"]["val_nmse_threshold"], rel=1e-4) and nmse < 0.9, d.name
 
@@ -193,15 +193,16 @@ def test_outlier_rows_are_listed_and_skipped(tmp_path):
     c = write_cache(str(tmp_path / "c"), synthetic_tokens(64, 32), {SITE: x}, chunk_seqs=8)
     rows, thr = Cache.open(c.location).outliers(SITE)
     assert rows.tolist() == massive and thr == pytest.approx(10 * np.linalg.norm(np.delete(x, np.r_[0:len(x):32], 0), axis=1).mean())
-    s = ActivationStream(c, SITE, Split.of(c, 0.0).train_chunks, 64, 1.0, drop_token=0, skip_rows=rows)
+    s = ActivationStream(c, SITE, Split.of(c, 0.0), 64, 1.0, drop_token=0, skip_rows=rows)
     assert sum(s.rows_in.values()) == 64 * 31 - 3
     seen = torch.cat([b for b, _ in zip(s.batches(0), range(s.batches_per_epoch))])
     assert len(seen) == s.batches_per_epoch * 64 and float(seen.norm(dim=1).max()) < thr
 
 
 def test_theta_from_final_weights_hits_k_on_heldout_tokens(synthetic_cache, tmp_path):
-    """The default θ (pooled over training batches, final weights) keeps k latents per held-out token,
-    within 2%; all three estimates are recorded."""
+    """The default θ (pooled over the held-out sequences set aside for it, final weights) keeps k latents
+    per token of the other held-out sequences, within 2%; all four estimates are recorded, each with
+    its held-out L0."""
     from harvest.cache import Cache
     from train.data import Split, heldout_rows
 
@@ -213,17 +214,23 @@ def test_theta_from_final_weights_hits_k_on_heldout_tokens(synthetic_cache, tmp_
                            tokens=512 * 120, lr=3e-3, theta_tokens=8192, val_fraction=0.25)).run()
     sae, meta = load_sae(d)
     md = meta["metadata"]
-    assert md["theta_estimator"] == "pooled" and set(md["theta_estimates"]) == {"pooled", "mean", "running"}
-    assert md["theta"] == pytest.approx(md["theta_estimates"]["pooled"])
+    assert md["theta_estimator"] == "unseen" and set(md["theta_estimates"]) == {"unseen", "pooled", "mean", "running"}
+    assert md["theta"] == pytest.approx(md["theta_estimates"]["unseen"])
+    assert "range(144, 192, 2)" in md["theta_estimate"]  # the tail's first, third, ... sequences
     c = Cache.open(cache)
-    x = heldout_rows(c, SITE, Split.of(c, 0.25), 10 ** 6, 1.0, 0, None)
-    assert len(x) > 2500
+    split = Split.from_metadata(c, md)
+    assert list(split.sequences(c, "heldout")) == list(range(145, 192, 2)) == list(range(*md["heldout_sequences"], 2))
+    x = heldout_rows(c, SITE, split, 10 ** 6, 1.0, 0, None)
+    assert len(x) == 24 * 63
     l0 = float((sae.encode(x, "threshold") > 0).sum(1).float().mean())
     assert abs(l0 / 3 - 1) < 0.02, l0
     # the trainer measured the same, chunk by chunk over the 6 held-out chunks
     h = md["heldout_l0"]
     assert h["rows"] == len(x) and len(h["per_chunk"]) == 6 and h["mode"] == "threshold"
     assert h["mean"] == pytest.approx(l0, rel=1e-4) and 0 < h["standard_error"] < 0.1
+    assert h["at_estimates"]["unseen"] == pytest.approx(l0, rel=1e-4)
+    for name, theta in md["theta_estimates"].items():  # each estimate's held-out L0, counted by hand
+        assert h["at_estimates"][name] == pytest.approx(float((sae.pre(sae.normalize(x)[0]) > theta).sum(1).float().mean()), rel=1e-4)
 
 
 def test_jumprelu_lands_on_its_target_l0(tmp_path):
@@ -245,7 +252,8 @@ def test_jumprelu_lands_on_its_target_l0(tmp_path):
     factor = meta["metadata"]["target_l0_calibration"]["threshold_factor"]
     assert 0.5 < factor < 2  # the penalty alone already got close
     c = Cache.open(cache)
-    x = heldout_rows(c, SITE, Split.of(c, 0.25), 10 ** 6, 1.0, 0, None)
+    assert meta["metadata"]["calibration_sequences"] == [144, 192]  # the factor was found on unseen sequences
+    x = heldout_rows(c, SITE, Split.from_metadata(c, meta["metadata"]), 10 ** 6, 1.0, 0, None)
     l0 = float((sae.encode(x, "threshold") > 0).sum(1).float().mean())
     assert abs(l0 / target - 1) < 0.15, l0
     assert meta["metadata"]["heldout_l0"]["mean"] == pytest.approx(l0, rel=1e-4)
@@ -282,12 +290,12 @@ def test_dead_latent_window_defaults_by_architecture():
 
 def test_bench_theta_replays_the_training_batches(synthetic_cache, tmp_path):
     """`bench theta` rebuilds the run's batches from cfg.json: for one epoch of whole batches (10 of
-    504 = every training row) with θ estimated over a whole epoch, the replayed tokens keep k latents
+    504 = every training row) with θ estimated over a whole epoch (`pooled`), the replayed tokens keep k latents
     each on average, and its held-out L0 at the saved θ is the trainer's own."""
     from bench.theta_recency import measure
 
     cache, _ = synthetic_cache
-    s = settings(cache, tmp_path / "t", tokens=None, batch_size=504, theta_tokens=5040,
+    s = settings(cache, tmp_path / "t", tokens=None, batch_size=504, theta_tokens=5040, theta_estimator="pooled",
                  saes=[{"arch": "batchtopk", "d_sae": 128, "k": 3}, {"arch": "topk", "d_sae": 128, "k": 3}])
     d, topk = Trainer(s).run()
     with pytest.raises(PipelineError, match="topk SAE; `bench theta` reads BatchTopK SAEs"):
@@ -311,3 +319,14 @@ def test_bench_theta_replays_the_training_batches(synthetic_cache, tmp_path):
     assert sparse[::3] == pytest.approx(want[::3], abs=1e-4) and sparse[1] is None
     with pytest.raises(PipelineError, match="every=0 must be at least 1"):
         measure(d, every=0)
+
+
+def test_no_heldout_part_trains_saves_and_estimates_theta_on_training_tokens(synthetic_cache, tmp_path):
+    """val_fraction 0: the run saves its SAE (no held-out metrics) and θ falls back to `pooled` over
+    training batches, with a warning and the estimator used in the metadata."""
+    cache, _ = synthetic_cache
+    with pytest.warns(UserWarning, match=r"no held-out part \(val_fraction 0\): θ is estimated on training tokens"):
+        [d] = Trainer(settings(cache, tmp_path / "t", tokens=512 * 4, val_fraction=0.0)).run()
+    md = load_sae(d)[1]["metadata"]
+    assert md["theta_estimator"] == "pooled" and md["theta"] == pytest.approx(md["theta_estimates"]["pooled"])
+    assert md["heldout_sequences"] is None and "unseen" not in md["theta_estimates"] and "heldout_l0" not in md

@@ -38,7 +38,9 @@ from .trainer import THETA_ESTIMATORS
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUES",
               help="Any other SAE setting or sweep key, e.g. --set aux_k=256 (repeatable).")
 @click.option("--theta-estimator", type=click.Choice(THETA_ESTIMATORS),
-              help="BatchTopK's inference threshold: pooled (default), mean (eq. 7, final weights) or running.")
+              help="BatchTopK's inference threshold, from the final weights: unseen (default; over every other "
+                   "held-out sequence, which evaluation then leaves out), pooled or mean (eq. 7) over training "
+                   "batches, or running (during training).")
 @click.option("--tokens", help="Training tokens (integer, or 'all' for one epoch of the cache).")
 @click.option("--batch-size", type=int, help="Tokens per batch (default 4096).")
 @click.option("--lr", type=float, help="Adam learning rate (default 1e-3).")

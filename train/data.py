@@ -29,62 +29,101 @@ from harvest.errors import PipelineError
 
 
 HELDOUT_LAYOUTS = ("tail", "interleaved")
+PARTS = ("train", "heldout", "calibration")
 
 
 @dataclass(frozen=True)
 class Split:
-    """Which rows train and which are held out, in one of two layouts.
+    """Which sequences train, which are held out for evaluation, and (optionally) which calibrate the
+    thresholds set after training.
 
-    `tail`: the last chunks, whole (cheap to read; on a small corpus they are its last few documents,
-    and a held-out metric then measures those). `interleaved`: one sequence in every `every`
-    (sequences s with s % every == every - 1) in every chunk, so the held-out text is spread over the
-    whole corpus like the training text; the training stream leaves those rows out.
+    Layouts of the held-out part: `tail`, the last chunks whole (cheap to read; on a small corpus they
+    are its last few documents, and a held-out metric then measures those); `interleaved`, one sequence
+    in every `every` (sequences s with s % every == every - 1) in every chunk, so the held-out text is
+    spread over the whole corpus like the training text; the training stream leaves those rows out.
+    With `calibrate`, every other held-out sequence is set aside to calibrate BatchTopK's θ and
+    JumpReLU's target factor on text the SAE never trained on, and evaluation reads the others: odd
+    sequences in both layouts (interleaved: s % (2·every) == 2·every - 1; tail: the odd ones), so SAEs
+    of either layout share evaluation rows.
     """
 
     train_chunks: tuple[int, ...]
     heldout_chunks: tuple[int, ...]
     every: int = 0  # interleaved: one held-out sequence in every `every`; 0: the tail layout
+    calibrate: bool = False
+    first_heldout: int = 0  # tail: the first held-out sequence
 
     @classmethod
-    def of(cls, cache: Cache, val_fraction: float, layout: str = "tail") -> "Split":
+    def of(cls, cache: Cache, val_fraction: float, layout: str = "tail", calibrate: bool = False) -> "Split":
         if layout not in HELDOUT_LAYOUTS:
             raise PipelineError(f"held-out layout {layout!r} is not one of: {', '.join(HELDOUT_LAYOUTS)}")
         n = cache.n_chunks
+        calibrate = calibrate and val_fraction > 0
         if layout == "interleaved" and val_fraction > 0:
             every = max(2, round(1 / val_fraction))
-            if cache.n_sequences < every:
+            if cache.n_sequences < every * (2 if calibrate else 1):
                 raise PipelineError(f"cache {cache.location} has only {cache.n_sequences} sequence(s): too few to "
                                     f"hold out one in {every} for validation; harvest more tokens")
             held = [c for c in range(n) if _held_seqs(*cache.seq_range(c), every).size]
-            return cls(tuple(range(n)), tuple(held), every)
+            return cls(tuple(range(n)), tuple(held), every, calibrate)
         held = max(1, math.ceil(n * val_fraction)) if val_fraction > 0 else 0  # at least the fraction
         if n - held < 1:
             raise PipelineError(f"cache {cache.location} has only {n} chunk(s): too small to hold out "
                                 f"{val_fraction:.0%} for validation; harvest more tokens")
-        return cls(tuple(range(n - held)), tuple(range(n - held, n)))
+        first = cache.seq_range(n - held)[0] if held else 0
+        return cls(tuple(range(n - held)), tuple(range(n - held, n)), 0, calibrate, first)
 
     @classmethod
     def from_metadata(cls, cache: Cache, md: dict) -> "Split":
         """The split an SAE was trained with, from its metadata (`heldout_sequences` [start, stop] and
-        `heldout_every`, as Python's range)."""
-        held = md.get("heldout_sequences")
+        `heldout_every`, as Python's range, likewise `calibration_sequences` and `calibration_every`)."""
+        held, cal = md.get("heldout_sequences"), md.get("calibration_sequences")
         if not held:
             return cls(tuple(range(cache.n_chunks)), ())
         every = int(md.get("heldout_every") or 1)
-        if every > 1:
-            return cls.of(cache, 1 / every, "interleaved")
-        first = int(held[0]) // cache.chunk_seqs
-        return cls(tuple(range(first)), tuple(range(first, cache.n_chunks)))
+        layout = md.get("heldout_layout") or ("interleaved" if every > 1 else "tail")
+        if layout == "interleaved":
+            return cls.of(cache, 1 / (every // 2 if cal else every), "interleaved", bool(cal))
+        first = min(int(held[0]), int(cal[0])) if cal else int(held[0])
+        chunk = first // cache.chunk_seqs
+        return cls(tuple(range(chunk)), tuple(range(chunk, cache.n_chunks)), 0, bool(cal), first)
+
+    def sequences(self, cache: Cache, part: str) -> range:
+        """The sequences of a held-out part ("heldout": what evaluation reads, or "calibration"), as a
+        range."""
+        n = cache.n_sequences
+        if not self.heldout_chunks or (part == "calibration" and not self.calibrate):
+            return range(0)
+        start, step = (self.every - 1, self.every) if self.every else (self.first_heldout, 1)
+        if not self.calibrate:
+            return range(start, n, step)
+        if self.every:  # interleaved: the first, third, ... held-out sequences calibrate
+            return range(start + (step if part == "heldout" else 0), n, 2 * step)
+        odd = start % 2  # tail: the even sequences calibrate
+        return range(start + (1 - odd if part == "heldout" else odd), n, 2)
+
+    def roles(self, cache: Cache, chunk: int) -> np.ndarray:
+        """The part (an index into PARTS) of each sequence of a chunk."""
+        s0, s1 = cache.seq_range(chunk)
+        out = np.zeros(s1 - s0, dtype=np.int8)
+        for p in (1, 2):
+            r = self.sequences(cache, PARTS[p])
+            if len(r):
+                first = max(r.start, s0 + (r.start - s0) % r.step)
+                out[np.arange(first, s1, r.step) - s0] = p
+        return out
 
     def metadata(self, cache: Cache) -> dict[str, Any]:
         """`heldout_sequences` [start, stop] and `heldout_every` (the step): range(start, stop, every)
-        are the held-out sequences."""
+        are the held-out sequences evaluation reads; `calibration_sequences` and `calibration_every`
+        likewise those that calibrated the thresholds (None if training tokens did)."""
         if not self.heldout_chunks:
             return {"heldout_sequences": None, "heldout_every": None}
-        if self.every:
-            return {"heldout_sequences": [self.every - 1, cache.n_sequences], "heldout_every": self.every}
-        return {"heldout_sequences": [cache.seq_range(self.heldout_chunks[0])[0], cache.n_sequences],
-                "heldout_every": 1}
+        held, cal = self.sequences(cache, "heldout"), self.sequences(cache, "calibration")
+        return {"heldout_layout": "interleaved" if self.every else "tail",
+                "heldout_sequences": [held.start, held.stop], "heldout_every": held.step,
+                "calibration_sequences": [cal.start, cal.stop] if self.calibrate else None,
+                "calibration_every": cal.step if self.calibrate else None}
 
 
 def _held_seqs(s0: int, s1: int, every: int) -> np.ndarray:
@@ -94,16 +133,15 @@ def _held_seqs(s0: int, s1: int, every: int) -> np.ndarray:
 
 
 def heldout_sequences(md: dict) -> range:
-    """The held-out sequences an SAE's metadata names (empty if none)."""
+    """The held-out sequences an SAE's metadata names for evaluation (empty if none)."""
     held = md.get("heldout_sequences")
     return range(int(held[0]), int(held[1]), int(md.get("heldout_every") or 1)) if held else range(0)
 
 
 def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.ndarray | None,
-              every: int = 0, heldout: bool = False) -> np.ndarray:
+              split: Split | None = None, part: str = "train") -> np.ndarray:
     """Which rows of a chunk an SAE sees: not at drop_token (BOS) positions, not in skip_rows
-    (sorted row indices, as Cache.outliers gives them); with `every` (an interleaved split) only the
-    training rows, or only the held-out ones if `heldout`."""
+    (sorted row indices, as Cache.outliers gives them); with a split, only the rows of its `part`."""
     r0, r1 = cache.row_range(chunk)
     keep = np.ones(r1 - r0, dtype=bool)
     if drop_token is not None:
@@ -111,11 +149,8 @@ def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.nd
     if skip_rows is not None:
         lo, hi = np.searchsorted(skip_rows, [r0, r1])
         keep[skip_rows[lo:hi] - r0] = False
-    if every:
-        s0, s1 = cache.seq_range(chunk)
-        held = np.zeros(s1 - s0, dtype=bool)
-        held[_held_seqs(s0, s1, every) - s0] = True
-        keep &= np.repeat(held if heldout else ~held, cache.ctx_len)
+    if split is not None:
+        keep &= np.repeat(split.roles(cache, chunk) == PARTS.index(part), cache.ctx_len)
     return keep
 
 
@@ -193,14 +228,14 @@ class ChunkSource:
 class ActivationStream:
     """An endless, deterministic stream of float32 batches [batch, d] (times `scale`) for some parts."""
 
-    def __init__(self, cache: Cache, site: str, chunks: tuple[int, ...], batch_size: int, scale: float,
+    def __init__(self, cache: Cache, site: str, split: Split, batch_size: int, scale: float,
                  seed: int = 0, parts: int = 1, my_parts: tuple[int, ...] = (0,), shuffle_mb: float = 512,
                  read_threads: int = 4, gather_threads: int = 2, device: str = "cpu", prefetch: int = 4,
                  drop_token: int | None = None,
-                 skip_rows: np.ndarray | None = None, heldout_every: int = 0):
+                 skip_rows: np.ndarray | None = None):
         if batch_size % parts:
             raise PipelineError(f"batch size {batch_size} is not divisible by the {parts} data parts (ranks)")
-        self.cache, self.site, self.chunks = cache, site, tuple(chunks)
+        self.cache, self.site, self.split, self.chunks = cache, site, split, split.train_chunks
         self.source = ChunkSource(cache, site)
         self.local = batch_size // parts
         self.scale, self.seed, self.parts, self.my_parts = scale, seed, parts, tuple(my_parts)
@@ -208,7 +243,6 @@ class ActivationStream:
         self.read_threads, self.gather_threads = read_threads, gather_threads
         self.drop_token = drop_token
         self.skip_rows = skip_rows
-        self.heldout_every = heldout_every  # an interleaved split: its held-out rows are left out
         # rows each chunk contributes (BOS positions and skip_rows left out), from the cache's counts;
         # an interleaved split's held-out rows overlap those, so its counts come from the masks
         counts = cache.chunk_counts()
@@ -216,7 +250,7 @@ class ActivationStream:
         self.rows_in = {}
         for c in self.chunks:
             r0, r1 = cache.row_range(c)
-            self.rows_in[c] = (int(self._keep(c).sum()) if heldout_every else
+            self.rows_in[c] = (int(self._keep(c).sum()) if split.every else
                                r1 - r0 - (int(counts[c, 0]) if drop_token is not None else 0)
                                - (int(counts[c, skip_col]) if skip_rows is not None else 0))
         d = cache.d_model()
@@ -228,7 +262,7 @@ class ActivationStream:
                                 f"than one batch of {self.local}; harvest more tokens or lower the batch size")
 
     def _keep(self, c: int) -> np.ndarray:
-        return keep_mask(self.cache, c, self.drop_token, self.skip_rows, self.heldout_every)
+        return keep_mask(self.cache, c, self.drop_token, self.skip_rows, self.split if self.split.every else None)
 
     def _epoch_chunks(self, epoch: int, part: int) -> list[int]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(np.array(self.chunks))
@@ -344,21 +378,23 @@ def warn_epochs(tokens: int, epoch_tokens: int) -> None:
 
 
 def heldout_chunk_rows(cache: Cache, site: str, split: Split, drop_token: int | None = None,
-                       skip_rows: np.ndarray | None = None) -> Iterator[torch.Tensor]:
-    """Each held-out chunk's held-out rows in turn (float32), with the stream's exclusions."""
+                       skip_rows: np.ndarray | None = None, part: str = "heldout") -> Iterator[torch.Tensor]:
+    """Each held-out chunk's rows of `part` ("heldout" or "calibration") in turn (float32), with the
+    stream's exclusions."""
     if not split.heldout_chunks:
         raise PipelineError("no held-out chunks (val_fraction is 0)")
     for c in split.heldout_chunks:
-        keep = keep_mask(cache, c, drop_token, skip_rows, split.every, heldout=True)
+        keep = keep_mask(cache, c, drop_token, skip_rows, split, part)
         rows = cache.read_rows(site, *cache.row_range(c))[keep]
         yield torch.from_numpy(np.ascontiguousarray(rows))
 
 
 def heldout_rows(cache: Cache, site: str, split: Split, max_rows: int, scale: float = 1.0,
-                 drop_token: int | None = None, skip_rows: np.ndarray | None = None) -> torch.Tensor:
-    """Up to max_rows held-out rows (float32, times scale), with the stream's exclusions."""
+                 drop_token: int | None = None, skip_rows: np.ndarray | None = None,
+                 part: str = "heldout") -> torch.Tensor:
+    """Up to max_rows rows of a held-out part (float32, times scale), with the stream's exclusions."""
     parts, n = [], 0
-    for rows in heldout_chunk_rows(cache, site, split, drop_token, skip_rows):  # only the chunks max_rows needs
+    for rows in heldout_chunk_rows(cache, site, split, drop_token, skip_rows, part):  # only the chunks needed
         parts.append(rows)
         n += len(rows)
         if n >= max_rows:

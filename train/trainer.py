@@ -9,6 +9,7 @@ import signal
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,15 @@ from harvest.cache import Cache
 from harvest.errors import PipelineError
 
 from . import checkpoint, recipe
-from .data import ActivationStream, Split, heldout_chunk_rows, warn_epochs
+from .data import ActivationStream, Split, heldout_chunk_rows, heldout_rows, warn_epochs
 from .sae import SAE, SAEConfig, save_sae, standardized_mse
 from .theta import ESTIMATORS, estimate_theta, target_shift
 
 STATE_FILE = "state.pt"
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
-THETA_ESTIMATORS = (*ESTIMATORS, "running")
+# unseen: the pooled estimate over held-out sequences set aside for it (text the SAE never trained on)
+THETA_ESTIMATORS = ("unseen", *ESTIMATORS, "running")
 HELDOUT_L0_ROWS = 1 << 17  # held-out rows the final L0 check reads at most (the paper pipeline has 31,608)
 VAL_ROWS = 8192  # held-out rows of the validation NMSE in each SAE's metadata
 
@@ -47,8 +49,8 @@ class TrainSettings:
     seed: int = 0
     val_fraction: float = 0.05
     heldout: str = "tail"               # tail | interleaved: which rows are held out (train/data.py Split)
-    theta_estimator: str = "pooled"     # pooled | mean (eq. 7 with the final weights) | running (see theta.py)
-    theta_tokens: int = 65536           # training tokens the final-weight estimates look at
+    theta_estimator: str = "unseen"     # unseen | pooled | mean (eq. 7 with the final weights) | running
+    theta_tokens: int = 65536           # tokens the final-weight estimates look at (at most)
     theta_window: float = 0.2           # running: the mean over the last 20% of training batches
     log_every: int = 10
     checkpoint_every: int = 200
@@ -104,16 +106,22 @@ class Trainer:
         self.skip = None if s.include_outliers else self.cache.outliers(self.site)[0]
         self.d = self.cache.d_model()
         self.scale = math.sqrt(self.d) / float(stats["mean_norm"])  # global norm: mean norm sqrt(d)
-        self.split = Split.of(self.cache, s.val_fraction, s.heldout)
+        # thresholds set after training (BatchTopK's θ, a JumpReLU's target factor) are calibrated on
+        # half of the held-out sequences, which evaluation then leaves to them
+        calibrated = any(c.get("arch") == "batchtopk" or (c.get("arch") == "jumprelu" and c.get("target_l0") is not None)
+                         for c in s.saes)
+        self.split = Split.of(self.cache, s.val_fraction, s.heldout, s.theta_estimator == "unseen" and calibrated)
+        if s.theta_estimator == "unseen" and not self.split.calibrate and calibrated:
+            warnings.warn("no held-out part (val_fraction 0): θ is estimated on training tokens (pooled)", stacklevel=2)
         parts = s.data_parts or self.world
         if self.world > 1 and parts != self.world:
             raise PipelineError(f"data_parts={parts} must equal the number of ranks ({self.world})")
         mine = (self.rank,) if self.world > 1 else tuple(range(parts))
         # raw activations: each SAE brings them into its own input space (SAE.normalize)
-        self.stream = ActivationStream(self.cache, self.site, self.split.train_chunks, s.batch_size, 1.0,
+        self.stream = ActivationStream(self.cache, self.site, self.split, s.batch_size, 1.0,
                                        seed=s.seed, parts=parts, my_parts=mine,
                                        shuffle_mb=s.shuffle_mb, device=self.device, drop_token=self.drop,
-                                       skip_rows=self.skip, heldout_every=self.split.every)
+                                       skip_rows=self.skip)
         self.tokens = s.tokens if s.tokens is not None else self.stream.epoch_tokens
         self.total_steps = max(1, math.ceil(self.tokens / s.batch_size))
         self.out = Path(s.out)
@@ -327,9 +335,11 @@ class Trainer:
         return checkpoint.load(p)["step"] if p.exists() else "none"
 
     def _estimate_thetas(self) -> list[dict[str, float] | None]:
-        """Thresholds from the final weights, over the training batches that follow the last step
-        (theta_tokens tokens, at the training batch size): every BatchTopK SAE's θ estimates, and for
-        a JumpReLU with a target L0 the factor on its thresholds that lands it there (theta.py)."""
+        """Thresholds from the final weights: every BatchTopK SAE's θ estimates (theta.py) over the
+        training batches that follow the last step (theta_tokens tokens, at the training batch size)
+        and, with a calibration part, over its rows (`unseen`, the same batch size); for a JumpReLU with
+        a target L0 the factor on its thresholds that lands it there, over the calibration part if
+        there is one, else those training batches."""
         todo = [i for i, c in enumerate(self.cfgs)
                 if c.arch == "batchtopk" or (c.arch == "jumprelu" and c.target_l0 is not None)]
         out: list[dict[str, float] | None] = [None] * len(self.saes)
@@ -339,6 +349,11 @@ class Trainer:
         it = self.stream.batches(self.total_steps)
         xs = [next(it) for _ in range(n)]
         it.close()
+        unseen = []
+        if self.split.calibrate:
+            rows = heldout_rows(self.cache, self.site, self.split, self.s.theta_tokens, 1.0, self.drop, self.skip,
+                                part="calibration")
+            unseen = [x.to(self.device) for x in rows.split(self.s.batch_size)]
         for i in todo:
             sae, cfg = self.saes[i], self.cfgs[i]
             with torch.no_grad(), _autocast(self.device):
@@ -346,24 +361,34 @@ class Trainer:
                     return sae.pre(sae.normalize(x)[0])
                 if cfg.arch == "batchtopk":
                     est = estimate_theta(xs, pre, cfg.k)
+                    if unseen:
+                        est["unseen"] = estimate_theta(unseen, pre, cfg.k)["pooled"]
                     est["running"] = float(self.theta_sum[i]) / max(1, self.theta_n[i])
                 else:
-                    est = {"threshold_factor": target_shift(xs, pre, sae.threshold, cfg.target_l0) or 1.0}
+                    est = {"threshold_factor": target_shift(unseen or xs, pre, sae.threshold, cfg.target_l0) or 1.0}
             for key in est:  # ranks saw different batches: average their estimates
                 v = torch.tensor([est[key]], device=self.device)
                 est[key] = float(distributed.all_reduce_(v)) / self.world
             out[i] = est
         return out
 
+    @property
+    def theta_estimator(self) -> str:
+        """The estimator θ is set by: `unseen` needs a calibration part (none without held-out rows)."""
+        return "pooled" if self.s.theta_estimator == "unseen" and not self.split.calibrate else self.s.theta_estimator
+
     @torch.no_grad()
-    def _heldout_pass(self, val_rows: int = VAL_ROWS) -> tuple[torch.Tensor, list[dict[str, Any] | None]]:
-        """One read of the held-out chunks: their first val_rows rows (the validation NMSE), and the
-        inference-mode L0 of every SAE whose L0 is not fixed by construction (BatchTopK's θ, JumpReLU's
-        thresholds) over whole chunks, up to HELDOUT_L0_ROWS, chunk by chunk: held-out text differs
-        from chunk to chunk, and the spread over chunks says how far a difference from k (or the
-        target) is more than that."""
+    def _heldout_pass(self, thetas: list[dict[str, float] | None], val_rows: int = VAL_ROWS
+                      ) -> tuple[torch.Tensor, list[dict[str, Any] | None]]:
+        """One read of the held-out rows evaluation reads: their first val_rows rows (the validation
+        NMSE), and the inference-mode L0 of every SAE whose L0 is not fixed by construction (BatchTopK's
+        θ, also at each of its other θ estimates; JumpReLU's thresholds) over whole chunks, up to
+        HELDOUT_L0_ROWS, chunk by chunk: held-out text differs from chunk to chunk, and the spread over
+        chunks says how far a difference from k (or the target) is more than that."""
         todo = [i for i, c in enumerate(self.cfgs) if c.arch in ("batchtopk", "jumprelu")]
         sums: dict[int, list[float]] = {i: [] for i in todo}
+        at: dict[int, dict[str, float]] = {i: dict.fromkeys(thetas[i], 0.0) for i in todo
+                                           if self.cfgs[i].arch == "batchtopk" and thetas[i]}
         rows: list[int] = []  # per chunk the L0 check saw
         val: list[torch.Tensor] = []
         for x in heldout_chunk_rows(self.cache, self.site, self.split, self.drop, self.skip):
@@ -380,7 +405,10 @@ class Trainer:
             for i in todo:
                 sae = self.saes[i]
                 with _autocast(self.device):
-                    counts = sae.code(sae.pre(sae.normalize(x)[0]), sae.modes[0]).counts
+                    pre = sae.pre(sae.normalize(x)[0])
+                    counts = sae.code(pre, sae.modes[0]).counts
+                    for name in at.get(i, {}):
+                        at[i][name] += float((pre > max(thetas[i][name], 0.0)).sum())
                 sums[i].append(float(counts.sum()))
         out: list[dict[str, Any] | None] = [None] * len(self.saes)
         for i in todo:
@@ -388,6 +416,8 @@ class Trainer:
             spread = statistics.stdev(per_chunk) / math.sqrt(len(per_chunk)) if len(per_chunk) > 1 else 0.0
             out[i] = {"mean": sum(sums[i]) / sum(rows), "standard_error": spread, "per_chunk": per_chunk,
                       "rows": sum(rows), "mode": self.saes[i].modes[0]}
+            if i in at:
+                out[i]["at_estimates"] = {name: v / sum(rows) for name, v in at[i].items()}
         return torch.cat(val)[:val_rows].to(self.device), out
 
     def _finish(self) -> list[Path]:
@@ -395,13 +425,13 @@ class Trainer:
         dirs = []
         for sae, cfg, est in zip(self.saes, self.cfgs, thetas):
             if est is not None and cfg.arch == "batchtopk":
-                sae.theta.fill_(est[self.s.theta_estimator])
+                sae.theta.fill_(est[self.theta_estimator])
             elif est is not None:
                 with torch.no_grad():
                     sae.log_threshold.add_(math.log(est["threshold_factor"]))
             dirs.append(self.sae_dir(cfg))
         if self.rank == 0:
-            val, l0s = self._heldout_pass()
+            val, l0s = self._heldout_pass(thetas) if self.split.heldout_chunks else (None, [None] * len(self.saes))
             for sae, cfg, d, est, l0 in zip(self.saes, self.cfgs, dirs, thetas, l0s):
                 meta = self._metadata(cfg)
                 if est is not None:
@@ -409,7 +439,7 @@ class Trainer:
                 if l0 is not None:
                     meta["heldout_l0"] = l0
                 with torch.no_grad():
-                    for mode in sae.modes:
+                    for mode in sae.modes if val is not None else ():
                         x_hat = sae(val, mode)
                         meta[f"val_nmse_{mode}"] = float((val - x_hat).pow(2).sum() / (val - val.mean(0)).pow(2).sum())
                         meta[f"val_standardized_mse_{mode}"] = float(standardized_mse(val, x_hat).mean())
@@ -423,7 +453,11 @@ class Trainer:
 
     def _metadata(self, cfg: SAEConfig) -> dict[str, Any]:
         a = self.cache.attrs
-        theta_doc = {"pooled": f"the smallest activation kept by one batch top-k over {self.s.theta_tokens} training "
+        cal = self.split.sequences(self.cache, "calibration")
+        theta_doc = {"unseen": f"the smallest activation kept by one batch top-k over up to {self.s.theta_tokens} tokens "
+                               f"of held-out sequences range({cal.start}, {cal.stop}, {cal.step}), never trained on, "
+                               "final weights",
+                     "pooled": f"the smallest activation kept by one batch top-k over {self.s.theta_tokens} training "
                                "tokens, final weights",
                      "mean": f"the mean smallest kept activation of batches of {self.s.batch_size} over "
                              f"{self.s.theta_tokens} training tokens, final weights (eq. 7)",
@@ -434,7 +468,7 @@ class Trainer:
             "model_name": a["model"], "hook_name": self.site, "context_size": a["ctx_len"], "prepend_bos": True,
             "dataset_path": a["dataset"].get("dataset"), "cache": self.cache.location, "cache_id": a["cache_id"],
             "architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae, "pipeline": self.s.pipeline,
-            **self.split.metadata(self.cache),  # heldout_sequences, heldout_every
+            **self.split.metadata(self.cache),  # heldout_sequences, heldout_every, calibration_sequences, ...
             "training_tokens": self.step * self.s.batch_size, "batch_size": self.s.batch_size,
             "data_parts": self.stream.parts, "shuffle_mb": self.s.shuffle_mb,  # with the seed: the batches
             "lr": cfg.lr if cfg.lr is not None else self.s.lr, "betas": list(cfg.betas or self.s.betas),
@@ -442,8 +476,8 @@ class Trainer:
             "excluded_outlier_rows": 0 if self.skip is None else int(len(self.skip)),
             "global_input_scale": self.scale,
             "theta": float(self.saes[self.cfgs.index(cfg)].theta) if bt else None,
-            "theta_estimator": self.s.theta_estimator if bt else None,
-            "theta_estimate": theta_doc[self.s.theta_estimator] if bt else None,
+            "theta_estimator": self.theta_estimator if bt else None,
+            "theta_estimate": theta_doc[self.theta_estimator] if bt else None,
         }
 
 
