@@ -127,7 +127,13 @@ def _held_text(src: dict) -> str:
         return f"({len(src['heldout_sequence_ids'])} listed in metrics.json)"
     a, b = src["heldout_sequences"]
     step = src.get("heldout_every") or 1
-    return f"{a}–{b}" if step == 1 else f"{a}–{b}, every {step}th"
+    return f"{a}–{b}" if step == 1 else f"{a}–{b}, every {_ordinal(step)}"
+
+
+def _ordinal(n: int) -> str:
+    """2nd, 3rd, 4th, 11th, 21st, ..."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _main_recipe(gs: list[Group]) -> str:

@@ -224,6 +224,8 @@ def test_interleaved_heldout_part_is_what_evaluation_reads(pipeline_run, tmp_pat
     src = json.loads((inter / "metrics.json").read_text())["eval_source"]
     assert (src["heldout_sequences"], src["heldout_every"]) == ([7, 64], 8)
     assert _held_text(src) == "7–64, every 8th"
+    assert [_held_text({"heldout_sequences": [1, 99], "heldout_every": n}) for n in (2, 3, 11, 22)] == \
+        ["1–99, every 2nd", "1–99, every 3rd", "1–99, every 11th", "1–99, every 22nd"]
     ids, _ = common_heldout([("i", md)])
     got = torch.cat(eval_tokens(c, ids, 256, 8)).numpy()
     np.testing.assert_array_equal(got, c.tokens[7:64:8])
