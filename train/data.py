@@ -262,7 +262,7 @@ class ActivationStream:
                                 f"than one batch of {self.local}; harvest more tokens or lower the batch size")
 
     def _keep(self, c: int) -> np.ndarray:
-        return keep_mask(self.cache, c, self.drop_token, self.skip_rows, self.split if self.split.every else None)
+        return keep_mask(self.cache, c, self.drop_token, self.skip_rows, self.split)
 
     def _epoch_chunks(self, epoch: int, part: int) -> list[int]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(np.array(self.chunks))

@@ -85,6 +85,12 @@ class Objective(nn.Module):
         return out, code, x_in
 
 
+def _sets_threshold(c: SAEConfig) -> bool:
+    """Whether an SAE has a threshold set from its final weights: BatchTopK's θ, or the factor on a
+    target-L0 JumpReLU's thresholds."""
+    return c.arch == "batchtopk" or (c.arch == "jumprelu" and c.target_l0 is not None)
+
+
 def _autocast(device: str):
     if device.startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -106,12 +112,15 @@ class Trainer:
         self.skip = None if s.include_outliers else self.cache.outliers(self.site)[0]
         self.d = self.cache.d_model()
         self.scale = math.sqrt(self.d) / float(stats["mean_norm"])  # global norm: mean norm sqrt(d)
-        # thresholds set after training (BatchTopK's θ, a JumpReLU's target factor) are calibrated on
-        # half of the held-out sequences, which evaluation then leaves to them
-        calibrated = any(c.get("arch") == "batchtopk" or (c.get("arch") == "jumprelu" and c.get("target_l0") is not None)
-                         for c in s.saes)
-        self.split = Split.of(self.cache, s.val_fraction, s.heldout, s.theta_estimator == "unseen" and calibrated)
-        if s.theta_estimator == "unseen" and not self.split.calibrate and calibrated:
+        self.cfgs = [SAEConfig(d_in=self.d, **c) for c in s.saes]
+        names = [c.name for c in self.cfgs]
+        if len(set(names)) != len(names):
+            raise PipelineError(f"the sweep names the same SAE twice: {', '.join(names)}")
+        # thresholds set after training are calibrated on half of the held-out sequences, which
+        # evaluation then leaves to them
+        unseen = s.theta_estimator == "unseen" and any(map(_sets_threshold, self.cfgs))
+        self.split = Split.of(self.cache, s.val_fraction, s.heldout, calibrate=unseen)
+        if unseen and not self.split.calibrate:
             warnings.warn("no held-out part (val_fraction 0): θ is estimated on training tokens (pooled)", stacklevel=2)
         parts = s.data_parts or self.world
         if self.world > 1 and parts != self.world:
@@ -127,10 +136,6 @@ class Trainer:
         self.out = Path(s.out)
         self.identity = s.identity() | {"cache_id": self.cache.attrs["cache_id"], "site": self.site}
         torch.manual_seed(s.seed)
-        self.cfgs = [SAEConfig(d_in=self.d, **c) for c in s.saes]
-        names = [c.name for c in self.cfgs]
-        if len(set(names)) != len(names):
-            raise PipelineError(f"the sweep names the same SAE twice: {', '.join(names)}")
         self.saes = [SAE(c, s.seed).to(self.device) for c in self.cfgs]
         for sae in self.saes:
             if sae.cfg.norm == "global":
@@ -340,8 +345,7 @@ class Trainer:
         and, with a calibration part, over its rows (`unseen`, the same batch size); for a JumpReLU with
         a target L0 the factor on its thresholds that lands it there, over the calibration part if
         there is one, else those training batches."""
-        todo = [i for i, c in enumerate(self.cfgs)
-                if c.arch == "batchtopk" or (c.arch == "jumprelu" and c.target_l0 is not None)]
+        todo = [i for i, c in enumerate(self.cfgs) if _sets_threshold(c)]
         out: list[dict[str, float] | None] = [None] * len(self.saes)
         if not todo:
             return out
