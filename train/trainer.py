@@ -21,6 +21,7 @@ from tqdm import tqdm
 from harvest import distributed
 from harvest.cache import Cache
 from harvest.errors import PipelineError
+from harvest.models import hub_name
 
 from . import checkpoint, recipe
 from .data import ActivationStream, Split, heldout_chunk_rows, heldout_rows, warn_epochs
@@ -469,8 +470,11 @@ class Trainer:
                                 "training batches, weights of each step"}
         bt = cfg.arch == "batchtopk"
         return {
-            "model_name": a["model"], "hook_name": self.site, "context_size": a["ctx_len"], "prepend_bos": True,
-            "dataset_path": a["dataset"].get("dataset"), "cache": self.cache.location, "cache_id": a["cache_id"],
+            # what SAELens-based tools (SAEBench, Neuronpedia uploads) read: the model by its hub id
+            "model_name": hub_name(a["model"]), "hook_name": self.site, "context_size": a["ctx_len"],
+            "prepend_bos": True, "dataset_path": a["dataset"].get("dataset"),
+            "model": a["model"], "dataset": {k: a["dataset"].get(k) for k in ("dataset", "config", "split", "revision")},
+            "cache": self.cache.location, "cache_id": a["cache_id"],
             "architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae, "pipeline": self.s.pipeline,
             **self.split.metadata(self.cache),  # heldout_sequences, heldout_every, calibration_sequences, ...
             "training_tokens": self.step * self.s.batch_size, "batch_size": self.s.batch_size,
