@@ -15,7 +15,7 @@ TRAIN_ARGS   = $(COMMON) $(call flag,K,k) $(call flag,ARCH,arch) $(call flag,DIC
                $(call flag,TOKENS,tokens) $(call flag,CACHE,cache) $(call flag,OUT,out)
 EVAL_ARGS    = $(COMMON) $(call flag,SAE,sae) $(call flag,TOKENS,tokens)
 # NPROC=n runs a stage under torchrun (gloo on CPU, NCCL on GPUs).
-launch = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC) -m $(1),$(PY) -m $(1))
+launch = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC) -m batchtopk.$(1),$(PY) -m batchtopk.$(1))
 
 .PHONY: setup test demo harvest train eval report browse bench peers push pull paper pipeline-run clean
 setup: $(STAMP)
@@ -36,22 +36,22 @@ train: setup
 	$(call launch,train) $(TRAIN_ARGS)
 
 eval: setup
-	$(PY) -m evaluate $(EVAL_ARGS)
+	$(PY) -m batchtopk.evaluate $(EVAL_ARGS)
 
 report: setup
-	$(PY) -m evaluate report $(COMMON)
+	$(PY) -m batchtopk.evaluate report $(COMMON)
 
 # A static latent browser per SAE (opens from disk); prints each index.html.
 browse: setup
-	$(PY) -m evaluate browse $(EVAL_ARGS)
+	$(PY) -m batchtopk.evaluate browse $(EVAL_ARGS)
 
 # The whole pipeline on the embedded default: SmolLM2-135M on WikiText-2.
 demo: setup
-	$(PY) -m harvest $(HARVEST_ARGS)
-	$(PY) -m train $(COMMON) --arch batchtopk,topk --k 16,32
-	$(PY) -m evaluate $(COMMON)
-	$(PY) -m evaluate browse $(COMMON)
-	$(PY) -m evaluate report $(COMMON)
+	$(PY) -m batchtopk.harvest $(HARVEST_ARGS)
+	$(PY) -m batchtopk.train $(COMMON) --arch batchtopk,topk --k 16,32
+	$(PY) -m batchtopk.evaluate $(COMMON)
+	$(PY) -m batchtopk.evaluate browse $(COMMON)
+	$(PY) -m batchtopk.evaluate report $(COMMON)
 
 # The small-scale replication of the paper's comparison (pipeline smollm2-135m-paper).
 paper: setup
@@ -60,23 +60,23 @@ paper: setup
 # harvest -> train (the pipeline's whole sweep, one pass) -> eval -> report, for any pipeline.
 # TOKENS sets the training tokens (e.g. `make paper TOKENS=20000000` on a GPU).
 pipeline-run:
-	$(PY) -m harvest $(COMMON)
-	$(PY) -m train $(COMMON) $(call flag,TOKENS,tokens)
-	$(PY) -m evaluate $(COMMON)
-	$(PY) -m evaluate report $(COMMON)
+	$(PY) -m batchtopk.harvest $(COMMON)
+	$(PY) -m batchtopk.train $(COMMON) $(call flag,TOKENS,tokens)
+	$(PY) -m batchtopk.evaluate $(COMMON)
+	$(PY) -m batchtopk.evaluate report $(COMMON)
 
 bench: setup
-	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m batchtopk.bench $(BENCH_ARGS)
 
 # Our SAEs against dictionary_learning's and SAELens's on exactly our batches -> data/bench/peers.json
 peers: setup
-	$(PY) -m bench peers $(PEERS_ARGS)
+	$(PY) -m batchtopk.bench peers $(PEERS_ARGS)
 
 push: setup
-	$(PY) -m harvest push '$(CACHE)' '$(REMOTE)'
+	$(PY) -m batchtopk.harvest push '$(CACHE)' '$(REMOTE)'
 
 pull: setup
-	$(PY) -m harvest pull '$(CACHE)' '$(REMOTE)'
+	$(PY) -m batchtopk.harvest pull '$(CACHE)' '$(REMOTE)'
 
 clean:
 	rm -rf data/cache data/saes data/reports data/bench data/browse data/cache-index data/latest

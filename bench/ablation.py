@@ -11,9 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from train.recipe import JUMPRELU_TARGET_RECIPE
-from train.sae import load_sae
-from train.trainer import TrainSettings, Trainer
+from batchtopk.train.recipe import JUMPRELU_TARGET_RECIPE
+from batchtopk.train.sae import load_sae
+from batchtopk.train.trainer import Trainer, TrainSettings
 
 from .peers import COMPARISON_TOKENS, HELDOUT_ROWS, MAIN_MODE, Budget, score
 from .records import Record, device_name
@@ -136,9 +136,9 @@ def _cfg(variant: dict[str, Any], arch: str, m: int, k: int) -> dict[str, Any]:
 def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchtopk", "topk"), dict_mult: int = 8,
         k: int = 32, seeds: int = 1, variants: tuple[str, ...] | None = None, extra: dict[str, dict] | None = None,
         tokens: int | None = None, heldout: str | None = None) -> list[Record]:
-    from harvest import pipelines
-    from harvest.cli import settings_from
-    from harvest.run import harvest
+    from batchtopk.core import pipelines
+    from batchtopk.harvest.cli import settings_from
+    from batchtopk.harvest.run import harvest
 
     name, pipe = pipelines.get(pipeline)
     train = pipe["train"]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from harvest.cache import Cache
-from harvest.pipelines import DATA_DIR
-from train.sae import load_sae
+from batchtopk.cache.format import Cache
+from batchtopk.core.pipelines import DATA_DIR
+from batchtopk.train.sae import load_sae
 
 from .records import Record, device_name
 
@@ -48,7 +48,7 @@ def _encode_rate(sae_dir: Path) -> float:
 
 
 def run() -> list[Record]:
-    from evaluate.browse import BrowseSettings, build
+    from batchtopk.evaluate.browse import BrowseSettings, build
 
     todo = _saes()
     if not todo:

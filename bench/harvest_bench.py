@@ -6,10 +6,10 @@ import tempfile
 import numpy as np
 import torch
 
-from harvest import models
-from harvest.cache import Cache
-from harvest.cli import settings_from
-from harvest.run import _harvest_activations, _prepare, plan
+from batchtopk.cache.format import Cache
+from batchtopk.harvest import models
+from batchtopk.harvest.cli import settings_from
+from batchtopk.harvest.run import _harvest_activations, _prepare, plan
 
 from .records import Record, device_name, timed
 

@@ -19,19 +19,21 @@ import subprocess
 import sys
 import tempfile
 import types
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from harvest.cache import Cache
-from harvest.pipelines import DATA_DIR
-from train.data import ActivationStream, Split, heldout_rows
-from train.recipe import JUMPRELU_TARGET_RECIPE
-from train.sae import load_sae, standardized_mse
-from train.trainer import TrainSettings, Trainer
+from batchtopk.cache.format import Cache
+from batchtopk.cache.split import Split, heldout_rows
+from batchtopk.core.pipelines import DATA_DIR
+from batchtopk.train.recipe import JUMPRELU_TARGET_RECIPE
+from batchtopk.train.sae import load_sae, standardized_mse
+from batchtopk.train.stream import ActivationStream
+from batchtopk.train.trainer import Trainer, TrainSettings
 
 from .records import Record, device_name
 
@@ -54,11 +56,11 @@ class Budget:
     scale: float
     drop: int | None
     skip: np.ndarray | None
-    layout: str = "tail"  # the held-out layout (train/data.py Split)
+    layout: str = "tail"  # the held-out layout (cache/split.py Split)
 
     @classmethod
     def of(cls, cache: str, tokens: int, batch_size: int, seed: int, val_fraction: float,
-           layout: str = "tail") -> "Budget":
+           layout: str = "tail") -> Budget:
         c = Cache.open(cache)
         site = c.sites[0]
         stats = c.train_stats(site, False)
@@ -201,12 +203,13 @@ def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int) 
 
 # ---------------------------------------------------------------- SAELens
 def train_saelens(b: Budget, arch: str, m: int, k: int, seeds: int) -> tuple[dict, dict]:
+    import logging
+
+    from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
-    import logging
 
     logging.getLogger("sae_lens").setLevel(logging.WARNING)
     d = b.cache.d_model()
@@ -257,9 +260,9 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchtopk", "topk"), dict_mult: int = 8,
         k: int = 32, tokens: int | None = None, batch_size: int | None = None, seeds: int = 1,
         peers: tuple[str, ...] = ("dictionary_learning", "saelens"), heldout: str | None = None) -> list[Record]:
-    from harvest import pipelines
-    from harvest.cli import settings_from
-    from harvest.run import harvest
+    from batchtopk.core import pipelines
+    from batchtopk.harvest.cli import settings_from
+    from batchtopk.harvest.run import harvest
 
     name, pipe = pipelines.get(pipeline)
     train = pipe["train"]

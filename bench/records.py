@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from harvest.pipelines import DATA_DIR
+from batchtopk.core.pipelines import DATA_DIR
 
 
 @dataclass

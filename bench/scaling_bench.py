@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harvest.cache import synthetic_tokens, write_cache
+from batchtopk.cache.format import synthetic_tokens, write_cache
 
 from .records import Record, device_name
 

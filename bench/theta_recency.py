@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harvest.cache import Cache
-from harvest.errors import PipelineError
-from train.data import ActivationStream, Split, heldout_chunk_rows
-from train.sae import load_sae
-from train.theta import estimate_theta
-from train.trainer import HELDOUT_L0_ROWS
+from batchtopk.cache.format import Cache
+from batchtopk.cache.split import Split, heldout_chunk_rows
+from batchtopk.core.errors import PipelineError
+from batchtopk.train.sae import load_sae
+from batchtopk.train.stream import ActivationStream
+from batchtopk.train.theta import estimate_theta
+from batchtopk.train.trainer import HELDOUT_L0_ROWS
 
 from .records import Record, device_name
 

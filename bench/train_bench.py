@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harvest.cache import Cache, synthetic_tokens, write_cache
-from train.data import ActivationStream, Split
-from train.sae import SAE, SAEConfig
-from train.sparsity import batch_topk_indices, jumprelu, step
+from batchtopk.cache.format import Cache, synthetic_tokens, write_cache
+from batchtopk.cache.split import Split
+from batchtopk.train.sae import SAE, SAEConfig
+from batchtopk.train.sparsity import batch_topk_indices, jumprelu, step
+from batchtopk.train.stream import ActivationStream
 
 from .records import Record, device_name, timed
 

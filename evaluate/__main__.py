@@ -1,3 +1,4 @@
-from .cli import main
+"""`python -m evaluate` (also `python -m batchtopk.evaluate`)."""
+from batchtopk.evaluate.cli import main
 
 main(prog_name="python -m evaluate")

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from harvest import models
-from harvest.cache import Cache
-from harvest.errors import PipelineError
-from harvest.pipelines import DATA_DIR
-from train.data import Split, heldout_sequences, keep_mask
-from train.sae import SAE, load_sae
+from batchtopk.cache.format import Cache
+from batchtopk.cache.split import Split, heldout_sequences, keep_mask
+from batchtopk.core.errors import PipelineError
+from batchtopk.core.pipelines import DATA_DIR
+from batchtopk.harvest import models
+from batchtopk.train.sae import SAE, load_sae
 
 from .latents import LatentStats
 

@@ -5,8 +5,8 @@ import os
 
 import click
 
-from harvest import pipelines
-from harvest.errors import PipelineError, one_line_errors
+from batchtopk.core import pipelines
+from batchtopk.core.errors import PipelineError, one_line_errors
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,7 +69,7 @@ def report(pipeline, out) -> None:
 @one_line_errors
 def browse(pipeline, sae_dirs, tokens, whole_cache, include_bos, include_outliers, out, device) -> None:
     """Write a static latent browser per SAE (opens from disk); prints each site's index.html."""
-    from harvest import models
+    from batchtopk.harvest import models
 
     from .browse import BrowseSettings, build, write_overview
 
@@ -93,7 +93,7 @@ def browse(pipeline, sae_dirs, tokens, whole_cache, include_bos, include_outlier
 def latest_saes(pipeline: str, command: str) -> list[str]:
     """The SAEs of the latest `make train` of the pipeline; before any (or when they are gone), every SAE of
     the pipeline. Says which on stderr."""
-    from harvest import latest
+    from batchtopk.core import latest
 
     from .run import discover
 

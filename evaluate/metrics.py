@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.sae import standardized_mse
+from batchtopk.train.sae import standardized_mse
 
 DEFINITIONS = {
     "nmse": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over evaluated tokens",

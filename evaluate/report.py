@@ -19,8 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from harvest.errors import PipelineError  # noqa: E402
-from harvest.pipelines import DATA_DIR  # noqa: E402
+from batchtopk.core.errors import PipelineError  # noqa: E402
+from batchtopk.core.pipelines import DATA_DIR  # noqa: E402
 
 from .run import METRICS_FILE  # noqa: E402
 

@@ -5,20 +5,20 @@ import json
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from harvest import models
-from harvest.cache import Cache
-from harvest.errors import PipelineError
-from harvest.pipelines import DATA_DIR
-from train.data import heldout_sequences
-from train.sae import SAE, load_sae
+from batchtopk.cache.format import Cache
+from batchtopk.cache.split import heldout_sequences
+from batchtopk.core.errors import PipelineError
+from batchtopk.core.pipelines import DATA_DIR
+from batchtopk.harvest import models
+from batchtopk.train.sae import SAE, load_sae
 
 from .metrics import CE, DEFINITIONS, Recon, token_ce, token_kl
 from .splice import Splicer
@@ -141,8 +141,8 @@ def _source(seqs: np.ndarray) -> dict:
 
 def corpus_tokens(dataset: str, spec: models.ModelSpec, ctx_len: int, n_tokens: int,
                   batch_seqs: int) -> list[torch.Tensor]:
-    from harvest.corpus import iter_contexts, iter_texts, resolve_corpus
-    from harvest.pipelines import resolve_path
+    from batchtopk.core.pipelines import resolve_path
+    from batchtopk.harvest.corpus import iter_contexts, iter_texts, resolve_corpus
 
     corpus = resolve_corpus(resolve_path(dataset))
     tok = models.load_tokenizer(spec)

@@ -7,11 +7,11 @@ from the site onward (plus embeddings and the head).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
-from harvest.models import SiteCapture, decoder_layers, parse_site
+from batchtopk.harvest.models import SiteCapture, decoder_layers, parse_site
 
 
 class Splicer:

@@ -1,3 +1,4 @@
-from .cli import main
+"""`python -m harvest` (also `python -m batchtopk.harvest`)."""
+from batchtopk.harvest.cli import main
 
 main(prog_name="python -m harvest")

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from . import pipelines
-from .errors import PipelineError, one_line_errors
+from batchtopk.core import pipelines
+from batchtopk.core.errors import PipelineError, one_line_errors
 
 
 def _int_list(value: str | None) -> list[int] | None:
@@ -110,10 +110,9 @@ def main(ctx: click.Context, pipeline, **cli) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from . import distributed
-    from .run import harvest
+    from batchtopk.core import distributed, latest
 
-    from . import latest
+    from .run import harvest
 
     name, s = settings_from(pipeline, **cli)
     location = harvest(s)
@@ -128,7 +127,7 @@ def main(ctx: click.Context, pipeline, **cli) -> None:
 @one_line_errors
 def ls(root: str | None) -> None:
     """List the caches under ROOT (directory or URL; default data/cache)."""
-    from .share import list_caches
+    from batchtopk.cache.share import list_caches
 
     rows = list_caches(root or str(pipelines.DATA_DIR / "cache"))
     if not rows:
@@ -146,7 +145,7 @@ def ls(root: str | None) -> None:
 @one_line_errors
 def info(cache: str, as_json: bool) -> None:
     """Print the manifest of CACHE."""
-    from .cache import Cache
+    from batchtopk.cache.format import Cache
 
     c = Cache.open(cache, need_complete=False)
     a = c.attrs
@@ -170,7 +169,7 @@ def info(cache: str, as_json: bool) -> None:
 @one_line_errors
 def verify(cache: str) -> None:
     """Re-hash every chunk of CACHE against its manifest; exit 1 on any corruption."""
-    from .cache import Cache
+    from batchtopk.cache.format import Cache
 
     c = Cache.open(cache, need_complete=False)
     problems = c.verify()
@@ -189,7 +188,7 @@ def verify(cache: str) -> None:
 @one_line_errors
 def push(cache: str, remote: str) -> None:
     """Copy a local CACHE to the REMOTE root (URL); prints the remote location."""
-    from .share import copy_cache
+    from batchtopk.cache.share import copy_cache
 
     click.echo(copy_cache(cache, remote))
 
@@ -200,6 +199,6 @@ def push(cache: str, remote: str) -> None:
 @one_line_errors
 def pull(cache: str, local_root: str | None) -> None:
     """Copy a remote CACHE into LOCAL_ROOT (default data/cache); prints the local location."""
-    from .share import copy_cache
+    from batchtopk.cache.share import copy_cache
 
     click.echo(copy_cache(cache, local_root or str(pipelines.DATA_DIR / "cache")))

@@ -8,13 +8,14 @@ deterministic, so a resumed or distributed harvest sees exactly the same context
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from .errors import PipelineError
+from batchtopk.core.errors import PipelineError
 
 BUILDERS = {".txt": "text", ".raw": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SEPARATORS = ("auto", "none", "bos", "eos")

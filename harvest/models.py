@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import PipelineError
+from batchtopk.core.errors import PipelineError
 
 # alias -> where the weights are, and the layer the paper (or our default) uses.
 MODEL_ALIASES: dict[str, dict[str, Any]] = {

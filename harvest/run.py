@@ -7,20 +7,36 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__, distributed, models, store
-from .cache import (CHECKSUM, FORMAT, FORMAT_VERSION, STORAGE_DTYPES, Cache, chunk_hash, compute_chunk_counts,
-                    compute_stats, storage_numpy_dtype, to_float32, to_storage, write_chunk_counts)
+from batchtopk.cache import store
+from batchtopk.cache.format import (
+    CHECKSUM,
+    FORMAT,
+    FORMAT_VERSION,
+    STORAGE_DTYPES,
+    Cache,
+    chunk_hash,
+    compute_chunk_counts,
+    compute_stats,
+    storage_numpy_dtype,
+    to_float32,
+    to_storage,
+    write_chunk_counts,
+)
+from batchtopk.core import distributed
+from batchtopk.core.errors import PipelineError
+from batchtopk.core.pipelines import DATA_DIR
+
+from . import __version__, models
 from .corpus import CorpusSpec, iter_contexts, iter_texts, resolve_corpus
-from .errors import PipelineError
-from .pipelines import DATA_DIR
 
 WAIT_POLL_S = 3.0
 

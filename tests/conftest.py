@@ -25,7 +25,7 @@ def corpus_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, corpus_file) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -60,6 +60,7 @@ def make_config(family: str):
 def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     """family -> folder holding a tiny randomly initialised model and the tokenizer."""
     import shutil
+
     from transformers import AutoModelForCausalLM
 
     out = {}
@@ -77,7 +78,7 @@ def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 @pytest.fixture
 def harvest_settings(tmp_path, tiny_models, corpus_file):
     """A factory of HarvestSettings for a tiny model writing under tmp_path."""
-    from harvest.run import HarvestSettings
+    from batchtopk.harvest.run import HarvestSettings
 
     def make(family: str = "llama", **kw) -> HarvestSettings:
         base = dict(model=str(tiny_models[family]), layers=[1], site_kinds=["resid_pre"], dataset=str(corpus_file),

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bench import records, train_bench
+from batchtopk.bench import records, train_bench
 
 
 def test_records_follow_the_contract(tmp_path):
@@ -37,7 +37,8 @@ def test_dense_reference_computes_the_same_loss_and_gradients(arch, aux_k):
     """Our sparse step against dense autograd, values and gradients; the auxiliary loss takes its dense
     path over the 20 dead columns with aux_k 512, its per-pair path with aux_k 1 (1 of 20 < 1/12)."""
     import torch
-    from train.sae import AUX_DENSE_FROM, SAE, SAEConfig
+
+    from batchtopk.train.sae import AUX_DENSE_FROM, SAE, SAEConfig
 
     assert (AUX_DENSE_FROM * min(aux_k, 20) >= 20) == (aux_k == 512)  # the two cases take the two paths
     torch.manual_seed(0)
@@ -59,7 +60,7 @@ def test_dense_reference_computes_the_same_loss_and_gradients(arch, aux_k):
 
 
 def test_score_tells_dead_latents_from_ones_only_the_training_text_uses():
-    from bench.peers import score
+    from batchtopk.bench.peers import score
 
     def rec(xb):  # an identity "SAE" whose latents are the columns: latent j fires where column j > 0
         return xb, (xb > 0).sum(1), (xb > 0).sum(0)

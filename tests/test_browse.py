@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate.browse import BrowseSettings, build
-from harvest.cache import Cache
-from harvest.errors import PipelineError
-from harvest.run import HarvestSettings, harvest
-from train.data import heldout_sequences, keep_mask
-from train.sae import load_sae
-from train.trainer import TrainSettings, Trainer
+from batchtopk.cache.format import Cache
+from batchtopk.cache.split import heldout_sequences, keep_mask
+from batchtopk.core.errors import PipelineError
+from batchtopk.evaluate.browse import BrowseSettings, build
+from batchtopk.harvest.run import HarvestSettings, harvest
+from batchtopk.train.sae import load_sae
+from batchtopk.train.trainer import Trainer, TrainSettings
 
 SITE = "blocks.2.hook_resid_pre"
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from harvest.cache import Cache, synthetic_tokens, write_cache
-from train.data import ActivationStream, BufferPool, Split, keep_mask
+from batchtopk.cache.format import Cache, synthetic_tokens, write_cache
+from batchtopk.cache.split import Split, keep_mask
+from batchtopk.train.stream import ActivationStream, BufferPool
 
 SITE = "blocks.0.hook_resid_pre"
 
@@ -47,7 +48,7 @@ def test_chunk_counts_match_brute_force(cache, tmp_path, monkeypatch):
     # a cache written before chunk_counts existed: computed once, kept in a local index
     import shutil
 
-    import harvest.pipelines as pipelines
+    import batchtopk.core.pipelines as pipelines
     old = tmp_path / "old"
     shutil.copytree(cache.location, old)
     shutil.rmtree(old / "chunk_counts")
@@ -108,7 +109,7 @@ def test_caches_hashed_with_blake2b_still_verify_and_stream(tmp_path):
     train, a flipped byte is still caught, and an algorithm this version does not know is one line."""
     import zarr
 
-    from harvest.cache import LEGACY_CHECKSUM, PipelineError, chunk_hash
+    from batchtopk.cache.format import LEGACY_CHECKSUM, PipelineError, chunk_hash
 
     rng = np.random.default_rng(1)
     tokens = rng.integers(2, 50, (12, 16)).astype(np.int32)
@@ -187,8 +188,8 @@ def test_closing_a_stream_stops_its_threads_before_returning(tmp_path):
 
 
 def test_interleaved_split_holds_out_one_sequence_in_every_n_across_the_cache(cache):
-    from harvest.errors import PipelineError
-    from train.data import heldout_chunk_rows, heldout_sequences
+    from batchtopk.cache.split import heldout_chunk_rows, heldout_sequences
+    from batchtopk.core.errors import PipelineError
 
     split = Split.of(cache, 0.25, "interleaved")  # 40 sequences in chunks of 6: sequences 3, 7, ..., 39
     assert split.every == 4 and split.train_chunks == split.heldout_chunks == tuple(range(cache.n_chunks))
@@ -217,7 +218,7 @@ def test_interleaved_split_holds_out_one_sequence_in_every_n_across_the_cache(ca
 
 @pytest.mark.parametrize("layout", ["tail", "interleaved"])
 def test_calibration_takes_every_other_heldout_sequence_and_never_trains(cache, layout):
-    from train.data import heldout_chunk_rows, heldout_sequences
+    from batchtopk.cache.split import heldout_chunk_rows, heldout_sequences
 
     plain, split = Split.of(cache, 0.25, layout), Split.of(cache, 0.25, layout, calibrate=True)
     held = list(plain.sequences(cache, "heldout"))  # tail: chunks 5, 6 of 7 (sequences 30..39); else 3, 7, ...

@@ -12,9 +12,9 @@ import pytest
 import torch
 import zarr
 
-from harvest.cache import Cache
-from train.sae import load_sae
-from train.trainer import TrainSettings, Trainer
+from batchtopk.cache.format import Cache
+from batchtopk.train.sae import load_sae
+from batchtopk.train.trainer import Trainer, TrainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

@@ -8,15 +8,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from evaluate.cli import main as eval_cli
-from evaluate.metrics import token_ce
-from evaluate.run import EvalSettings, evaluate, evaluate_site, sae_reconstructor
-from evaluate.splice import Splicer
-from harvest.cache import Cache
-from harvest.errors import PipelineError
-from harvest.run import harvest
-from train.sae import load_sae
-from train.trainer import TrainSettings, Trainer
+from batchtopk.cache.format import Cache
+from batchtopk.core.errors import PipelineError
+from batchtopk.evaluate.cli import main as eval_cli
+from batchtopk.evaluate.metrics import token_ce
+from batchtopk.evaluate.run import EvalSettings, evaluate, evaluate_site, sae_reconstructor
+from batchtopk.evaluate.splice import Splicer
+from batchtopk.harvest.run import harvest
+from batchtopk.train.sae import load_sae
+from batchtopk.train.trainer import Trainer, TrainSettings
 
 SITE = "blocks.2.hook_resid_pre"
 
@@ -24,7 +24,7 @@ SITE = "blocks.2.hook_resid_pre"
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, tiny_models, corpus_file):
     """Tiny Llama: harvest 8192 tokens, train a BatchTopK and a TopK SAE."""
-    from harvest.run import HarvestSettings
+    from batchtopk.harvest.run import HarvestSettings
 
     tmp = tmp_path_factory.mktemp("evalrun")
     loc = harvest(HarvestSettings(model=str(tiny_models["llama"]), layers=[2], dataset=str(corpus_file),
@@ -164,7 +164,7 @@ def test_cli_metrics_and_report(pipeline_run, tmp_path):
     assert bt["modes"]["batch"]["l0"] == pytest.approx(4.0) and bt["exclude_bos"] is True
     assert bt["eval_tokens"] == 1024 and bt["pipeline"] == "tiny"
     assert bt["ce_degradation"] == pytest.approx(bt["ce_spliced"] - bt["ce_clean"])
-    from evaluate.report import write_report
+    from batchtopk.evaluate.report import write_report
 
     path = write_report("tiny", [str(d) for d in dirs], str(tmp_path / "rep"))
     text = path.read_text()
@@ -206,8 +206,8 @@ def test_bad_input(pipeline_run, tmp_path, tiny_models):
 
 
 def test_interleaved_heldout_part_is_what_evaluation_reads(pipeline_run, tmp_path):
-    from evaluate.report import _held_text
-    from evaluate.run import common_heldout, eval_tokens
+    from batchtopk.evaluate.report import _held_text
+    from batchtopk.evaluate.run import common_heldout, eval_tokens
 
     loc, dirs, _ = pipeline_run
     [inter] = Trainer(TrainSettings(cache=loc, out=str(tmp_path / "run"), batch_size=512, tokens=512 * 6, lr=1e-3,

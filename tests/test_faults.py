@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from faultproxy import FaultProxy
-from harvest.cache import write_cache
-from harvest.errors import PipelineError
-from harvest.store import LOCK_NAME, LostLock, WriterLock
-from train.cli import main as train_cli
-from train.sae import load_sae
+
+from batchtopk.cache.format import write_cache
+from batchtopk.cache.store import LOCK_NAME, LostLock, WriterLock
+from batchtopk.core.errors import PipelineError
+from batchtopk.train.cli import main as train_cli
+from batchtopk.train.sae import load_sae
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = "blocks.0.hook_resid_pre"
@@ -52,7 +52,7 @@ def train_args(cache: str, out: Path, tokens: int = 256 * 30) -> list[str]:
 
 def interrupted_run(cache: str, out: Path, monkeypatch) -> None:
     """A run stopped after its step-10 checkpoint."""
-    from train.trainer import Trainer
+    from batchtopk.train.trainer import Trainer
     real = Trainer._train_step
 
     def stop(self, i, x):
@@ -102,7 +102,7 @@ def test_damaged_sae_files_get_one_line(small_cache, tmp_path, target, damage):
         load_sae(d)
     msg = str(e.value)
     assert str(f) in msg and "\n" not in msg and ("restore it" in msg and "train it again" in msg), msg
-    from evaluate.cli import main as eval_cli
+    from batchtopk.evaluate.cli import main as eval_cli
     assert str(f) in one_error(CliRunner().invoke(eval_cli, ["--sae", str(d), "--device", "cpu"]))
 
 
@@ -131,7 +131,7 @@ def test_full_disk_while_saving_an_sae_keeps_its_previous_files(small_cache, tmp
     d = Path(r.stdout.strip().splitlines()[-1])
     sae, meta = load_sae(d)
     before = {f: (d / f).read_bytes() for f in ("cfg.json", "sae_weights.safetensors")}
-    from train import sae as sae_module
+    from batchtopk.train import sae as sae_module
     real = Path.write_bytes
 
     def full(self, data):

@@ -62,9 +62,9 @@ def test_harvest_train_eval_chain_through_make(tmp_path, tiny_models, corpus_fil
 
 
 def test_train_says_when_the_latest_cache_is_gone(tmp_path, monkeypatch):
-    from harvest import latest, pipelines
-    from harvest.errors import PipelineError
-    from train.cli import _default_cache
+    from batchtopk.core import latest, pipelines
+    from batchtopk.core.errors import PipelineError
+    from batchtopk.train.cli import _default_cache
 
     monkeypatch.setattr(pipelines, "DATA_DIR", tmp_path)
     latest.record("p", "harvest", cache=str(tmp_path / "cache" / "gone"), model="m")
@@ -76,7 +76,7 @@ def test_pointers_are_whole_under_concurrent_writers(tmp_path, monkeypatch):
     """Two commands writing the same pointer at once: a reader always sees one of them whole."""
     import threading
 
-    from harvest import latest, pipelines
+    from batchtopk.core import latest, pipelines
 
     monkeypatch.setattr(pipelines, "DATA_DIR", tmp_path)
     stop = threading.Event()
@@ -104,11 +104,11 @@ def test_pointers_are_whole_under_concurrent_writers(tmp_path, monkeypatch):
 
 
 def test_eval_defaults_to_the_latest_run_then_every_sae(tmp_path, monkeypatch, capsys):
-    from evaluate.cli import latest_saes
-    from harvest import latest, pipelines
+    from batchtopk.core import latest, pipelines
+    from batchtopk.evaluate.cli import latest_saes
 
     monkeypatch.setattr(pipelines, "DATA_DIR", tmp_path)
-    import evaluate.run as run
+    import batchtopk.evaluate.run as run
     monkeypatch.setattr(run, "DATA_DIR", tmp_path)
     runs = tmp_path / "saes" / "p"
     for d in ("r1/a", "r1/b", "r2/c"):
@@ -122,7 +122,7 @@ def test_eval_defaults_to_the_latest_run_then_every_sae(tmp_path, monkeypatch, c
 
 
 def test_model_name_is_what_other_tools_load():
-    from harvest.models import hub_name
+    from batchtopk.harvest.models import hub_name
 
     assert hub_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert hub_name("gemma-2-2b") == "google/gemma-2-2b" and hub_name("gpt2") == "openai-community/gpt2"

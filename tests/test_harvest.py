@@ -13,8 +13,8 @@ import pytest
 import torch
 import zarr
 
-from harvest.cache import Cache, to_float32
-from harvest.run import harvest
+from batchtopk.cache.format import Cache, to_float32
+from batchtopk.harvest.run import harvest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,7 +135,8 @@ def test_resume_after_kill_is_byte_identical(harvest_settings, tiny_models, corp
 
 def test_stops_after_deepest_layer(tiny_models):
     from transformers import AutoModelForCausalLM
-    from harvest.models import SiteCapture, decoder_layers
+
+    from batchtopk.harvest.models import SiteCapture, decoder_layers
 
     m = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
     ran = []
@@ -152,8 +153,8 @@ def test_stops_after_deepest_layer(tiny_models):
 
 @pytest.mark.slow
 def test_smollm2_matches_hidden_states(tmp_path):
-    from harvest.models import load_model, resolve_model
-    from harvest.run import HarvestSettings
+    from batchtopk.harvest.models import load_model, resolve_model
+    from batchtopk.harvest.run import HarvestSettings
 
     loc = harvest(HarvestSettings(tokens=4 * 128, dtype="float32", device="cpu", cache_root=str(tmp_path)))
     c = Cache.open(loc)

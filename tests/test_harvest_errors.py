@@ -7,8 +7,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from harvest.cache import Cache
-from harvest.cli import main
+from batchtopk.cache.format import Cache
+from batchtopk.harvest.cli import main
 
 
 def run_cli(*args: str):
@@ -83,8 +83,9 @@ def test_location_with_other_settings_is_refused(base_args, tmp_path):
 
 
 def test_float16_overflow_names_site(base_args, tiny_models, tmp_path):
-    from transformers import AutoModelForCausalLM
     import shutil
+
+    from transformers import AutoModelForCausalLM
 
     d = tmp_path / "hot-model"
     shutil.copytree(tiny_models["llama"], d)
@@ -98,7 +99,7 @@ def test_float16_overflow_names_site(base_args, tiny_models, tmp_path):
 
 
 def test_full_disk_keeps_what_was_written(base_args, monkeypatch):
-    import harvest.run as run
+    import batchtopk.harvest.run as run
 
     calls = {"n": 0}
     real = run.chunk_hash

@@ -1,13 +1,12 @@
 """Each recipe option changes exactly what it names (one test per option), and paired initial weights."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from train import recipe
-from train.sae import SAE, SAEConfig, geometric_median, standardize
-from train.sweep import expand, sweep_from
+from batchtopk.train import recipe
+from batchtopk.train.sae import SAE, SAEConfig, geometric_median, standardize
+from batchtopk.train.sweep import expand, sweep_from
 
 D, M = 16, 64
 
@@ -229,7 +228,7 @@ def test_sweep_keys_seeds_and_recipe_overrides():
     assert [c["arch"] for c in saes] == ["topk", "relu"]
     assert all(c["grad_clip"] == 1.0 and c["norm"] == "token" and "lr" not in c for c in saes)
     assert [c["arch"] for c in sweep_from(train, {"arch": "batchtopk"}, D)] == ["batchtopk"]  # selection replaces
-    from harvest.errors import PipelineError
+    from batchtopk.core.errors import PipelineError
     with pytest.raises(PipelineError, match="unknown sweep key"):
         expand({"arch": "topk", "colour": "red"}, D)
     with pytest.raises(PipelineError, match="center='maybe' is not a valid bool"):
@@ -240,7 +239,7 @@ def test_sweep_keys_seeds_and_recipe_overrides():
 
 def test_paper_pipeline_trains_jumprelu_with_the_recipe():
     """pipelines.yaml spells make paper's JumpReLU recipe; it must stay recipe.JUMPRELU_TARGET_RECIPE."""
-    from harvest import pipelines
+    from batchtopk.core import pipelines
 
     _, pipe = pipelines.get("smollm2-135m-paper")
     jumprelus = [c for c in sweep_from(pipe["train"], {}, D) if c["arch"] == "jumprelu"]

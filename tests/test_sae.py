@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from train.sae import SAE, SAEConfig
-from train.sparsity import batch_topk_code, batch_topk_indices, sparse_decode, topk_code
+from batchtopk.train.sae import SAE, SAEConfig
+from batchtopk.train.sparsity import batch_topk_code, batch_topk_indices, sparse_decode, topk_code
 
 
 def brute_batch_topk(a: torch.Tensor, k: int) -> set[int]:
@@ -134,7 +134,7 @@ def test_jumprelu_threshold_gets_gradient():
 
 
 def test_bad_configs():
-    from harvest.errors import PipelineError
+    from batchtopk.core.errors import PipelineError
 
     for kw, msg in [(dict(arch="topk", k=0), "0 < k"), (dict(arch="topk", k=99), "0 < k"),
                     (dict(arch="batchtopk", k=4, d_sae=0), "at least 1"), (dict(arch="gated", k=4), "unknown")]:
@@ -200,14 +200,14 @@ def test_topk_code_keeps_k_pairs_but_counts_only_positive_ones():
     ours.backward()
     g = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
-    from bench.train_bench import dense_losses
+    from batchtopk.bench.train_bench import dense_losses
     dense_losses(sae, x, dead).backward()
     for n, p in sae.named_parameters():
         torch.testing.assert_close(p.grad, g[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_count_is_bincount():
-    from train.sparsity import count
+    from batchtopk.train.sparsity import count
     idx = torch.tensor([3, 0, 3, 7, 3])
     assert count(idx, 9).tolist() == torch.bincount(idx, minlength=9).tolist()
     where = torch.tensor([True, False, True, True, False])
@@ -219,7 +219,7 @@ def test_theta_estimates_equal_brute_force(skew):
     """Pooled θ is the (N·n·k)-th largest activation over all N batches, mean θ the mean of each batch's
     (n·k)-th largest, exactly, also when one batch runs far hotter (its store must grow) and with the
     selection hint carried from batch to batch."""
-    from train.theta import estimate_theta
+    from batchtopk.train.theta import estimate_theta
     torch.manual_seed(9)
     n, m, k = 64, 200, 5
     xs = [torch.randn(n, m) * (skew if i == 2 else 1.0) for i in range(6)]

@@ -8,11 +8,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from harvest.cache import write_cache
-from harvest.errors import PipelineError
-from train.cli import main as train_cli
-from train.sae import load_sae
-from train.trainer import TrainSettings, Trainer
+from batchtopk.cache.format import write_cache
+from batchtopk.core.errors import PipelineError
+from batchtopk.train.cli import main as train_cli
+from batchtopk.train.sae import load_sae
+from batchtopk.train.trainer import Trainer, TrainSettings
 
 SITE = "blocks.0.hook_resid_pre"
 
@@ -112,8 +112,8 @@ def test_saelens_loads_and_encodes_the_same(synthetic_cache, tmp_path):
         assert meta["normalize_activations"] == ("layer_norm" if ours.cfg.norm == "token" else "none")
         assert meta["apply_b_dec_to_input"] == ours.cfg.center
         # the saved SAE reconstructs the held-out rows exactly as the trained one did before saving
-        from train.data import Split, heldout_rows
-        from harvest.cache import Cache
+        from batchtopk.cache.format import Cache
+        from batchtopk.cache.split import Split, heldout_rows
         c = Cache.open(cache)
         val = heldout_rows(c, SITE, Split.from_metadata(c, meta["metadata"]), 8192, 1.0, 0, c.outliers(SITE)[0])
         nmse = float((val - ours(val)).pow(2).sum() / (val - val.mean(0)).pow(2).sum())
@@ -153,6 +153,7 @@ def test_bad_input(synthetic_cache, tmp_path):
 
 def test_incomplete_and_corrupt_caches(synthetic_cache, tmp_path):
     import shutil
+
     import zarr
 
     cache, _ = synthetic_cache
@@ -186,8 +187,9 @@ def test_nan_loss_stops_and_keeps_checkpoint(synthetic_cache, tmp_path):
 
 
 def test_outlier_rows_are_listed_and_skipped(tmp_path):
-    from harvest.cache import Cache, synthetic_tokens
-    from train.data import ActivationStream, Split
+    from batchtopk.cache.format import Cache, synthetic_tokens
+    from batchtopk.cache.split import Split
+    from batchtopk.train.stream import ActivationStream
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((64 * 32, 16)).astype(np.float32)
@@ -207,8 +209,8 @@ def test_theta_from_final_weights_hits_k_on_heldout_tokens(synthetic_cache, tmp_
     """The default θ (pooled over the held-out sequences set aside for it, final weights) keeps k latents
     per token of the other held-out sequences, within 2%; all four estimates are recorded, each with
     its held-out L0."""
-    from harvest.cache import Cache
-    from train.data import Split, heldout_rows
+    from batchtopk.cache.format import Cache
+    from batchtopk.cache.split import Split, heldout_rows
 
     x, _ = sparse_dictionary_data(n_seq=192, seed=1)
     tokens = np.ones((192, 64), dtype=np.int32)
@@ -240,8 +242,8 @@ def test_theta_from_final_weights_hits_k_on_heldout_tokens(synthetic_cache, tmp_
 def test_jumprelu_lands_on_its_target_l0(tmp_path):
     """A target-L0 penalty brings JumpReLU near its target and the final threshold factor puts it on it:
     held-out L0 within 15% of the target, from thresholds that started at 4x the target."""
-    from harvest.cache import Cache
-    from train.data import Split, heldout_rows
+    from batchtopk.cache.format import Cache
+    from batchtopk.cache.split import Split, heldout_rows
 
     x, _ = sparse_dictionary_data(n_seq=192, seed=2)
     tokens = np.ones((192, 64), dtype=np.int32)
@@ -266,8 +268,8 @@ def test_jumprelu_lands_on_its_target_l0(tmp_path):
 def test_run_id_counts_every_sae_field_with_its_default():
     """The run id (and the identity a resume checks) holds each SAE's whole configuration: naming a
     default changes nothing, changing any field (so also a default of a later version) makes a new run."""
-    from train.sae import SAEConfig
-    from train.trainer import run_id
+    from batchtopk.train.sae import SAEConfig
+    from batchtopk.train.trainer import run_id
 
     def rid(**cfg):
         return run_id("cache", TrainSettings(cache="c", saes=[{"arch": "topk", "k": 4, "d_sae": 64} | cfg], out="o"))
@@ -281,7 +283,7 @@ def test_run_id_counts_every_sae_field_with_its_default():
 def test_dead_latent_window_defaults_by_architecture():
     """TopK counts a latent dead after 8192 silent tokens, the others after 4096 (bench/ablation.py rounds
     4-5); the default is not spelled in the name, a different window is, and a window below 1 is refused."""
-    from train.sae import SAEConfig
+    from batchtopk.train.sae import SAEConfig
 
     assert SAEConfig("topk", 8, 64, k=4).dead_tokens == 8192
     assert SAEConfig("batchtopk", 8, 64, k=4).dead_tokens == SAEConfig("jumprelu", 8, 64).dead_tokens == 4096
@@ -296,7 +298,7 @@ def test_bench_theta_replays_the_training_batches(synthetic_cache, tmp_path):
     """`bench theta` rebuilds the run's batches from cfg.json: for one epoch of whole batches (10 of
     504 = every training row) with θ estimated over a whole epoch (`pooled`), the replayed tokens keep k latents
     each on average, and its held-out L0 at the saved θ is the trainer's own."""
-    from bench.theta_recency import measure
+    from batchtopk.bench.theta_recency import measure
 
     cache, _ = synthetic_cache
     s = settings(cache, tmp_path / "t", tokens=None, batch_size=504, theta_tokens=5040, theta_estimator="pooled",

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from harvest.errors import PipelineError
+from batchtopk.core.errors import PipelineError
 
 DIGEST_KEY = "blake2b"
 
 
-def _feed(h: "hashlib._Hash", obj: Any) -> None:
+def _feed(h: hashlib._Hash, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())

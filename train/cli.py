@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import click
 
-from harvest import pipelines
-from harvest.cli import parse_tokens
-from harvest.errors import PipelineError, one_line_errors
+from batchtopk.cache.split import HELDOUT_LAYOUTS
+from batchtopk.core import pipelines
+from batchtopk.core.errors import PipelineError, one_line_errors
+from batchtopk.harvest.cli import parse_tokens
 
-from .data import HELDOUT_LAYOUTS
 from .sae import ARCHS, B_DEC_INITS, MSE_REDUCTIONS, NORMS
 from .sweep import sweep_from
 from .trainer import THETA_ESTIMATORS
@@ -68,12 +68,10 @@ def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, norm, center
 
     Rerunning after an interruption resumes; rerunning a finished run prints its SAEs again.
     """
-    from harvest import distributed
-    from harvest.cache import Cache
+    from batchtopk.cache.format import Cache
+    from batchtopk.core import distributed, latest
 
-    from .trainer import TrainSettings, Trainer, run_id
-
-    from harvest import latest
+    from .trainer import Trainer, TrainSettings, run_id
 
     name, pipe = pipelines.get(pipeline)
     train = pipe["train"]
@@ -117,7 +115,8 @@ def main(pipeline, cache, site, arch, k, dict_, l0_coeff, l1_coeff, norm, center
 def _default_cache(pipeline: str) -> str:
     """The cache the latest `make harvest` of the pipeline wrote; before any, the pipeline's own cache
     (harvested first if it is not there yet). Says which on stderr."""
-    from harvest import latest, store
+    from batchtopk.cache import store
+    from batchtopk.core import latest
 
     ptr = latest.read(pipeline, "harvest")
     if ptr is not None:
@@ -127,8 +126,8 @@ def _default_cache(pipeline: str) -> str:
         latest.note(f"train: on the cache of the latest `make harvest` of pipeline {pipeline} ({ptr['at']}): "
                     f"{ptr['cache']}")
         return ptr["cache"]
-    from harvest.cli import settings_from
-    from harvest.run import harvest
+    from batchtopk.harvest.cli import settings_from
+    from batchtopk.harvest.run import harvest
 
     latest.note(f"train: no `make harvest` of pipeline {pipeline} yet; on the pipeline's own cache")
     return harvest(settings_from(pipeline)[1])

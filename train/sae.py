@@ -26,7 +26,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from harvest.errors import PipelineError
+from batchtopk.core.errors import PipelineError
 
 from .sparsity import Code, batch_topk_code, jumprelu, kept_pre, sparse_decode, step, subset_pre, topk_code
 

@@ -22,7 +22,7 @@ class Code:
         self._rows, self._cols, self._vals, self.n, self.m, self.f = rows, cols, vals, n, m, f
 
     @classmethod
-    def from_dense(cls, f: torch.Tensor) -> "Code":
+    def from_dense(cls, f: torch.Tensor) -> Code:
         return cls(None, None, None, f.shape[0], f.shape[1], f)
 
     def _index(self) -> None:

@@ -15,7 +15,7 @@ import itertools
 from dataclasses import fields
 from typing import Any
 
-from harvest.errors import PipelineError
+from batchtopk.core.errors import PipelineError
 
 from .sae import ARCHS, SAEConfig
 

@@ -15,7 +15,7 @@ latents per token on average: the pooled estimate above applied to pre / thresho
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -18,14 +18,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from harvest import distributed
-from harvest.cache import Cache
-from harvest.errors import PipelineError
-from harvest.models import hub_name
+from batchtopk.cache.format import Cache
+from batchtopk.cache.split import Split, heldout_chunk_rows, heldout_rows
+from batchtopk.core import distributed
+from batchtopk.core.errors import PipelineError
+from batchtopk.harvest.models import hub_name
 
 from . import checkpoint, recipe
-from .data import ActivationStream, Split, heldout_chunk_rows, heldout_rows, warn_epochs
 from .sae import SAE, SAEConfig, save_sae, standardized_mse
+from .stream import ActivationStream, warn_epochs
 from .theta import ESTIMATORS, estimate_theta, target_shift
 
 STATE_FILE = "state.pt"
@@ -49,7 +50,7 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.99)
     seed: int = 0
     val_fraction: float = 0.05
-    heldout: str = "tail"               # tail | interleaved: which rows are held out (train/data.py Split)
+    heldout: str = "tail"               # tail | interleaved: which rows are held out (cache/split.py Split)
     theta_estimator: str = "unseen"     # unseen | pooled | mean (eq. 7 with the final weights) | running
     theta_tokens: int = 65536           # tokens the final-weight estimates look at (at most)
     theta_window: float = 0.2           # running: the mean over the last 20% of training batches

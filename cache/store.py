@@ -12,13 +12,14 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import fsspec
 import zarr
 
-from .errors import PipelineError
+from batchtopk.core import errors
+from batchtopk.core.errors import PipelineError
 
 LOCK_NAME = ".harvest.lock"
 
@@ -150,6 +151,9 @@ def remote_failure(e: BaseException, location: str = "the object store") -> str 
         return (f"the object store at {location} kept failing after retries ({_first_line(e)}); nothing already "
                 "written was lost: run the same command again once it answers")
     return None
+
+
+errors.explain_with(remote_failure)  # the CLIs' one-line errors name object-store failures
 
 
 def _first_line(e: BaseException) -> str:

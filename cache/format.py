@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from batchtopk.core.errors import PipelineError
+
 from . import store
-from .errors import PipelineError
 
 FORMAT = "batchtopk-activation-cache"
 FORMAT_VERSION = 1
@@ -83,7 +84,7 @@ class Cache:
     _layouts: dict[str, Any] = field(default_factory=dict, repr=False)  # array name -> raw-chunk metadata
 
     @classmethod
-    def open(cls, location: str, mode: str = "r", need_complete: bool = True, local_copy: str | None = None) -> "Cache":
+    def open(cls, location: str, mode: str = "r", need_complete: bool = True, local_copy: str | None = None) -> Cache:
         """Open a cache; `local_copy` keeps a read-through copy of what is read from a URL there."""
         location = store.normalize(location)
         if not store.exists(location):
@@ -264,7 +265,7 @@ class Cache:
         """
         if "chunk_counts" in self.group:
             return np.asarray(self.group["chunk_counts"][:], dtype=np.int64)
-        from .pipelines import DATA_DIR
+        from batchtopk.core.pipelines import DATA_DIR
 
         path = DATA_DIR / "cache-index" / f"{self.attrs['cache_id']}.chunk_counts.npy"
         if path.exists():

@@ -5,9 +5,10 @@ import json
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 
+from batchtopk.core.errors import PipelineError
+
 from . import store
-from .cache import FORMAT, Cache
-from .errors import PipelineError
+from .format import FORMAT, Cache
 
 
 def _human(n: float) -> str:

@@ -4,13 +4,31 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 F = TypeVar("F", bound=Callable)
+# Functions that turn a failure of some outside system into one line for the user (or None when the
+# failure is not theirs). The cache layer adds the object store's; the core knows none of them.
+EXPLAINERS: list[Callable[[BaseException], str | None]] = []
 
 
 class PipelineError(Exception):
     """Bad input or an unusable state; the message names what was wrong and what is allowed."""
+
+
+def explain_with(fn: Callable[[BaseException], str | None]) -> None:
+    """Register a function that explains an outside system's failure in one line (see EXPLAINERS)."""
+    if fn not in EXPLAINERS:
+        EXPLAINERS.append(fn)
+
+
+def _explained(e: BaseException) -> str | None:
+    for fn in EXPLAINERS:
+        message = fn(e)
+        if message is not None:
+            return message
+    return None
 
 
 def one_line_errors(fn: F) -> F:
@@ -29,17 +47,13 @@ def one_line_errors(fn: F) -> F:
             if e.errno == 28:  # ENOSPC
                 _fail(f"disk full ({e.filename or 'cache'}): free space or choose another "
                       "location; what was written so far is kept and the run resumes")
-            from .store import remote_failure
-
-            message = remote_failure(e)
+            message = _explained(e)
             if message is not None:
                 _fail(message)
             _report(f"{type(e).__name__}: {e}")
             raise
         except BaseException as e:
-            from .store import remote_failure
-
-            message = remote_failure(e) if isinstance(e, Exception) else None
+            message = _explained(e) if isinstance(e, Exception) else None
             if message is not None:  # an object store that stayed away (raised outside remote_errors)
                 _fail(message)
             if not isinstance(e, SystemExit) or e.code not in (0, None):
