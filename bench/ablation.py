@@ -13,7 +13,8 @@ from typing import Any
 
 from batchtopk.train.recipe import JUMPRELU_TARGET_RECIPE
 from batchtopk.train.sae import load_sae
-from batchtopk.train.trainer import Trainer, TrainSettings
+from batchtopk.train.settings import TrainSettings
+from batchtopk.train.trainer import Trainer
 
 from .peers import COMPARISON_TOKENS, HELDOUT_ROWS, MAIN_MODE, Budget, score
 from .records import Record, device_name
@@ -157,7 +158,8 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
     with tempfile.TemporaryDirectory() as tmp:
         dirs = Trainer(TrainSettings(cache=b.cache.location, saes=cfgs, out=str(Path(tmp) / "run"),
                                      tokens=b.steps * b.batch_size, batch_size=b.batch_size, seed=b.seed,
-                                     val_fraction=b.val_fraction, heldout=b.layout, log_every=50, checkpoint_every=10 ** 9)).run()
+                                     val_fraction=b.val_fraction, heldout=b.layout, log_every=50,
+                                     checkpoint_every=10 ** 9)).run()
         x = b.heldout(HELDOUT_ROWS)
         results: dict[tuple[str, str], dict[str, list[dict]]] = {}
         for key, d in zip(keys, dirs):
@@ -170,7 +172,8 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
                 results.setdefault(key, {}).setdefault(label, []).append(score(rec, x, b.batch_size, b.scale))
     dev = device_name("cpu")
     settings = {"pipeline": name, "cache_id": b.cache.attrs["cache_id"], "d_sae": m, "k": k, "steps": b.steps,
-                "batch_size": b.batch_size, "training_tokens": b.steps * b.batch_size, "heldout_rows": len(x), "heldout": b.layout,
+                "batch_size": b.batch_size, "training_tokens": b.steps * b.batch_size, "heldout_rows": len(x),
+                "heldout": b.layout,
                 "seeds": seeds}
     recs = []
     for (vname, arch), modes in results.items():

@@ -48,7 +48,8 @@ def _encode_rate(sae_dir: Path) -> float:
 
 
 def run() -> list[Record]:
-    from batchtopk.evaluate.browse import BrowseSettings, build
+    from batchtopk.evaluate.browse import build
+    from batchtopk.evaluate.settings import BrowseSettings
 
     todo = _saes()
     if not todo:

@@ -50,13 +50,15 @@ def main(ctx, parts, harvest_tokens, steps, d_in, d_sae, k, batch, dead_fraction
 @click.option("--peers", default="dictionary_learning,saelens", show_default=True)
 @click.option("--heldout", type=click.Choice(["tail", "interleaved"]),
               help="Held-out layout (default: the pipeline's; cache/split.py Split).")
+@click.option("--peer-lr", "peer_lrs", default="default,ours", show_default=True,
+              help="Each peer's learning rate: its own default, ours, or both (a recipe told apart from its lr).")
 @one_line_errors
-def peers(pipeline, archs, dict_mult, k, tokens, batch_size, seeds, peers, heldout) -> None:
+def peers(pipeline, archs, dict_mult, k, tokens, batch_size, seeds, peers, heldout, peer_lrs) -> None:
     """Train our SAEs and the peers' on exactly the same batches; NMSE on the same held-out rows."""
     from . import peers as p
 
     recs = p.run(pipeline, tuple(a for a in archs.split(",") if a), dict_mult, k, tokens, batch_size, seeds,
-                 tuple(x for x in peers.split(",") if x), heldout)
+                 tuple(x for x in peers.split(",") if x), heldout, tuple(x for x in peer_lrs.split(",") if x))
     path = records.write("peers", recs)
     click.echo(f"\n== peers ({path})\n{records.table(recs)}")
     click.echo(str(path))

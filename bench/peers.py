@@ -12,6 +12,7 @@ runs (warm-up, threshold start) are scaled to this budget and recorded in each r
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import statistics
@@ -24,16 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from batchtopk.cache.format import Cache
-from batchtopk.cache.split import Split, heldout_rows
+from batchtopk.cache.split import Rows, Split
 from batchtopk.core.pipelines import DATA_DIR
 from batchtopk.train.recipe import JUMPRELU_TARGET_RECIPE
-from batchtopk.train.sae import load_sae, standardized_mse
+from batchtopk.train.sae import NMSE, load_sae, standardized_mse
+from batchtopk.train.settings import TrainSettings
 from batchtopk.train.stream import ActivationStream
-from batchtopk.train.trainer import Trainer, TrainSettings
+from batchtopk.train.trainer import Trainer
 
 from .records import Record, device_name
 
@@ -54,8 +55,6 @@ class Budget:
     seed: int
     val_fraction: float
     scale: float
-    drop: int | None
-    skip: np.ndarray | None
     layout: str = "tail"  # the held-out layout (cache/split.py Split)
 
     @classmethod
@@ -65,18 +64,17 @@ class Budget:
         site = c.sites[0]
         stats = c.train_stats(site, False)
         return cls(c, site, batch_size, math.ceil(tokens / batch_size), seed, val_fraction,
-                   math.sqrt(c.d_model()) / float(stats["mean_norm"]), int(c.tokens[0, 0]), c.outliers(site)[0],
-                   layout)
+                   math.sqrt(c.d_model()) / float(stats["mean_norm"]), layout)
 
-    @property
-    def split(self) -> Split:
-        """Our trainer's split: every other held-out sequence calibrates its θ, the others are scored."""
-        return Split.of(self.cache, self.val_fraction, self.layout, calibrate=True)
+    @functools.cached_property
+    def rows(self) -> Rows:
+        """Our trainer's rows (BOS and outliers left out) and split: every other held-out sequence
+        calibrates its θ, the others are scored."""
+        return Rows(self.cache, self.site, Split.of(self.cache, self.val_fraction, self.layout, calibrate=True))
 
     def batches(self) -> Iterator[torch.Tensor]:
         """Exactly the batches our trainer sees, in its order, in the normalised space."""
-        s = ActivationStream(self.cache, self.site, self.split, self.batch_size, self.scale,
-                             seed=self.seed, drop_token=self.drop, skip_rows=self.skip)
+        s = ActivationStream(self.rows, self.batch_size, self.scale, seed=self.seed)
         it = s.batches(0)
         try:
             for _ in range(self.steps):
@@ -85,7 +83,7 @@ class Budget:
             it.close()
 
     def heldout(self, rows: int) -> torch.Tensor:
-        return heldout_rows(self.cache, self.site, self.split, rows, self.scale, self.drop, self.skip)
+        return self.rows.take(rows, scale=self.scale)
 
 
 @torch.no_grad()
@@ -96,18 +94,16 @@ def score(rec: Reconstruct, x: torch.Tensor, batch_size: int, scale: float,
     With `train` (the training batches), also how many latents fire on none of them, and how often the
     latents that are silent on x fired in training: a latent can be silent on held-out text because it
     is dead, or because it learned something only the training text has."""
-    err = var_sum = std_mse = 0.0
+    err, std_mse = NMSE(), 0.0
     l0 = 0
     fired = None
-    mean = x.mean(0)
     for xb in x.split(batch_size):
         x_hat, counts, f = rec(xb)
-        err += float((xb - x_hat).pow(2).sum())
-        var_sum += float((xb - mean).pow(2).sum())
+        err.add(xb, x_hat)
         std_mse += float(standardized_mse(xb / scale, x_hat / scale).sum())
         l0 += int(counts.sum())
         fired = f if fired is None else fired + f
-    out: dict[str, Any] = {"nmse": err / var_sum, "standardized_mse": std_mse / len(x), "l0": l0 / len(x),
+    out: dict[str, Any] = {"nmse": err.value, "standardized_mse": std_mse / len(x), "l0": l0 / len(x),
                            "dead_fraction": float((fired == 0).float().mean())}
     if train is not None:
         seen = sum(rec(xb)[2].long() for xb in train)
@@ -119,7 +115,8 @@ def score(rec: Reconstruct, x: torch.Tensor, batch_size: int, scale: float,
     return out
 
 
-def _dense_rec(encode: Callable[[torch.Tensor], torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor]) -> Reconstruct:
+def _dense_rec(encode: Callable[[torch.Tensor], torch.Tensor],
+               decode: Callable[[torch.Tensor], torch.Tensor]) -> Reconstruct:
     def rec(x):
         f = encode(x)
         return decode(f), (f != 0).sum(1), (f != 0).sum(0)
@@ -168,7 +165,9 @@ def _load_dictionary_learning() -> types.ModuleType:
     return importlib.import_module("dictionary_learning.trainers")
 
 
-def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int) -> tuple[dict, dict]:
+def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int,
+                              lr: float | None = None) -> tuple[dict, dict]:
+    """dictionary_learning's trainer for `arch` on our batches, at its default lr or at `lr`."""
     importlib.import_module("dictionary_learning.trainers")
     mods = {a: importlib.import_module(f"dictionary_learning.trainers.{f}")
             for a, f in (("batchtopk", "batch_top_k"), ("topk", "top_k"), ("jumprelu", "jumprelu"))}
@@ -178,7 +177,7 @@ def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int) 
     scores: dict[str, list[dict]] = {}
     for seed in range(seeds):
         common = dict(steps=b.steps, activation_dim=d, dict_size=m, layer=0, lm_name="cache", seed=seed,
-                      device="cpu", warmup_steps=scaled)
+                      device="cpu", warmup_steps=scaled) | ({"lr": lr} if lr is not None else {})
         if arch == "batchtopk":
             tr = mods[arch].BatchTopKTrainer(k=k, threshold_start_step=scaled, **common)
         elif arch == "topk":
@@ -202,7 +201,8 @@ def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int) 
 
 
 # ---------------------------------------------------------------- SAELens
-def train_saelens(b: Budget, arch: str, m: int, k: int, seeds: int) -> tuple[dict, dict]:
+def train_saelens(b: Budget, arch: str, m: int, k: int, seeds: int, lr: float | None = None) -> tuple[dict, dict]:
+    """SAELens's training SAE for `arch` under its own SAETrainer on our batches, at its default lr or at `lr`."""
     import logging
 
     from sae_lens.config import SAETrainerConfig
@@ -223,6 +223,8 @@ def train_saelens(b: Budget, arch: str, m: int, k: int, seeds: int) -> tuple[dic
         else:
             sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d, d_sae=m))
         cfg = SAETrainerConfig(total_training_samples=b.steps * b.batch_size, train_batch_size_samples=b.batch_size)
+        if lr is not None:
+            cfg.lr = lr
         cfg.lr_end = cfg.lr / 10  # what its runner config sets by default (used by decaying schedules only)
         trainer = SAETrainer(cfg, sae, data_provider=b.batches())
         _quiet_fit(trainer)
@@ -237,7 +239,8 @@ def train_saelens(b: Budget, arch: str, m: int, k: int, seeds: int) -> tuple[dic
         modes["threshold" if arch == "batchtopk" else MAIN_MODE[arch]] = _dense_rec(inf.encode, inf.decode)
         for mode, rec in modes.items():
             scores.setdefault(mode, []).append(score(rec, x, b.batch_size, b.scale, b.batches()))
-    return scores, {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2], "dead_feature_window": cfg.dead_feature_window}
+    return scores, {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2],
+                    "dead_feature_window": cfg.dead_feature_window}
 
 
 def _quiet_fit(trainer) -> None:
@@ -251,6 +254,8 @@ def _quiet_fit(trainer) -> None:
 HELDOUT_ROWS = 16384
 COMPARISON_TOKENS = 560_000  # two epochs of the paper cache's training part: 547 steps of 1024
 MAIN_MODE = {"batchtopk": "batch", "topk": "topk", "jumprelu": "jumprelu"}  # what each record is compared in
+# the learning rate our trainer uses for each architecture (the run's default, JumpReLU its own recipe's)
+OUR_LR = {"batchtopk": TrainSettings.lr, "topk": TrainSettings.lr, "jumprelu": JUMPRELU_TARGET_RECIPE["lr"]}
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -259,7 +264,10 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchtopk", "topk"), dict_mult: int = 8,
         k: int = 32, tokens: int | None = None, batch_size: int | None = None, seeds: int = 1,
-        peers: tuple[str, ...] = ("dictionary_learning", "saelens"), heldout: str | None = None) -> list[Record]:
+        peers: tuple[str, ...] = ("dictionary_learning", "saelens"), heldout: str | None = None,
+        peer_lrs: tuple[str, ...] = ("default", "ours")) -> list[Record]:
+    """Ours and every peer on the same batches; each peer at its own default learning rate and (with
+    "ours" in peer_lrs) at ours, so a difference of recipe is told apart from a difference of lr."""
     from batchtopk.core import pipelines
     from batchtopk.harvest.cli import settings_from
     from batchtopk.harvest.run import harvest
@@ -282,18 +290,22 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
         with tempfile.TemporaryDirectory() as tmp:
             ours = train_ours(b, arch, m, k, seeds, Path(tmp) / "ours")
         results = {"ours": (ours, {})}
-        if "dictionary_learning" in peers:
-            results["dictionary_learning 0.1.0"] = train_dictionary_learning(b, arch, m, k, seeds)
-        if "saelens" in peers:
-            import sae_lens
-            results[f"SAELens {sae_lens.__version__}"] = train_saelens(b, arch, m, k, seeds)
+        our_lr = OUR_LR[arch]
+        lrs = [(None, "")] * ("default" in peer_lrs) + [(our_lr, f" at our lr {our_lr:g}")] * ("ours" in peer_lrs)
+        for lr, tag in lrs:
+            if "dictionary_learning" in peers:
+                results[f"dictionary_learning 0.1.0{tag}"] = train_dictionary_learning(b, arch, m, k, seeds, lr)
+            if "saelens" in peers:
+                import sae_lens
+                results[f"SAELens {sae_lens.__version__}{tag}"] = train_saelens(b, arch, m, k, seeds, lr)
         main = MAIN_MODE[arch]
         base = _mean_std([s["nmse"] for s in ours[main]])[0]
         for impl, (scores, extra) in results.items():
             for mode, runs in scores.items():
                 nmse, sd = _mean_std([r["nmse"] for r in runs])
                 label = f"{impl} {arch}" + ("" if mode == main and arch != "batchtopk" else f" ({mode} mode)")
-                recs.append(Record(label, nmse, "NMSE", f"ours {arch}" + (" (batch mode)" if arch == "batchtopk" else ""),
+                baseline = f"ours {arch}" + (" (batch mode)" if arch == "batchtopk" else "")
+                recs.append(Record(label, nmse, "NMSE", baseline,
                                    base, dev, settings | extra | {
                                        "implementation": impl, "arch": arch, "mode": mode, "nmse_std": sd,
                                        "nmse_per_seed": [r["nmse"] for r in runs],

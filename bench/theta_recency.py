@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from batchtopk.cache.format import Cache
-from batchtopk.cache.split import Split, heldout_chunk_rows
+from batchtopk.cache.split import Rows
 from batchtopk.core.errors import PipelineError
+from batchtopk.train.finish import HELDOUT_L0_ROWS
 from batchtopk.train.sae import load_sae
 from batchtopk.train.stream import ActivationStream
 from batchtopk.train.theta import estimate_theta
-from batchtopk.train.trainer import HELDOUT_L0_ROWS
 
 from .records import Record, device_name
 
@@ -50,17 +50,14 @@ def measure(sae_dir: str | Path, every: int = 1) -> list[Record]:
     if cache.attrs["cache_id"] != md["cache_id"]:
         raise PipelineError(f"{md['cache']} is no longer the cache {sae_dir} was trained on (cache id "
                             f"{cache.attrs['cache_id']}, not {md['cache_id']})")
-    site, k, batch = md["hook_name"], md["k"], md["batch_size"]
+    k, batch = md["k"], md["batch_size"]
     if not md.get("heldout_sequences"):
         raise PipelineError(f"{sae_dir} was trained with no held-out part (val_fraction 0): nothing to compare")
-    split = Split.from_metadata(cache, md)
-    drop = None if md["include_bos"] else int(cache.tokens[0, 0])
-    skip = cache.outliers(site)[0] if md["excluded_outlier_rows"] else None
+    rows = Rows.from_metadata(cache, md)
     parts = md.get("data_parts", md.get("world_size", 1))  # SAEs saved before data_parts was recorded
     steps = -(-md["training_tokens"] // batch)
-    stream = ActivationStream(cache, site, split, batch, 1.0, seed=md["seed"], parts=parts,
-                              my_parts=tuple(range(parts)), shuffle_mb=md.get("shuffle_mb", 512),
-                              drop_token=drop, skip_rows=skip)
+    stream = ActivationStream(rows, batch, 1.0, seed=md["seed"], parts=parts, my_parts=tuple(range(parts)),
+                              shuffle_mb=md.get("shuffle_mb", 512))
 
     def pre(x: torch.Tensor) -> torch.Tensor:
         return sae.pre(sae.normalize(x)[0])
@@ -82,10 +79,10 @@ def measure(sae_dir: str | Path, every: int = 1) -> list[Record]:
         it.close()
     theta_mid = estimate_theta(middle, pre, k)["pooled"]
     held = np.zeros((2, 2))
-    for rows in heldout_chunk_rows(cache, site, split, drop, skip):
+    for x in rows.chunks("heldout"):
         if held[0, 1] >= HELDOUT_L0_ROWS:  # whole chunks up to the trainer's cap, as its heldout_l0 reads
             break
-        p = pre(rows)
+        p = pre(x)
         held += [_l0(p, theta), _l0(p, theta_mid)]
     per_tenth = [round(float(a / n / k), 4) if n else None for a, n in tenths]  # a run under 10 steps
     l0_saved, l0_mid = (float(a / n / k) for a, n in held)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from batchtopk.cache.format import Cache, synthetic_tokens, write_cache
-from batchtopk.cache.split import Split
+from batchtopk.cache.split import Rows, Split
 from batchtopk.train.sae import SAE, SAEConfig
 from batchtopk.train.sparsity import batch_topk_indices, jumprelu, step
 from batchtopk.train.stream import ActivationStream
@@ -195,10 +195,11 @@ def loader_record(d: int, batch: int, dev: str, tokens: int | None = None) -> Re
     with tempfile.TemporaryDirectory() as tmp:
         cache = _synthetic_cache(f"{tmp}/c", d, tokens)
         split = Split.of(cache, 0.0)
-        n_batches = ActivationStream(cache, "s", split, batch, 1.0).batches_per_epoch
+        rows = Rows(cache, "s", split, include_bos=True, include_outliers=True)
+        n_batches = ActivationStream(rows, batch, 1.0).batches_per_epoch
 
         def load():  # a fresh stream each time: checksums are verified again, as in a new process
-            it = ActivationStream(cache, "s", split, batch, 1.0).batches(0)
+            it = ActivationStream(rows, batch, 1.0).batches(0)
             for _ in range(n_batches):
                 next(it)
             it.close()
@@ -223,7 +224,8 @@ def fed_training_record(d: int, m: int, k: int, batch: int, device: str, dev: st
     the same steps on batches already in memory, best of 5 each, alternating."""
     with tempfile.TemporaryDirectory() as tmp:
         cache = _synthetic_cache(f"{tmp}/c", d, batch * steps)
-        stream = ActivationStream(cache, "s", Split.of(cache, 0.0), batch, 1.0, device=device)
+        stream = ActivationStream(Rows(cache, "s", Split.of(cache, 0.0), include_bos=True, include_outliers=True),
+                                  batch, 1.0, device=device)
         it = stream.batches(0)
         held = [next(it) for _ in range(stream.batches_per_epoch)]
         it.close()

@@ -367,7 +367,8 @@ def write_chunk_counts(group, counts: np.ndarray) -> None:
     """The `chunk_counts` array of a cache (see Cache.chunk_counts)."""
     if "chunk_counts" in group:
         del group["chunk_counts"]
-    a = group.create_array("chunk_counts", shape=counts.shape, chunks=(max(1, min(len(counts), 65536)), counts.shape[1]),
+    rows = max(1, min(len(counts), 65536))
+    a = group.create_array("chunk_counts", shape=counts.shape, chunks=(rows, counts.shape[1]),
                            dtype="int64", compressors=None, fill_value=0)
     a[:] = counts
 

@@ -5,6 +5,7 @@ it is recorded in each SAE's cfg.json (`Split.metadata`) and read back from it (
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -143,26 +144,73 @@ def keep_mask(cache: Cache, chunk: int, drop_token: int | None, skip_rows: np.nd
     return keep
 
 
-def heldout_chunk_rows(cache: Cache, site: str, split: Split, drop_token: int | None = None,
-                       skip_rows: np.ndarray | None = None, part: str = "heldout") -> Iterator[torch.Tensor]:
-    """Each held-out chunk's rows of `part` ("heldout" or "calibration") in turn (float32), with the
-    stream's exclusions."""
-    if not split.heldout_chunks:
-        raise PipelineError("no held-out chunks (val_fraction is 0)")
-    for c in split.heldout_chunks:
-        keep = keep_mask(cache, c, drop_token, skip_rows, split, part)
-        rows = cache.read_rows(site, *cache.row_range(c))[keep]
-        yield torch.from_numpy(np.ascontiguousarray(rows))
+@dataclass(frozen=True)
+class Rows:
+    """Which rows of a cache site an SAE trains on, or an evaluation reads: a part of the split ("train",
+    "heldout" for evaluation, "calibration" for thresholds set after training), less the BOS positions
+    (BOS is cache.tokens[0, 0]; its residual is huge and constant) and the massive-activation rows the
+    cache lists (Cache.outliers), unless those are included.
 
+    Recorded in an SAE's cfg.json (`metadata`) and read back from it (`from_metadata`), so everything that
+    evaluates an SAE reads the rows its training left out.
+    """
 
-def heldout_rows(cache: Cache, site: str, split: Split, max_rows: int, scale: float = 1.0,
-                 drop_token: int | None = None, skip_rows: np.ndarray | None = None,
-                 part: str = "heldout") -> torch.Tensor:
-    """Up to max_rows rows of a held-out part (float32, times scale), with the stream's exclusions."""
-    parts, n = [], 0
-    for rows in heldout_chunk_rows(cache, site, split, drop_token, skip_rows, part):  # only the chunks needed
-        parts.append(rows)
-        n += len(rows)
-        if n >= max_rows:
-            break
-    return torch.cat(parts)[:max_rows].mul_(scale)
+    cache: Cache
+    site: str
+    split: Split
+    include_bos: bool = False
+    include_outliers: bool = False
+
+    @classmethod
+    def from_metadata(cls, cache: Cache, md: dict[str, Any]) -> Rows:
+        """The rows of the SAE whose cfg.json metadata is `md` (metadata older than `include_outliers`
+        records how many outlier rows it excluded: none means they were kept, or there were none)."""
+        outliers = md.get("include_outliers", not md.get("excluded_outlier_rows"))
+        return cls(cache, md["hook_name"], Split.from_metadata(cache, md), bool(md.get("include_bos", False)),
+                   bool(outliers))
+
+    @functools.cached_property
+    def drop_token(self) -> int | None:
+        """The token whose positions are left out (BOS), or None."""
+        return None if self.include_bos else int(self.cache.tokens[0, 0])
+
+    @functools.cached_property
+    def skip_rows(self) -> np.ndarray | None:
+        """Sorted indices of the rows left out as massive activations, or None."""
+        return None if self.include_outliers else self.cache.outliers(self.site)[0]
+
+    @property
+    def max_norm(self) -> float | None:
+        """The norm above which a position counts as a massive activation (None: none are left out)."""
+        return None if self.include_outliers else self.cache.outliers(self.site)[1]
+
+    def mask(self, chunk: int, part: str = "train") -> np.ndarray:
+        """Which rows of a chunk belong to `part` and are not left out."""
+        return keep_mask(self.cache, chunk, self.drop_token, self.skip_rows, self.split, part)
+
+    def chunks(self, part: str = "heldout") -> Iterator[torch.Tensor]:
+        """Each held-out chunk's rows of `part` ("heldout" or "calibration") in turn (float32)."""
+        if not self.split.heldout_chunks:
+            raise PipelineError("no held-out chunks (val_fraction is 0)")
+        drop, skip = self.drop_token, self.skip_rows
+        for c in self.split.heldout_chunks:
+            keep = keep_mask(self.cache, c, drop, skip, self.split, part)
+            rows = self.cache.read_rows(self.site, *self.cache.row_range(c))[keep]
+            yield torch.from_numpy(np.ascontiguousarray(rows))
+
+    def take(self, max_rows: int, part: str = "heldout", scale: float = 1.0) -> torch.Tensor:
+        """Up to max_rows rows of a held-out part (float32, times scale), reading only the chunks needed."""
+        parts, n = [], 0
+        for rows in self.chunks(part):
+            parts.append(rows)
+            n += len(rows)
+            if n >= max_rows:
+                break
+        return torch.cat(parts)[:max_rows].mul_(scale)
+
+    def metadata(self) -> dict[str, Any]:
+        """What cfg.json records of these rows (read back by from_metadata)."""
+        skip = self.skip_rows
+        return {**self.split.metadata(self.cache), "include_bos": self.include_bos,
+                "include_outliers": self.include_outliers,
+                "excluded_outlier_rows": 0 if skip is None else int(len(skip))}

@@ -117,7 +117,8 @@ def remote_errors(location: str) -> Iterator[None]:
         raise PipelineError(f"{location}: the fsspec backend for this URL is not installed ({e})") from None
     except PermissionError as e:
         raise PipelineError(f"access denied at {location} ({_first_line(e)}); check the credentials "
-                            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket's permissions") from None
+                            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket's "
+                            "permissions") from None
     except Exception as e:  # botocore errors do not share a base class with builtins
         message = remote_failure(e, location)
         if message is None:

@@ -14,7 +14,6 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +21,14 @@ import torch
 from tqdm import tqdm
 
 from batchtopk.cache.format import Cache
-from batchtopk.cache.split import Split, heldout_sequences, keep_mask
+from batchtopk.cache.split import Rows, Split, heldout_sequences
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.pipelines import DATA_DIR
 from batchtopk.harvest import models
 from batchtopk.train.sae import SAE, load_sae
 
 from .latents import LatentStats
+from .settings import BrowseSettings
 
 SITE_ASSETS = Path(__file__).resolve().parent / "site"
 WINDOW = (15, 4)        # tokens shown before and after a context's token
@@ -37,40 +37,26 @@ PER_BAND = 3            # ... with this many contexts each
 TOP_LOGITS = 12
 
 
-@dataclass
-class BrowseSettings:
-    sae: str
-    out: str | None = None
-    tokens: int | None = None          # at most this many tokens (default: the whole held-out part)
-    whole_cache: bool = False          # scan the whole cache instead of its held-out part
-    include_bos: bool = False
-    include_outliers: bool = False
-    batch_tokens: int = 4096
-    device: str = "cpu"
-    pipeline: str | None = None
-
-
-def _held_out(cache: Cache, meta: dict, s: BrowseSettings) -> tuple[Split | None, int]:
-    """The split whose held-out rows to scan (None: the whole cache) and the first sequence scanned."""
+def _held_out(cache: Cache, site: str, meta: dict, s: BrowseSettings) -> tuple[Rows, str, int]:
+    """The rows to scan, their part ("heldout" evaluation reads, or "train" of a split with nothing held
+    out: the whole cache) and the first sequence scanned."""
     if s.whole_cache:
-        return None, 0
+        return Rows(cache, site, Split.of(cache, 0.0), s.include_bos, s.include_outliers), "train", 0
     md = meta["metadata"]
     seqs = heldout_sequences(md)
     if not len(seqs):
         raise PipelineError(f"SAE {s.sae} records no held-out sequences; browse the whole cache (--whole-cache)")
-    return Split.from_metadata(cache, md), seqs.start
+    return Rows(cache, site, Split.from_metadata(cache, md), s.include_bos, s.include_outliers), "heldout", seqs.start
 
 
-def _batches(cache: Cache, site: str, split: Split | None, s: BrowseSettings):
-    """(row ids, float32 rows) of the kept rows (of the split's held-out part evaluation reads, or all),
-    in batches of about batch_tokens, up to s.tokens."""
-    drop = None if s.include_bos else int(cache.tokens[0, 0])
-    skip = None if s.include_outliers else cache.outliers(site)[0]
+def _batches(rows: Rows, part: str, s: BrowseSettings):
+    """(row ids, float32 rows) of the kept rows of a part, in batches of about batch_tokens, up to s.tokens."""
+    cache, site = rows.cache, rows.site
     done = 0
     buf_ids, buf_x = [], []
-    for c in (split.heldout_chunks if split else range(cache.n_chunks)):
+    for c in (rows.split.heldout_chunks if part == "heldout" else rows.split.train_chunks):
         r0, r1 = cache.row_range(c)
-        keep = keep_mask(cache, c, drop, skip, split, "heldout") if split else keep_mask(cache, c, drop, skip)
+        keep = rows.mask(c, part)
         ids = r0 + np.flatnonzero(keep)
         x = cache.read_rows(site, r0, r1)[keep]
         if s.tokens is not None:
@@ -89,18 +75,18 @@ def _batches(cache: Cache, site: str, split: Split | None, s: BrowseSettings):
         yield torch.from_numpy(ids_all), torch.from_numpy(np.concatenate(buf_x))
 
 
-def scan(sae: SAE, cache: Cache, site: str, split: Split | None, s: BrowseSettings) -> LatentStats:
+def scan(sae: SAE, rows: Rows, part: str, s: BrowseSettings) -> LatentStats:
     """The streaming pass: every latent's statistics over the chosen tokens."""
     stats = LatentStats(sae.cfg.d_sae)
     bar = tqdm(desc="browse: scan", unit="tok", unit_scale=True, file=sys.stderr, disable=None)
     with torch.inference_mode():
-        for ids, x in _batches(cache, site, split, s):
+        for ids, x in _batches(rows, part, s):
             _, code = sae.reconstruct(x.to(s.device), "threshold")  # BatchTopK: its inference mode
             stats.add(ids, *(t.cpu() for t in code.active()))
             bar.update(len(ids))
     bar.close()
     if stats.n_tokens == 0:
-        raise PipelineError(f"no tokens to scan in {cache.location} for {s.sae} (the held-out part is empty?)")
+        raise PipelineError(f"no tokens to scan in {rows.cache.location} for {s.sae} (the held-out part is empty?)")
     return stats
 
 
@@ -137,7 +123,8 @@ def window_values(sae: SAE, cache: Cache, site: str, rows: np.ndarray, lats: np.
     return out
 
 
-def logit_effects(sae: SAE, model, top: int = TOP_LOGITS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def logit_effects(sae: SAE, model, top: int = TOP_LOGITS
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each decoder direction times the unembedding (after the final norm's scale): the token ids and
     logit values it promotes most (top) and suppresses most (bottom), per latent."""
     W_U = model.get_output_embeddings().weight.detach().float()  # [vocab, d]
@@ -207,9 +194,11 @@ def write_overview(sites: list[Path], out: Path, pipeline: str) -> Path:
                     f"<td>{summary['architecture']}</td><td>{summary['k'] or '–'}</td><td>{summary['latents']}</td>"
                     f"<td>{summary['alive']}</td><td>{summary['tokens']:,}</td></tr>")
     page = out / "index.html"
-    page.write_text(f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Latent browsers: {html.escape(pipeline)}</title>
-<link rel="icon" href="data:,"><style>body{{font:14px system-ui,sans-serif;margin:16px}}td,th{{padding:3px 10px;text-align:left}}</style>
-</head><body><h1>Latent browsers: pipeline {html.escape(pipeline)}</h1><table><thead><tr><th>SAE</th><th>arch</th><th>k</th>
+    name = html.escape(pipeline)
+    page.write_text(f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>Latent browsers: {name}</title><link rel="icon" href="data:,">
+<style>body{{font:14px system-ui,sans-serif;margin:16px}}td,th{{padding:3px 10px;text-align:left}}</style>
+</head><body><h1>Latent browsers: pipeline {name}</h1><table><thead><tr><th>SAE</th><th>arch</th><th>k</th>
 <th>latents</th><th>fired</th><th>tokens scanned</th></tr></thead><tbody>{''.join(rows)}</tbody></table></body></html>
 """)
     return page
@@ -232,8 +221,8 @@ def build(s: BrowseSettings) -> Path:
     if site not in cache.sites:
         raise PipelineError(f"SAE {s.sae} reads {site}, which cache {cache.location} does not hold "
                             f"(it holds: {', '.join(cache.sites)})")
-    split, start_seq = _held_out(cache, meta, s)
-    stats = scan(sae, cache, site, split, s)
+    rows, part, start_seq = _held_out(cache, site, meta, s)
+    stats = scan(sae, rows, part, s)
     t_scan = time.perf_counter() - t0
 
     m = sae.cfg.d_sae
@@ -253,7 +242,8 @@ def build(s: BrowseSettings) -> Path:
     vocab = Vocab(tokenizer)
     up, up_v, down, down_v = logit_effects(sae, model)
 
-    out = Path(s.out) if s.out else DATA_DIR / "browse" / (s.pipeline or md.get("pipeline") or "default") / Path(s.sae).name
+    pipeline = s.pipeline or md.get("pipeline") or "default"
+    out = Path(s.out) if s.out else DATA_DIR / "browse" / pipeline / Path(s.sae).name
     if out.exists():
         shutil.rmtree(out / "data", ignore_errors=True)
     (out / "data" / "latents").mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from batchtopk.train.sae import standardized_mse
+from batchtopk.train.sae import NMSE, standardized_mse
 
 DEFINITIONS = {
     "nmse": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over evaluated tokens",
-    "standardized_mse": "the paper's normalised MSE: mean over tokens and dimensions of ((x_hat - x) / (std(x) + 1e-5))^2, "
+    "standardized_mse": "the paper's normalised MSE: mean over tokens and dimensions of "
+                        "((x_hat - x) / (std(x) + 1e-5))^2, "
                         "std over the token's own dimensions (x and x_hat standardised with x's statistics)",
     "explained_variance": "1 - sum ||e - mean(e)||^2 / sum ||x - mean(x)||^2, e = x - x_hat",
     "cosine_sim": "mean over tokens of cos(x, x_hat)",
@@ -56,10 +57,8 @@ class Recon:
 
     d_sae: int
     n: int = 0
-    sum_x: Any = None
-    sum_x_sq: float = 0.0
+    err: NMSE = field(default_factory=NMSE)
     sum_e: Any = None
-    sum_e_sq: float = 0.0
     sum_cos: float = 0.0
     sum_std_mse: float = 0.0
     l0_counts: Any = None
@@ -70,16 +69,13 @@ class Recon:
     def add(self, x: torch.Tensor, x_hat: torch.Tensor, counts: torch.Tensor, fired: torch.Tensor) -> None:
         x, x_hat = x.double(), x_hat.double()
         e = x - x_hat
-        if self.sum_x is None:
-            self.sum_x = torch.zeros(x.shape[1], dtype=torch.float64)
+        if self.sum_e is None:
             self.sum_e = torch.zeros(x.shape[1], dtype=torch.float64)
             self.fired = torch.zeros(self.d_sae, dtype=torch.float64)
             self.l0_counts = torch.zeros(self.d_sae + 1, dtype=torch.float64)
         self.n += x.shape[0]
-        self.sum_x += x.sum(0).cpu()
-        self.sum_x_sq += float(x.pow(2).sum())
+        self.err.add(x, x_hat)
         self.sum_e += e.sum(0).cpu()
-        self.sum_e_sq += float(e.pow(2).sum())
         self.sum_cos += float(F.cosine_similarity(x, x_hat, dim=1, eps=1e-12).sum())
         self.sum_std_mse += float(standardized_mse(x, x_hat).sum())
         self.l0_counts += torch.bincount(counts.cpu(), minlength=self.d_sae + 1)[: self.d_sae + 1].double()
@@ -87,8 +83,7 @@ class Recon:
 
     def result(self, ce_clean: float, ce_zero: float, ce_mean: float) -> dict[str, Any]:
         n = self.n
-        var = self.sum_x_sq - float(self.sum_x.pow(2).sum()) / n
-        e_var = self.sum_e_sq - float(self.sum_e.pow(2).sum()) / n
+        e_var = self.err.error - float(self.sum_e.pow(2).sum()) / n
         counts = self.l0_counts.numpy()
         levels = np.arange(len(counts))
         l0 = float((counts * levels).sum() / n)
@@ -97,8 +92,8 @@ class Recon:
         hist, edges = np.histogram(np.log10(freq[freq > 0]), bins=30, range=(-6, 0))
         ce_spliced = self.ce.mean
         return {
-            "nmse": self.sum_e_sq / var, "standardized_mse": self.sum_std_mse / n,
-            "explained_variance": 1 - e_var / var,
+            "nmse": self.err.value, "standardized_mse": self.sum_std_mse / n,
+            "explained_variance": 1 - e_var / self.err.variance,
             "cosine_sim": self.sum_cos / n, "l0": l0,
             "l0_quantiles": {q: int(np.searchsorted(cdf, q / 100)) for q in (5, 25, 50, 75, 95)},
             "l0_histogram": {int(i): int(c) for i, c in enumerate(counts) if c},

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from batchtopk.core.errors import PipelineError  # noqa: E402
 from batchtopk.core.pipelines import DATA_DIR  # noqa: E402
+from batchtopk.train.sae import load_config, recipe_label  # noqa: E402
 
 from .run import METRICS_FILE  # noqa: E402
 
@@ -37,6 +38,11 @@ def load_metrics(dirs: list[str]) -> list[dict[str, Any]]:
             r = json.loads(p.read_text()) | {"dir": str(d), "name": Path(d).name}
             r.setdefault("config", r["name"])  # metrics written before replicates existed
             r.setdefault("replicate", 0)
+            if "recipe" not in r:  # metrics written before they carried the recipe: from the SAE's cfg.json
+                r["recipe"] = load_config(d)[0].changed()
+            if "include_bos" not in r:  # ... and before one spelling for BOS and outliers
+                r["include_bos"] = not r.get("exclude_bos", True)
+                r["outlier_norm_above"] = r.get("exclude_outliers_norm_above")
             rows.append(r)
     if not rows:
         raise PipelineError("no evaluated SAEs (metrics.json) found; run `make eval` first")
@@ -66,9 +72,9 @@ class Group:
 
     @property
     def recipe(self) -> str:
-        """The config's settings beyond architecture, k and size (the name's suffix)."""
-        base = {"batchtopk": 3, "topk": 3, "jumprelu": 5 if self.first.get("target_l0") else 4, "relu": 3}[self.arch]
-        return "_".join(self.config.split("_")[base:])
+        """The config's settings beyond architecture, k and size, as metrics.json records them ('' for the
+        defaults)."""
+        return recipe_label(self.first["recipe"])
 
     def values(self, metric: str, mode: str | None = None) -> list[float]:
         return [value(r, metric, mode) for r in self.rows]
@@ -105,8 +111,9 @@ def _estimator_table(bt: list[Group]) -> list[str]:
              "Every estimate is in each SAE's `cfg.json` (`theta_estimates`); * marks the one in use.", "",
              "| configuration | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for g in gs:
-        cells = [f"{statistics.fmean(r['heldout_l0']['at_estimates'].get(n, math.nan) for r in g.rows) / g.first['k']:.3f}"
-                 + (" *" if n == g.first.get("theta_estimator") else "") for n in names]
+        at = [statistics.fmean(r["heldout_l0"]["at_estimates"].get(n, math.nan) for r in g.rows) for n in names]
+        cells = [f"{v / g.first['k']:.3f}"
+                 + (" *" if n == g.first.get("theta_estimator") else "") for n, v in zip(names, at)]
         lines.append(f"| {g.config} | " + " | ".join(cells) + " |")
     return lines
 
@@ -158,7 +165,8 @@ def _errorbar(ax, pts: list[tuple[float, float, float]], **kw) -> None:
 
 def _sweep_plot(gs: list[Group], x_key: str, fixed_key: str, fixed_val, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, metric, label in ((axes[0], "nmse", "normalised MSE"), (axes[1], "ce_degradation", "CE degradation (nats)")):
+    panels = ((axes[0], "nmse", "normalised MSE"), (axes[1], "ce_degradation", "CE degradation (nats)"))
+    for ax, metric, label in panels:
         for arch in ("batchtopk", "topk"):
             pts = [(g.first[x_key], g.mean(metric), g.std(metric)) for g in gs
                    if g.arch == arch and g.first.get(fixed_key) == fixed_val]
@@ -305,22 +313,25 @@ def write_report(pipeline: str, dirs: list[str], out: str | None = None) -> Path
         f"# SAE comparison: pipeline `{pipeline}`", "",
         f"- Model: `{first['model']}`, site `{first['site']}`",
         f"- Evaluation: {first['eval_tokens']:,} tokens ({where}), "
-        f"BOS positions {'excluded' if first['exclude_bos'] else 'included'}, massive-activation positions "
-        + (f"(norm > {first['exclude_outliers_norm_above']:.0f}) excluded: {first.get('excluded_outlier_positions', 0)}"
-           if first.get("exclude_outliers_norm_above") else "included"),
-        "- Training tokens: " + ", ".join(sorted({f"{r['training_tokens']:,}" for r in rows if r.get("training_tokens")})),
+        f"BOS positions {'included' if first['include_bos'] else 'excluded'}, massive-activation positions "
+        + (f"(norm > {first['outlier_norm_above']:.0f}) excluded: {first.get('excluded_outlier_positions', 0)}"
+           if first.get("outlier_norm_above") else "included"),
+        "- Training tokens: "
+        + ", ".join(sorted({f"{r['training_tokens']:,}" for r in rows if r.get("training_tokens")})),
         f"- Seeds per configuration: {', '.join(map(str, seeds))} (replicates start from different weights and see "
         "the same batches; ± is the standard deviation over them). BatchTopK and TopK of the same size and seed start "
         "from identical weights.",
         "- BatchTopK rows use threshold mode (JumpReLU with the global θ), the inference mode; "
         "batch mode is in figure 4 and the tables below.",
         "- NMSE = Σ‖x − x̂‖² / Σ‖x − mean(x)‖²; standardised MSE = the paper's normalised MSE (each token standardised "
-        "with its own mean and std; BatchTopK in batch mode); CE degradation = CE(spliced) − CE(clean), nats per token.",
+        "with its own mean and std; BatchTopK in batch mode); CE degradation = CE(spliced) − CE(clean), nats per "
+        "token.",
         "", "![against k](fig1_vs_k.png)", "", "![against dictionary size](fig2_vs_dict.png)", "",
         "![active latents per token](fig3_l0_distribution.png)", "",
         "![threshold vs batch](fig4_threshold_vs_batch.png)", "", "![frontier](fig5_frontier.png)", "",
         "## Every configuration", "",
-        "| configuration | arch | k | dict | seeds | NMSE | standardised MSE | L0 | dead fraction | CE degradation | KL |",
+        "| configuration | arch | k | dict | seeds | NMSE | standardised MSE | L0 | dead fraction | CE degradation "
+        "| KL |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in gs:
@@ -334,7 +345,8 @@ def write_report(pipeline: str, dirs: list[str], out: str | None = None) -> Path
                   "Same size, k, recipe and seed (so the same initial weights and batches); mean ± std of the "
                   "differences over seeds, and the mean relative difference. Negative: BatchTopK is better.", "",
                   "| dict | k | recipe | pairs | Δ NMSE (θ mode) | Δ NMSE (batch mode) | Δ standardised MSE (batch) | "
-                  "Δ CE degradation (θ mode) | Δ CE degradation (batch mode) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "Δ CE degradation (θ mode) | Δ CE degradation (batch mode) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for p in pairs:
             lines.append(f"| {p['d_sae']} | {p['k']} | {p['recipe'] or 'defaults'} | {p['n']} | "
                          + " | ".join(_pm(p.get(c), p["n"]) for c in ("nmse_threshold", "nmse_batch",
@@ -363,6 +375,26 @@ def write_report(pipeline: str, dirs: list[str], out: str | None = None) -> Path
             vals = " | ".join(f"{r[k]:.4g}" for k in TABLE_KEYS)
             lines.append(f"| {r['name']} | {r['architecture']} | {r.get('k') or '–'} | {r['d_sae']} | "
                          f"{r['replicate']} | {vals} |")
+    (out_dir / SUMMARY_FILE).write_text(json.dumps([summary_row(r) for r in rows], indent=1))
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+SUMMARY_FILE = "summary.json"
+# what summary.json keeps of each SAE's metrics.json: enough to rebuild the report's tables (docs' results
+# are rendered from it), not its histograms
+SUMMARY_KEYS = ("name", "config", "architecture", "k", "d_sae", "replicate", "recipe", "l0_coeff", "target_l0",
+                "l1_coeff", "theta_estimator", "heldout_l0", "training_tokens", "eval_tokens", "eval_source", "model",
+                "site", "pipeline", "cache_id", "include_bos", "outlier_norm_above", "mode", *TABLE_KEYS,
+                "standardized_mse", "n_tokens")
+
+
+def summary_row(r: dict[str, Any]) -> dict[str, Any]:
+    """One SAE's metrics without histograms (its modes likewise)."""
+    keep = {k: r[k] for k in SUMMARY_KEYS if k in r}
+    keep["modes"] = {m: {k: v[k] for k in (*TABLE_KEYS, "standardized_mse") if k in v}
+                     for m, v in r.get("modes", {}).items()}
+    if keep.get("heldout_l0"):
+        keep["heldout_l0"] = {k: v for k, v in keep["heldout_l0"].items() if k != "per_chunk"}
+    return keep

@@ -6,7 +6,7 @@ import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,30 +14,19 @@ import torch
 from tqdm import tqdm
 
 from batchtopk.cache.format import Cache
-from batchtopk.cache.split import heldout_sequences
+from batchtopk.cache.split import Rows, Split, heldout_sequences
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.pipelines import DATA_DIR
 from batchtopk.harvest import models
 from batchtopk.train.sae import SAE, load_sae
 
 from .metrics import CE, DEFINITIONS, Recon, token_ce, token_kl
+from .settings import EvalSettings
 from .splice import Splicer
 
 METRICS_FILE = "metrics.json"
 # x [n, d] -> (x_hat [n, d], active latents per token [n], firings per latent [m])
 Reconstructor = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class EvalSettings:
-    saes: list[str]
-    tokens: int = 4096
-    exact_tokens: bool = True  # False: at most `tokens` (all the held-out part has, if fewer)
-    batch_seqs: int = 8
-    exclude_bos: bool = True
-    exclude_outliers: bool = True  # positions whose norm is above the cache's outlier threshold
-    device: str | None = None
-    dataset: str | None = None  # evaluate on another corpus instead of the cache's held-out part
 
 
 def sae_reconstructor(sae: SAE, mode: str) -> Reconstructor:
@@ -92,7 +81,8 @@ def evaluate_site(model, site: str, batches: Iterable[torch.Tensor], recons: dic
                 st.kl.add(token_kl(logits[:, :-1], spliced[:, :-1]))
     finally:
         sp.close()
-    return {name: st.result(clean_ce.mean, zero_ce.mean, mean_ce.mean) | {"excluded_outlier_positions": excluded_outliers}
+    extra = {"excluded_outlier_positions": excluded_outliers}
+    return {name: st.result(clean_ce.mean, zero_ce.mean, mean_ce.mean) | extra
             for name, st in stats.items()}
 
 
@@ -196,13 +186,12 @@ def evaluate(s: EvalSettings) -> list[Path]:
                                   s.exact_tokens)
             source = _source(held[:sum(len(b) for b in batches)]) | {"cache_id": cache.attrs["cache_id"],
                                                                      "cache": cache.location}
-        bos_id = int(cache.tokens[0, 0]) if s.exclude_bos else None
-        mean = torch.as_tensor(cache.train_stats(site, not s.exclude_bos)["mean"], dtype=torch.float32)
+        rows = Rows(cache, site, Split.of(cache, 0.0), s.include_bos, s.include_outliers)  # which positions count
+        mean = torch.as_tensor(cache.train_stats(site, s.include_bos)["mean"], dtype=torch.float32)
         recons = {(str(d), mode): (sae_reconstructor(sae, mode), sae.cfg.d_sae)
                   for d, sae, _ in items for mode in sae.modes}
-        max_norm = cache.outliers(site)[1] if s.exclude_outliers else None
-        results = evaluate_site(model, site, [b.to(device) for b in batches], recons, mean.to(device), bos_id,
-                                max_norm=max_norm)
+        results = evaluate_site(model, site, [b.to(device) for b in batches], recons, mean.to(device),
+                                rows.drop_token, max_norm=rows.max_norm)
         for d, sae, meta in items:
             md = meta["metadata"]
             modes = {mode: results[(str(d), mode)] for mode in sae.modes}
@@ -214,12 +203,13 @@ def evaluate(s: EvalSettings) -> list[Path]:
                    "l1_coeff": cfg.l1_coeff if cfg.arch == "relu" else None,
                    # the SAE's settings without its replicate: replicates of one config share it
                    "config": replace(cfg, replicate=0).name, "replicate": cfg.replicate,
+                   "recipe": cfg.changed(),  # the settings beyond the name's that differ from the defaults
                    "theta_estimator": md.get("theta_estimator"), "theta_estimates": md.get("theta_estimates"),
                    "heldout_l0": md.get("heldout_l0"),
                    "cache_id": cache.attrs["cache_id"],
                    "pipeline": md.get("pipeline"), "model": spec.name, "site": site, "mode": main,
-                   **modes[main], "modes": modes, "exclude_bos": s.exclude_bos,
-                   "exclude_outliers_norm_above": max_norm,
+                   **modes[main], "modes": modes, "include_bos": s.include_bos,
+                   "include_outliers": s.include_outliers, "outlier_norm_above": rows.max_norm,
                    "eval_tokens": sum(b.numel() for b in batches), "eval_source": source,
                    "training_tokens": md.get("training_tokens"), "definitions": DEFINITIONS}
             (d / METRICS_FILE).write_text(json.dumps(out, indent=2))

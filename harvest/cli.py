@@ -8,98 +8,42 @@ import click
 
 from batchtopk.core import pipelines
 from batchtopk.core.errors import PipelineError, one_line_errors
+from batchtopk.core.options import ADVANCED, Group, GroupedOption, build, options
+
+from .settings import HarvestSettings
+
+# pipelines.yaml's harvest keys that are spelled otherwise than the settings' fields
+YAML_NAMES = {"sites": "site_kinds", "config": "dataset_config"}
 
 
-def _int_list(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(x) for x in str(value).split(",") if x.strip()]
-    except ValueError:
-        raise PipelineError(f"layer must be an integer or a comma-separated list of integers, not {value!r}") from None
-
-
-def parse_tokens(value) -> int | None:
-    """An int, or 'all' (None) for the whole corpus."""
-    if value is None or str(value).lower() == "all":
-        return None
-    try:
-        n = int(float(value))
-    except ValueError:
-        raise PipelineError(f"tokens must be a positive integer or 'all', not {value!r}") from None
-    if n <= 0:
-        raise PipelineError(f"tokens must be a positive integer or 'all', not {value!r}")
-    return n
-
-
-def settings_from(pipeline: str | None, **cli):
-    """Pipeline values, overridden by every command-line value that was given."""
-    from .run import HarvestSettings
-
+def settings_from(pipeline: str | None, **cli) -> tuple[str, HarvestSettings]:
+    """The pipeline's harvest settings, overridden by every command-line value that was given (keyed by
+    field name; `site` may be kinds or full names; `no_wait`)."""
     name, pipe = pipelines.get(pipeline)
-    h = dict(pipe["harvest"])
-    if cli.get("model") and cli["model"] != h.get("model") and cli.get("layer") is None:
-        h.pop("layers", None)  # another model: its own default layer, not this pipeline's
-    s = HarvestSettings()
-    mapping = {"model": "model", "layers": "layers", "sites": "site_kinds", "dataset": "dataset",
-               "dataset_config": "dataset_config", "config": "dataset_config", "split": "split",
-               "text_column": "text_column", "separator": "separator", "dataset_fallback": "dataset_fallback",
-               "ctx_len": "ctx_len", "dtype": "dtype", "model_dtype": "model_dtype", "batch_size": "batch_size",
-               "chunk_mb": "chunk_mb"}
-    for key, attr in mapping.items():
-        if key in h:
-            setattr(s, attr, h[key])
-    if "tokens" in h:
-        s.tokens = parse_tokens(h["tokens"])
-    s.dataset = pipelines.resolve_path(s.dataset)
-    for key in ("model", "dataset", "dataset_config", "split", "text_column", "separator", "ctx_len", "dtype",
-                "model_dtype", "model_revision", "dataset_revision", "device", "batch_size", "chunk_mb",
-                "cache_root", "out"):
-        if cli.get(key) is not None:
-            setattr(s, key, cli[key])
+    section = {YAML_NAMES.get(k, k): v for k, v in pipe["harvest"].items()}
+    if cli.get("model") and cli["model"] != section.get("model") and cli.get("layers") is None:
+        section.pop("layers", None)  # another model: its own default layer, not this pipeline's
     if cli.get("dataset") is not None:
-        s.dataset = pipelines.resolve_path(cli["dataset"])
-        s.dataset_fallback = None
-    if cli.get("layer") is not None:
-        s.layers = _int_list(cli["layer"])
-    if cli.get("site"):
-        names = [x.strip() for x in cli["site"].split(",") if x.strip()]
+        section.pop("dataset_fallback", None)  # a dataset named here has no hub fallback
+    site = cli.pop("sites", None)
+    if site:
+        names = [x.strip() for x in site.split(",") if x.strip()]
         full = [x for x in names if x.startswith("blocks.")]
-        if full and len(full) == len(names):
-            s.sites = full
-        elif full:
+        if full and len(full) != len(names):
             raise PipelineError("--site takes either kinds (resid_pre,resid_post) or full names, not a mix")
-        else:
-            s.site_kinds = names
-    if cli.get("tokens") is not None:
-        s.tokens = parse_tokens(cli["tokens"])
-    if cli.get("no_wait"):
+        cli["sites" if full else "site_kinds"] = full or names
+    s = build(HarvestSettings, cli, section)
+    s.dataset = pipelines.resolve_path(s.dataset)
+    if cli.pop("no_wait", False):
         s.wait = False
     return name, s
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, invoke_without_command=True)
 @click.option("--pipeline", help="Named settings from pipelines.yaml (default: its `default`).")
-@click.option("--model", help="Alias (smollm2-135m, gpt2, gemma-2-2b), hub id, local folder or .gguf file.")
-@click.option("--model-revision", help="Hub revision (branch, tag or commit) of the model.")
-@click.option("--layer", help="Layer(s) to hook, e.g. 8 or 6,8,10. Default: the model's usual layer.")
-@click.option("--site", help="resid_pre and/or resid_post (comma-separated), or full names like blocks.8.hook_resid_pre.")
-@click.option("--tokens", help="Tokens to cache (an integer, or 'all' for the whole corpus).")
-@click.option("--dataset", help="Hub dataset id, or a local .txt/.jsonl/.parquet file or folder.")
-@click.option("--dataset-config", help="Hub dataset configuration, e.g. wikitext-2-raw-v1.")
-@click.option("--dataset-revision", help="Hub dataset revision.")
-@click.option("--split", help="Dataset split (hub datasets).")
-@click.option("--text-column", help="Column holding the text (default: text).")
-@click.option("--separator", type=click.Choice(["auto", "none", "bos", "eos"]), help="Token between documents.")
-@click.option("--ctx-len", type=int, help="Tokens per context, BOS included (default 128).")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Storage precision.")
-@click.option("--model-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Compute dtype.")
-@click.option("--device", help="cuda, cuda:1 or cpu (default: CUDA when present).")
-@click.option("--batch-size", type=int, help="Sequences per forward pass.")
-@click.option("--chunk-mb", type=float, help="Target size of one chunk in MiB (default 4).")
-@click.option("--cache-root", help="Root directory or URL under which caches live (default data/cache).")
-@click.option("--out", help="Explicit cache location (default: derived from the settings under the root).")
-@click.option("--no-wait", is_flag=True, help="Fail instead of waiting when another process writes the same cache.")
+@options(HarvestSettings)
+@click.option("--no-wait", is_flag=True, help="Fail instead of waiting when another process writes the same cache.",
+              cls=GroupedOption, group=ADVANCED)
 @click.pass_context
 @one_line_errors
 def main(ctx: click.Context, pipeline, **cli) -> None:

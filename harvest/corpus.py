@@ -83,7 +83,8 @@ def resolve_corpus(dataset: str, config: str | None = None, split: str | None = 
                                       fallback.get("separator", "none"))
             raise PipelineError(f"dataset {dataset} does not exist; give a local .txt/.jsonl/.parquet file "
                                 "or folder, or a hub dataset id")
-        files = sorted(str(f.resolve()) for f in p.rglob("*") if f.suffix in BUILDERS) if p.is_dir() else [str(p.resolve())]
+        files = (sorted(str(f.resolve()) for f in p.rglob("*") if f.suffix in BUILDERS) if p.is_dir()
+                 else [str(p.resolve())])
         if p.is_file() and p.suffix not in BUILDERS:
             raise PipelineError(f"dataset file {dataset} has an unsupported type {p.suffix!r}; "
                                 f"allowed: {', '.join(sorted(BUILDERS))}")
@@ -108,7 +109,8 @@ def iter_texts(spec: CorpusSpec) -> Iterator[str]:
         else:
             ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, revision=spec.revision, streaming=True)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-        raise PipelineError(f"cannot open dataset {spec.name!r} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise PipelineError(f"cannot open dataset {spec.name!r} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0]})") from None
     first = True
     for row in ds:
         if first:

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,34 +37,9 @@ from batchtopk.core.pipelines import DATA_DIR
 
 from . import __version__, models
 from .corpus import CorpusSpec, iter_contexts, iter_texts, resolve_corpus
+from .settings import HarvestSettings
 
 WAIT_POLL_S = 3.0
-
-
-@dataclass
-class HarvestSettings:
-    model: str = "smollm2-135m"
-    layers: list[int] | None = None          # None: the model alias's default layer, else the middle one
-    site_kinds: list[str] = field(default_factory=lambda: ["resid_pre"])
-    sites: list[str] | None = None           # full site names; override layers x site_kinds
-    dataset: str = "../shared/data/wikitext-2-raw/wiki.test.raw"
-    dataset_config: str | None = None
-    split: str | None = None
-    text_column: str | None = None
-    dataset_revision: str | None = None
-    separator: str | None = None
-    dataset_fallback: dict | None = None
-    tokens: int | None = 65536               # None: the whole corpus
-    ctx_len: int = 128
-    dtype: str = "float16"                   # storage: float16 | bfloat16 | float32
-    model_dtype: str = "auto"
-    model_revision: str | None = None
-    device: str | None = None
-    batch_size: int = 32                     # sequences per forward pass
-    chunk_mb: float = 4.0
-    cache_root: str = str(DATA_DIR / "cache")
-    out: str | None = None                   # explicit cache location (else derived from the settings)
-    wait: bool = True                        # wait for another writer of the same cache, or fail
 
 
 @dataclass

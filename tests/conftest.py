@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# commands the tests run write their caches, SAEs and latest-run pointers here, never into the checkout's
+# data/ (a pointer left there would make the user's next `make train` pick a test's cache)
+os.environ.setdefault("BATCHTOPK_DATA", tempfile.mkdtemp(prefix="batchtopk-test-data-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
@@ -78,7 +82,7 @@ def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 @pytest.fixture
 def harvest_settings(tmp_path, tiny_models, corpus_file):
     """A factory of HarvestSettings for a tiny model writing under tmp_path."""
-    from batchtopk.harvest.run import HarvestSettings
+    from batchtopk.harvest.settings import HarvestSettings
 
     def make(family: str = "llama", **kw) -> HarvestSettings:
         base = dict(model=str(tiny_models[family]), layers=[1], site_kinds=["resid_pre"], dataset=str(corpus_file),

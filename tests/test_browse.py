@@ -14,10 +14,13 @@ import torch
 from batchtopk.cache.format import Cache
 from batchtopk.cache.split import heldout_sequences, keep_mask
 from batchtopk.core.errors import PipelineError
-from batchtopk.evaluate.browse import BrowseSettings, build
-from batchtopk.harvest.run import HarvestSettings, harvest
+from batchtopk.evaluate.browse import build
+from batchtopk.evaluate.settings import BrowseSettings
+from batchtopk.harvest.run import harvest
+from batchtopk.harvest.settings import HarvestSettings
 from batchtopk.train.sae import load_sae
-from batchtopk.train.trainer import Trainer, TrainSettings
+from batchtopk.train.settings import TrainSettings
+from batchtopk.train.trainer import Trainer
 
 SITE = "blocks.2.hook_resid_pre"
 
@@ -107,6 +110,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium")
 
 
+@pytest.mark.slow
 def test_site_works_in_a_real_browser(trained, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     browser_path = _chromium()

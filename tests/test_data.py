@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from batchtopk.cache.format import Cache, synthetic_tokens, write_cache
-from batchtopk.cache.split import Split, keep_mask
+from batchtopk.cache.split import Rows, Split, keep_mask
 from batchtopk.train.stream import ActivationStream, BufferPool
 
 SITE = "blocks.0.hook_resid_pre"
@@ -26,8 +26,14 @@ def cache(tmp_path_factory) -> Cache:
 
 
 def stream(cache, split: Split | None = None, **kw) -> ActivationStream:
-    args = dict(seed=3, shuffle_mb=0.01, drop_token=0, skip_rows=cache.outliers(SITE)[0]) | kw
-    return ActivationStream(cache, SITE, split or Split.of(cache, 0.0), 64, 1.0, **args)
+    """The stream of the default rows (BOS, token 0, and the outlier rows left out)."""
+    args = dict(seed=3, shuffle_mb=0.01) | kw
+    return ActivationStream(Rows(cache, SITE, split or Split.of(cache, 0.0)), 64, 1.0, **args)
+
+
+def every_row(cache, split: Split) -> Rows:
+    """Every row of the split's training part, BOS and outliers included."""
+    return Rows(cache, SITE, split, include_bos=True, include_outliers=True)
 
 
 def ids(batches) -> list[int]:
@@ -94,7 +100,7 @@ def test_bfloat16_and_float16_decode(tmp_path):
     x = rng.standard_normal((24 * 16, 4)).astype(np.float32)
     for dtype, torch_dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
         c = write_cache(str(tmp_path / dtype), np.ones((24, 16), dtype=np.int32), {SITE: x}, dtype=dtype, chunk_seqs=4)
-        s = ActivationStream(c, SITE, Split.of(c, 0.0), 32, 2.0, shuffle_mb=1)
+        s = ActivationStream(every_row(c, Split.of(c, 0.0)), 32, 2.0, shuffle_mb=1)
         it = s.batches(0)
         got = torch.cat([next(it) for _ in range(s.batches_per_epoch)])
         it.close()
@@ -129,7 +135,7 @@ def test_caches_hashed_with_blake2b_still_verify_and_stream(tmp_path):
     g["checksums"][:] = sums
     old = Cache.open(loc)
     assert old.checksum_algorithm == LEGACY_CHECKSUM and old.verify() == []
-    it = ActivationStream(old, SITE, Split((0, 1, 2), ()), 32, 1.0).batches(0)
+    it = ActivationStream(every_row(old, Split((0, 1, 2), ())), 32, 1.0).batches(0)
     np.testing.assert_allclose(np.sort(np.concatenate([next(it).numpy() for _ in range(6)]).ravel()),
                                np.sort(x.astype(np.float16).astype(np.float32).ravel()))
     it.close()
@@ -181,14 +187,14 @@ def test_closing_a_stream_stops_its_threads_before_returning(tmp_path):
     c = write_cache(str(tmp_path / "c"), synthetic_tokens(64, 16), {SITE: x}, dtype="float16", chunk_seqs=4)
     before = set(threading.enumerate())
     for _ in range(5):
-        it = ActivationStream(c, SITE, Split.of(c, 0.0), 32, 1.0, prefetch=8).batches(0)
+        it = ActivationStream(every_row(c, Split.of(c, 0.0)), 32, 1.0, prefetch=8).batches(0)
         next(it)
         it.close()
         assert set(threading.enumerate()) <= before
 
 
 def test_interleaved_split_holds_out_one_sequence_in_every_n_across_the_cache(cache):
-    from batchtopk.cache.split import heldout_chunk_rows, heldout_sequences
+    from batchtopk.cache.split import heldout_sequences
     from batchtopk.core.errors import PipelineError
 
     split = Split.of(cache, 0.25, "interleaved")  # 40 sequences in chunks of 6: sequences 3, 7, ..., 39
@@ -200,8 +206,7 @@ def test_interleaved_split_holds_out_one_sequence_in_every_n_across_the_cache(ca
     assert Split.from_metadata(cache, md) == split
     tail = Split.of(cache, 0.25)
     assert Split.from_metadata(cache, tail.metadata(cache)) == tail and tail.every == 0
-    skip = cache.outliers(SITE)[0]
-    held = {int(v) for x in heldout_chunk_rows(cache, SITE, split, 0, skip) for v in x[:, 0]}
+    held = {int(v) for x in Rows(cache, SITE, split).chunks() for v in x[:, 0]}
     toks = cache.tokens[:].reshape(-1)
     expect = {r for s in range(3, 40, 4) for r in range(s * 32, s * 32 + 32) if toks[r] != 0 and r not in (77, 500)}
     assert held == expect
@@ -218,7 +223,7 @@ def test_interleaved_split_holds_out_one_sequence_in_every_n_across_the_cache(ca
 
 @pytest.mark.parametrize("layout", ["tail", "interleaved"])
 def test_calibration_takes_every_other_heldout_sequence_and_never_trains(cache, layout):
-    from batchtopk.cache.split import heldout_chunk_rows, heldout_sequences
+    from batchtopk.cache.split import heldout_sequences
 
     plain, split = Split.of(cache, 0.25, layout), Split.of(cache, 0.25, layout, calibrate=True)
     held = list(plain.sequences(cache, "heldout"))  # tail: chunks 5, 6 of 7 (sequences 30..39); else 3, 7, ...
@@ -228,12 +233,12 @@ def test_calibration_takes_every_other_heldout_sequence_and_never_trains(cache, 
     md = split.metadata(cache)
     assert list(heldout_sequences(md)) == held[1::2] and Split.from_metadata(cache, md) == split
     assert list(range(md["calibration_sequences"][0], md["calibration_sequences"][1], md["calibration_every"])) == held[0::2]
-    toks, skip = cache.tokens[:].reshape(-1), cache.outliers(SITE)[0]
+    toks = cache.tokens[:].reshape(-1)
 
     def rows_of(seqs):
         return {r for s in seqs for r in range(s * 32, s * 32 + 32) if toks[r] != 0 and r not in (77, 500)}
     for part, seqs in (("calibration", held[0::2]), ("heldout", held[1::2])):
-        got = [int(v) for x in heldout_chunk_rows(cache, SITE, split, 0, skip, part) for v in x[:, 0]]
+        got = [int(v) for x in Rows(cache, SITE, split).chunks(part) for v in x[:, 0]]
         assert sorted(got) == sorted(rows_of(seqs))
     s = stream(cache, split)  # the training stream is the plain split's: calibration rows never train
     it = s.batches(0)

@@ -14,7 +14,10 @@ import zarr
 
 from batchtopk.cache.format import Cache
 from batchtopk.train.sae import load_sae
-from batchtopk.train.trainer import Trainer, TrainSettings
+from batchtopk.train.settings import TrainSettings
+from batchtopk.train.trainer import Trainer
+
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these to the whole suite
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

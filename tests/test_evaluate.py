@@ -12,11 +12,13 @@ from batchtopk.cache.format import Cache
 from batchtopk.core.errors import PipelineError
 from batchtopk.evaluate.cli import main as eval_cli
 from batchtopk.evaluate.metrics import token_ce
-from batchtopk.evaluate.run import EvalSettings, evaluate, evaluate_site, sae_reconstructor
+from batchtopk.evaluate.run import evaluate, evaluate_site, sae_reconstructor
+from batchtopk.evaluate.settings import EvalSettings
 from batchtopk.evaluate.splice import Splicer
 from batchtopk.harvest.run import harvest
 from batchtopk.train.sae import load_sae
-from batchtopk.train.trainer import Trainer, TrainSettings
+from batchtopk.train.settings import TrainSettings
+from batchtopk.train.trainer import Trainer
 
 SITE = "blocks.2.hook_resid_pre"
 
@@ -24,7 +26,7 @@ SITE = "blocks.2.hook_resid_pre"
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, tiny_models, corpus_file):
     """Tiny Llama: harvest 8192 tokens, train a BatchTopK and a TopK SAE."""
-    from batchtopk.harvest.run import HarvestSettings
+    from batchtopk.harvest.settings import HarvestSettings
 
     tmp = tmp_path_factory.mktemp("evalrun")
     loc = harvest(HarvestSettings(model=str(tiny_models["llama"]), layers=[2], dataset=str(corpus_file),
@@ -161,7 +163,7 @@ def test_cli_metrics_and_report(pipeline_run, tmp_path):
                 "kl_div", "dead_fraction", "architecture", "k", "d_sae", "pipeline"):
         assert key in bt, key
     assert set(bt["modes"]) == {"batch", "threshold"} and bt["architecture"] == "batchtopk" and bt["k"] == 4
-    assert bt["modes"]["batch"]["l0"] == pytest.approx(4.0) and bt["exclude_bos"] is True
+    assert bt["modes"]["batch"]["l0"] == pytest.approx(4.0) and bt["include_bos"] is False
     assert bt["eval_tokens"] == 1024 and bt["pipeline"] == "tiny"
     assert bt["ce_degradation"] == pytest.approx(bt["ce_spliced"] - bt["ce_clean"])
     from batchtopk.evaluate.report import write_report

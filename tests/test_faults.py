@@ -24,6 +24,8 @@ from batchtopk.core.errors import PipelineError
 from batchtopk.train.cli import main as train_cli
 from batchtopk.train.sae import load_sae
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these to the whole suite
+
 ROOT = Path(__file__).resolve().parent.parent
 SITE = "blocks.0.hook_resid_pre"
 BUCKET = "faults"
@@ -283,7 +285,7 @@ def single_error(r) -> str:
 
 
 def same_arrays(a: str, b: str, env: dict) -> None:
-    code = ("import sys, numpy as np; from harvest.cache import Cache\n"
+    code = ("import sys, numpy as np; from batchtopk.cache.format import Cache\n"
             "a, b = Cache.open(sys.argv[1]), Cache.open(sys.argv[2])\n"
             "assert (a.tokens[:] == b.tokens[:]).all() and (a.checksums[:] == b.checksums[:]).all()\n"
             "assert all((a.activations(s)[:] == b.activations(s)[:]).all() for s in a.sites)\n"

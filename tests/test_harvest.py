@@ -98,6 +98,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "harvest", *args]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_byte_identical(harvest_settings, tiny_models, corpus_file, tmp_path):
     common = ["--model", str(tiny_models["llama"]), "--layer", "1", "--dataset", str(corpus_file),
               "--tokens", str(400 * 32), "--ctx-len", "32", "--dtype", "float32", "--device", "cpu",
@@ -154,7 +155,7 @@ def test_stops_after_deepest_layer(tiny_models):
 @pytest.mark.slow
 def test_smollm2_matches_hidden_states(tmp_path):
     from batchtopk.harvest.models import load_model, resolve_model
-    from batchtopk.harvest.run import HarvestSettings
+    from batchtopk.harvest.settings import HarvestSettings
 
     loc = harvest(HarvestSettings(tokens=4 * 128, dtype="float32", device="cpu", cache_root=str(tmp_path)))
     c = Cache.open(loc)

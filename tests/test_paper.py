@@ -7,7 +7,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these to the whole suite
 
 ROOT = Path(__file__).resolve().parent.parent
 

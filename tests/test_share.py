@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these to the whole suite
+
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "team"
 

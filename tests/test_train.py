@@ -12,7 +12,8 @@ from batchtopk.cache.format import write_cache
 from batchtopk.core.errors import PipelineError
 from batchtopk.train.cli import main as train_cli
 from batchtopk.train.sae import load_sae
-from batchtopk.train.trainer import Trainer, TrainSettings
+from batchtopk.train.settings import TrainSettings
+from batchtopk.train.trainer import Trainer
 
 SITE = "blocks.0.hook_resid_pre"
 
@@ -113,9 +114,8 @@ def test_saelens_loads_and_encodes_the_same(synthetic_cache, tmp_path):
         assert meta["apply_b_dec_to_input"] == ours.cfg.center
         # the saved SAE reconstructs the held-out rows exactly as the trained one did before saving
         from batchtopk.cache.format import Cache
-        from batchtopk.cache.split import Split, heldout_rows
-        c = Cache.open(cache)
-        val = heldout_rows(c, SITE, Split.from_metadata(c, meta["metadata"]), 8192, 1.0, 0, c.outliers(SITE)[0])
+        from batchtopk.cache.split import Rows
+        val = Rows.from_metadata(Cache.open(cache), meta["metadata"]).take(8192)
         nmse = float((val - ours(val)).pow(2).sum() / (val - val.mean(0)).pow(2).sum())
         assert nmse == pytest.approx(meta["metadata"]["val_nmse_threshold"], rel=1e-4) and nmse < 0.9, d.name
 
@@ -188,7 +188,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(synthetic_cache, tmp_path):
 
 def test_outlier_rows_are_listed_and_skipped(tmp_path):
     from batchtopk.cache.format import Cache, synthetic_tokens
-    from batchtopk.cache.split import Split
+    from batchtopk.cache.split import Rows, Split
     from batchtopk.train.stream import ActivationStream
 
     rng = np.random.default_rng(3)
@@ -199,7 +199,7 @@ def test_outlier_rows_are_listed_and_skipped(tmp_path):
     c = write_cache(str(tmp_path / "c"), synthetic_tokens(64, 32), {SITE: x}, chunk_seqs=8)
     rows, thr = Cache.open(c.location).outliers(SITE)
     assert rows.tolist() == massive and thr == pytest.approx(10 * np.linalg.norm(np.delete(x, np.r_[0:len(x):32], 0), axis=1).mean())
-    s = ActivationStream(c, SITE, Split.of(c, 0.0), 64, 1.0, drop_token=0, skip_rows=rows)
+    s = ActivationStream(Rows(c, SITE, Split.of(c, 0.0)), 64, 1.0)
     assert sum(s.rows_in.values()) == 64 * 31 - 3
     seen = torch.cat([b for b, _ in zip(s.batches(0), range(s.batches_per_epoch))])
     assert len(seen) == s.batches_per_epoch * 64 and float(seen.norm(dim=1).max()) < thr
@@ -210,7 +210,7 @@ def test_theta_from_final_weights_hits_k_on_heldout_tokens(synthetic_cache, tmp_
     per token of the other held-out sequences, within 2%; all four estimates are recorded, each with
     its held-out L0."""
     from batchtopk.cache.format import Cache
-    from batchtopk.cache.split import Split, heldout_rows
+    from batchtopk.cache.split import Rows, Split
 
     x, _ = sparse_dictionary_data(n_seq=192, seed=1)
     tokens = np.ones((192, 64), dtype=np.int32)
@@ -226,7 +226,7 @@ def test_theta_from_final_weights_hits_k_on_heldout_tokens(synthetic_cache, tmp_
     c = Cache.open(cache)
     split = Split.from_metadata(c, md)
     assert list(split.sequences(c, "heldout")) == list(range(145, 192, 2)) == list(range(*md["heldout_sequences"], 2))
-    x = heldout_rows(c, SITE, split, 10 ** 6, 1.0, 0, None)
+    x = Rows(c, SITE, split, include_outliers=True).take(10 ** 6)
     assert len(x) == 24 * 63
     l0 = float((sae.encode(x, "threshold") > 0).sum(1).float().mean())
     assert abs(l0 / 3 - 1) < 0.02, l0
@@ -243,7 +243,7 @@ def test_jumprelu_lands_on_its_target_l0(tmp_path):
     """A target-L0 penalty brings JumpReLU near its target and the final threshold factor puts it on it:
     held-out L0 within 15% of the target, from thresholds that started at 4x the target."""
     from batchtopk.cache.format import Cache
-    from batchtopk.cache.split import Split, heldout_rows
+    from batchtopk.cache.split import Rows, Split
 
     x, _ = sparse_dictionary_data(n_seq=192, seed=2)
     tokens = np.ones((192, 64), dtype=np.int32)
@@ -259,7 +259,7 @@ def test_jumprelu_lands_on_its_target_l0(tmp_path):
     assert 0.5 < factor < 2  # the penalty alone already got close
     c = Cache.open(cache)
     assert meta["metadata"]["calibration_sequences"] == [144, 192]  # the factor was found on unseen sequences
-    x = heldout_rows(c, SITE, Split.from_metadata(c, meta["metadata"]), 10 ** 6, 1.0, 0, None)
+    x = Rows(c, SITE, Split.from_metadata(c, meta["metadata"]), include_outliers=True).take(10 ** 6)
     l0 = float((sae.encode(x, "threshold") > 0).sum(1).float().mean())
     assert abs(l0 / target - 1) < 0.15, l0
     assert meta["metadata"]["heldout_l0"]["mean"] == pytest.approx(l0, rel=1e-4)
@@ -269,7 +269,7 @@ def test_run_id_counts_every_sae_field_with_its_default():
     """The run id (and the identity a resume checks) holds each SAE's whole configuration: naming a
     default changes nothing, changing any field (so also a default of a later version) makes a new run."""
     from batchtopk.train.sae import SAEConfig
-    from batchtopk.train.trainer import run_id
+    from batchtopk.train.settings import run_id
 
     def rid(**cfg):
         return run_id("cache", TrainSettings(cache="c", saes=[{"arch": "topk", "k": 4, "d_sae": 64} | cfg], out="o"))

@@ -14,6 +14,7 @@ std: the reference code's input_unit_norm, SAELens's `layer_norm`), undone on th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from batchtopk.core.errors import PipelineError
+from batchtopk.core.options import RECIPE, setting
 
 from .sparsity import Code, batch_topk_code, jumprelu, kept_pre, sparse_decode, step, subset_pre, topk_code
 
@@ -46,37 +48,51 @@ LN_EPS = 1e-5              # token standardisation: (x - mean) / (std + eps), as
 
 @dataclass
 class SAEConfig:
-    """Architecture and training recipe of one SAE. Every field is a sweep key (pipelines.yaml grids)."""
+    """Architecture and training recipe of one SAE. Every field is a sweep key (pipelines.yaml grids,
+    `--set KEY=VALUES`); those with an option of their own are listed by `python -m train --help`."""
 
-    arch: str
-    d_in: int
-    d_sae: int
-    k: int | None = None              # batchtopk / topk
-    replicate: int = 0                # initial weights depend on (run seed, replicate, d_in, d_sae), not arch
+    arch: str = setting(help=f"Architecture(s), comma-separated: {', '.join(ARCHS)}.", metavar="ARCHS")
+    d_in: int = setting(cli=False)
+    d_sae: int = setting(cli=False)  # the sweep's `dict` key (sizes or multiples of d_model)
+    k: int | None = setting(None, "k (average latents per token), or a comma-separated list.", metavar="KS")
+    replicate: int = setting(0, cli=False)  # initial weights depend on (run seed, replicate, d_in, d_sae), not arch
     # how activations reach the encoder
-    norm: str = "global"              # global | token (see the module docstring)
-    center: bool = False              # encode x - b_dec instead of x
-    b_dec_init: str = "mean"          # mean | geometric_median | zero, of the first training batch
+    norm: str = setting("global", f"Input normalisation(s): {', '.join(NORMS)} (one scale for all tokens, or each "
+                        "token standardised like the reference code's input_unit_norm).", group=RECIPE)
+    center: bool = setting(False, "Encode x - b_dec: true, false, or both (true,false).", group=RECIPE)
+    b_dec_init: str = setting("mean", f"b_dec's start: {', '.join(B_DEC_INITS)} (of the first batch).", group=RECIPE)
     # losses
-    mse: str = "sum"                  # sum over dimensions and mean over tokens, or mean over elements
-    l1_coeff: float = 0.01            # relu (sparsity coefficients weigh against the per-element MSE)
-    l0_coeff: float = 0.005           # jumprelu lambda: of L0, or of the target-L0 penalty when target_l0 is set
-    target_l0: float | None = None    # jumprelu: penalise (L0 / target_l0 - 1)^2 instead of L0 (both ways)
-    bandwidth: float = 0.001          # jumprelu straight-through kernel width, in units of the mean input norm
-    jumprelu_init_l0: float = 64.0    # initial thresholds give about this many active latents per token
-    threshold_lr: float | None = None  # jumprelu: Adam lr of the log-thresholds (None: the SAE's lr)
-    sparsity_warmup: float = 0.0      # fraction of training over which the L0/L1 coefficient ramps up from 0
-    preact_coeff: float = 0.0         # jumprelu: Anthropic's pre-activation loss, sum_i relu(theta_i - pre_i)
-    aux_k: int = 512                  # auxiliary loss on the top aux_k dead latents ...
-    aux_coeff: float = 1 / 8          # ... scaled by this
-    aux_norm: bool = False            # ... divided by the residual's variance (dictionary_learning, OpenAI)
-    dead_tokens: int | None = None    # a latent is dead after this many tokens without firing (None: DEAD_TOKENS)
+    mse: str = setting("sum", f"MSE reduction(s): {', '.join(MSE_REDUCTIONS)} (summed over dimensions and averaged "
+                       "over tokens, or averaged over elements).", group=RECIPE)
+    l1_coeff: float = setting(0.01, "ReLU: L1 penalty(s) (in units of the per-element MSE).")
+    l0_coeff: float = setting(0.005, "JumpReLU: L0 penalty(s), or the weight of the target-L0 penalty.")
+    target_l0: float | None = setting(None, "JumpReLU: penalise (L0/target - 1)^2 (times --l0-coeff) so that L0 "
+                                      "lands here.")
+    bandwidth: float = setting(0.001, "JumpReLU: straight-through kernel width, in units of the mean input norm.",
+                               group=RECIPE, cli=False)
+    jumprelu_init_l0: float = setting(64.0, "JumpReLU: initial thresholds give about this many active latents per "
+                                      "token (sweep key init_l0).", group=RECIPE, cli=False)
+    threshold_lr: float | None = setting(None, "JumpReLU: learning rate of the log-thresholds (default: the SAE's "
+                                         "lr).", group=RECIPE)
+    sparsity_warmup: float = setting(0.0, "Fraction of training over which the L0/L1 coefficient ramps up from 0.",
+                                     group=RECIPE, cli=False)
+    preact_coeff: float = setting(0.0, "JumpReLU: Anthropic's pre-activation loss, sum_i relu(theta_i - pre_i).",
+                                  group=RECIPE, cli=False)
+    aux_k: int = setting(512, "(Batch)TopK: the auxiliary loss on the top aux_k dead latents ...", group=RECIPE,
+                         cli=False)
+    aux_coeff: float = setting(1 / 8, "... scaled by this.", group=RECIPE, cli=False)
+    aux_norm: bool = setting(False, "Divide the aux loss by the residual's variance (dictionary_learning, OpenAI): "
+                             "true or false.", group=RECIPE)
+    dead_tokens: int | None = setting(None, "Tokens without firing after which a latent counts as dead (default: "
+                                      f"{DEAD_TOKENS_DEFAULT}, TopK {DEAD_TOKENS['topk']}).", group=RECIPE)
     # optimiser (None: the run's setting)
-    lr: float | None = None
-    betas: tuple[float, float] | None = None
-    grad_clip: float | None = 1.0     # clip the gradient norm of the SAE's parameters at this (None: never)
-    warmup: float = 0.0               # fraction of training with a linear lr warm-up from 0
-    decay: float = 0.0                # fraction of training, at the end, with a linear lr decay to 0
+    lr: float | None = setting(None, "This SAE's Adam learning rate (default: the run's --lr).", cli=False)
+    betas: tuple[float, float] | None = setting(None, "Adam betas as b1/b2, e.g. 0.9/0.999 (comma-separate several).",
+                                                group=RECIPE)
+    grad_clip: float | None = setting(1.0, "Clip each SAE's gradient norm at this (none: no clipping).",
+                                      group=RECIPE)
+    warmup: float = setting(0.0, "Fraction of training with a linear lr warm-up from 0.", group=RECIPE)
+    decay: float = setting(0.0, "Fraction of training, at the end, with a linear lr decay to 0.", group=RECIPE)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -114,11 +130,25 @@ class SAEConfig:
             base = f"jumprelu_{target}l{self.l0_coeff:g}_i{self.jumprelu_init_l0:g}_m{self.d_sae}"
         else:
             base = f"relu_l{self.l1_coeff:g}_m{self.d_sae}"
-        shown = {"arch", "d_in", "d_sae", "k", "l0_coeff", "l1_coeff", "jumprelu_init_l0", "target_l0"}
+        label = recipe_label(self.changed(keep_replicate=True))
+        return f"{base}_{label}" if label else base
+
+    def changed(self, keep_replicate: bool = False) -> dict[str, Any]:
+        """The settings beyond what names the SAE (architecture, size, k or coefficients) that differ from
+        the defaults, in field order: its recipe (and its replicate, if asked for and not 0)."""
         default = SAEConfig(self.arch, self.d_in, self.d_sae, self.k)
-        extra = [f"{f.name}-{_short(getattr(self, f.name))}" for f in fields(self)
-                 if f.name not in shown and getattr(self, f.name) != getattr(default, f.name)]
-        return "_".join([base, *extra])
+        skip = SHOWN_IN_NAME | (set() if keep_replicate else {"replicate"})
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)}
+
+
+SHOWN_IN_NAME = {"arch", "d_in", "d_sae", "k", "l0_coeff", "l1_coeff", "jumprelu_init_l0", "target_l0"}
+
+
+def recipe_label(recipe: dict[str, Any]) -> str:
+    """A recipe (SAEConfig.changed(), or as read back from JSON) as the name's suffix: key-value pairs
+    joined by underscores, '' for the defaults."""
+    return "_".join(f"{k}-{_short(v)}" for k, v in recipe.items())
 
 
 def _short(v: Any) -> str:
@@ -146,6 +176,50 @@ def standardized_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     x's own mean and std (its input_unit_norm); shape [n]."""
     _, (mu, std) = standardize(x)
     return ((x_hat - x) / (std + LN_EPS)).pow(2).mean(-1)
+
+
+def autocast(device: str) -> contextlib.AbstractContextManager:
+    """The precision SAE math runs at: bfloat16 autocast on a GPU, float32 on the CPU."""
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class NMSE:
+    """Normalised MSE, Σ‖x − x̂‖² / Σ‖x − mean(x)‖², over every batch added (the mean over all of them),
+    from float64 sums kept on the device: the one definition the trainer, evaluation and the benchmarks
+    use. `terms` can be summed across ranks."""
+
+    def __init__(self) -> None:
+        self.terms: torch.Tensor | None = None  # [Σ‖x − x̂‖², Σ‖x‖², n, Σx (d values)]
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> NMSE:
+        x = x.detach().double()
+        head = torch.stack([(x - x_hat.detach().double()).pow(2).sum(), x.pow(2).sum(),
+                            torch.tensor(float(len(x)), dtype=torch.float64, device=x.device)])
+        t = torch.cat([head, x.sum(0)])
+        self.terms = t if self.terms is None else self.terms + t
+        return self
+
+    @property
+    def error(self) -> float:
+        """Σ‖x − x̂‖²."""
+        return float(self.terms[0])
+
+    @property
+    def variance(self) -> float:
+        """Σ‖x − mean(x)‖²."""
+        t = self.terms
+        return float(t[1] - t[3:].pow(2).sum() / t[2])
+
+    @property
+    def value(self) -> float:
+        return self.error / self.variance
+
+
+def nmse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """NMSE of one batch (see NMSE)."""
+    return NMSE().add(x, x_hat).value
 
 
 def init_seed(run_seed: int, replicate: int, d_in: int, d_sae: int) -> int:
@@ -427,21 +501,31 @@ def save_sae(sae: SAE, directory: Path, metadata: dict[str, Any]) -> None:
         tmp.replace(directory / name)
 
 
-def load_sae(directory: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]]:
-    """Load a saved SAE (raw-activation weights) and its cfg.json; errors name what is missing."""
+def _fix(d: Path) -> str:
+    return (f"restore it from a copy, or train it again (delete its run directory {d.parent} and rerun the same "
+            "`make train`)")
+
+
+def load_config(directory: str | Path) -> tuple[SAEConfig, dict[str, Any]]:
+    """A saved SAE's configuration and its whole cfg.json; errors name what is missing."""
     d = Path(directory)
     missing = [f for f in (CFG_FILE, WEIGHTS_FILE) if not (d / f).is_file()]
     if not d.is_dir() or missing:
         raise PipelineError(f"{d} is not an SAE directory: missing {', '.join(missing) or 'the directory'} "
                             f"(an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE})")
-    fix = (f"restore it from a copy, or train it again (delete its run directory {d.parent} and rerun the same "
-           "`make train`)")
     try:
         meta = json.loads((d / CFG_FILE).read_text())
-        cfg = SAEConfig(**(LEGACY | meta["metadata"]["sae_config"]))
+        return SAEConfig(**(LEGACY | meta["metadata"]["sae_config"])), meta
     except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PipelineError(f"{d / CFG_FILE} is unreadable or not a config written by this pipeline "
-                            f"({type(e).__name__}: {str(e)[:120]}); {fix}") from None
+                            f"({type(e).__name__}: {str(e)[:120]}); {_fix(d)}") from None
+
+
+def load_sae(directory: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]]:
+    """Load a saved SAE (raw-activation weights) and its cfg.json; errors name what is missing."""
+    d = Path(directory)
+    cfg, meta = load_config(d)
+    fix = _fix(d)
     try:
         blob = (d / WEIGHTS_FILE).read_bytes()
         want = meta["metadata"].get("weights_blake2b")

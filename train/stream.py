@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from batchtopk.cache.format import Cache, storage_numpy_dtype
-from batchtopk.cache.split import Split, keep_mask
+from batchtopk.cache.split import Rows
 from batchtopk.core.errors import PipelineError
 
 
@@ -101,22 +101,20 @@ class ChunkSource:
 class ActivationStream:
     """An endless, deterministic stream of float32 batches [batch, d] (times `scale`) for some parts."""
 
-    def __init__(self, cache: Cache, site: str, split: Split, batch_size: int, scale: float,
+    def __init__(self, rows: Rows, batch_size: int, scale: float,
                  seed: int = 0, parts: int = 1, my_parts: tuple[int, ...] = (0,), shuffle_mb: float = 512,
-                 read_threads: int = 4, gather_threads: int = 2, device: str = "cpu", prefetch: int = 4,
-                 drop_token: int | None = None,
-                 skip_rows: np.ndarray | None = None):
+                 read_threads: int = 4, gather_threads: int = 2, device: str = "cpu", prefetch: int = 4):
         if batch_size % parts:
             raise PipelineError(f"batch size {batch_size} is not divisible by the {parts} data parts (ranks)")
+        cache, site, split = rows.cache, rows.site, rows.split
+        self.rows = rows
         self.cache, self.site, self.split, self.chunks = cache, site, split, split.train_chunks
         self.source = ChunkSource(cache, site)
         self.local = batch_size // parts
         self.scale, self.seed, self.parts, self.my_parts = scale, seed, parts, tuple(my_parts)
         self.device, self.prefetch = device, prefetch
         self.read_threads, self.gather_threads = read_threads, gather_threads
-        self.drop_token = drop_token
-        self.skip_rows = skip_rows
-        # rows each chunk contributes (BOS positions and skip_rows left out), from the cache's counts;
+        # rows each chunk contributes (BOS positions and outlier rows left out), from the cache's counts;
         # an interleaved split's held-out rows overlap those, so its counts come from the masks
         counts = cache.chunk_counts()
         skip_col = 1 + cache.sites.index(site)
@@ -124,8 +122,8 @@ class ActivationStream:
         for c in self.chunks:
             r0, r1 = cache.row_range(c)
             self.rows_in[c] = (int(self._keep(c).sum()) if split.every else
-                               r1 - r0 - (int(counts[c, 0]) if drop_token is not None else 0)
-                               - (int(counts[c, skip_col]) if skip_rows is not None else 0))
+                               r1 - r0 - (int(counts[c, 0]) if not rows.include_bos else 0)
+                               - (int(counts[c, skip_col]) if not rows.include_outliers else 0))
         d = cache.d_model()
         self.window = max(1, int(shuffle_mb * 2**20 // (self.source.rows_per_chunk * d * self.source.dtype.itemsize)))
         rows = [self._rows_of_part(p, 0) for p in range(parts)]
@@ -135,7 +133,7 @@ class ActivationStream:
                                 f"than one batch of {self.local}; harvest more tokens or lower the batch size")
 
     def _keep(self, c: int) -> np.ndarray:
-        return keep_mask(self.cache, c, self.drop_token, self.skip_rows, self.split)
+        return self.rows.mask(c, "train")
 
     def _epoch_chunks(self, epoch: int, part: int) -> list[int]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(np.array(self.chunks))

@@ -12,14 +12,23 @@ of each of its grids, as do the SAE settings written directly in the pipeline's 
 from __future__ import annotations
 
 import itertools
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from batchtopk.core.errors import PipelineError
+from batchtopk.core.options import declared, option_name, setting
 
 from .sae import ARCHS, SAEConfig
 
 ALIASES = {"init_l0": "jumprelu_init_l0"}
+
+
+@dataclass
+class Grid:
+    """The sweep keys that are not SAEConfig fields."""
+
+    dict: str = setting("4x", "Dictionary size(s): integers, or multiples of d_model like 8x.", metavar="SIZES")
+    seeds: int = setting(1, "Seeds (replicates 0..n-1) of every SAE, trained in the same pass.", metavar="N")
 ONLY_FOR = {
     "k": ("batchtopk", "topk"), "aux_k": ("batchtopk", "topk"), "aux_coeff": ("batchtopk", "topk"),
     "aux_norm": ("batchtopk", "topk"), "dead_tokens": ("batchtopk", "topk"),
@@ -103,8 +112,8 @@ def expand(grid: dict[str, Any], d_in: int) -> list[dict[str, Any]]:
     for a in archs:
         if a not in ARCHS:
             raise PipelineError(f"unknown architecture {a!r}; allowed: {', '.join(ARCHS)}")
-    sizes = [dict_size(m, d_in) for m in _split(grid.get("dict", "4x"))]
-    seeds = _int(grid.get("seeds", 1), "seeds")
+    sizes = [dict_size(m, d_in) for m in _split(grid.get("dict", Grid.dict))]
+    seeds = _int(grid.get("seeds", Grid.seeds), "seeds")
     if seeds < 1:
         raise PipelineError(f"seeds={seeds} must be at least 1")
     keys = [k for k in grid if k in FIELDS and k not in ("arch", "d_in", "d_sae")]
@@ -122,6 +131,8 @@ def expand(grid: dict[str, Any], d_in: int) -> list[dict[str, Any]]:
 
 SELECTION = ("arch", "dict", "k", "l0_coeff", "l1_coeff", "target_l0", "init_l0", "jumprelu_init_l0")
 RUN_LEVEL = ("lr", "betas")  # in a pipeline's train section these are the run's, not per-SAE overrides
+# the sweep keys with an option of their own on `python -m train` (every other one goes through --set)
+SWEEP_KEYS = tuple(f.name for cls in (SAEConfig, Grid) for f in declared(cls) if option_name(f))
 
 
 def sweep_from(train: dict[str, Any], cli: dict[str, Any], d_in: int) -> list[dict]:

@@ -1,0 +1,112 @@
+"""The code's layout: imports run one way (core <- cache <- harvest <- train <- evaluate <- bench), no
+module imports itself through others, the install takes over no common module name, and every spelling
+of the entry points works."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = ("core", "cache", "harvest", "train", "evaluate", "bench")  # each may import those before it
+
+
+def imports_of(path: Path, package: str) -> list[tuple[str, int, bool]]:
+    """(imported batchtopk module, line, at module level) for every import of ours in a file, outside
+    `if TYPE_CHECKING:` blocks."""
+    tree = ast.parse(path.read_text())
+    out = []
+    module = f"{package}.{path.stem}" if path.stem != "__init__" else package
+
+    def visit(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", "") == "TYPE_CHECKING":
+                continue
+            if isinstance(child, ast.ImportFrom):
+                if child.level:  # relative: within this package
+                    base = module.split(".")[: len(module.split(".")) - child.level]
+                    name = ".".join(base + ([child.module] if child.module else []))
+                    targets = [name] if child.module else [f"{name}.{a.name}" for a in child.names]
+                else:
+                    targets = [child.module] + [f"{child.module}.{a.name}" for a in child.names]
+                out.extend((t, child.lineno, top) for t in targets if t.startswith("batchtopk."))
+            elif isinstance(child, ast.Import):
+                out.extend((a.name, child.lineno, top) for a in child.names if a.name.startswith("batchtopk."))
+            visit(child, top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+    visit(tree, True)
+    return out
+
+
+def product_files() -> list[tuple[str, Path]]:
+    return [(f"batchtopk.{layer}", p) for layer in LAYERS for p in sorted((ROOT / layer).glob("*.py"))]
+
+
+def test_imports_run_one_way_and_form_no_cycle():
+    modules = {f"{pkg}.{p.stem}" for pkg, p in product_files()}
+    graph: dict[str, set[str]] = {}
+    wrong = []
+    for pkg, path in product_files():
+        me = f"{pkg}.{path.stem}"
+        rank = LAYERS.index(pkg.split(".")[1])
+        for target, line, top in imports_of(path, pkg):
+            layer = target.split(".")[1]
+            if LAYERS.index(layer) > rank:
+                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+            mod = target if target in modules else target.rsplit(".", 1)[0]
+            if top and mod in modules and mod != me and path.stem != "__main__":
+                graph.setdefault(me, set()).add(mod)
+    assert not wrong, "imports that run back up the layers:\n" + "\n".join(wrong)
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    return trail + [start]
+                if nxt not in trail:
+                    stack.append((nxt, trail + [nxt]))
+        return None
+    cycles = [c for m in graph if (c := cycle_from(m))]
+    assert not cycles, f"module-level import cycles: {cycles[:3]}"
+    # the checker sees imports: the trainer imports the finisher, the core imports none of the stages
+    assert "batchtopk.train.finish" in graph["batchtopk.train.trainer"]
+    assert not any(m.split(".")[1] != "core" for m in graph.get("batchtopk.core.errors", ()))
+
+
+def test_install_takes_over_no_common_module_name(tmp_path):
+    """Hugging Face's `evaluate` and ours import side by side, away from the repository root."""
+    pytest.importorskip("evaluate")
+    code = ("import importlib.metadata as md, evaluate, batchtopk.evaluate.run as ours; "
+            "assert callable(evaluate.load) and 'site-packages' in evaluate.__file__, evaluate.__file__; "
+            "assert ours.__file__.endswith('evaluate/run.py'); "
+            "print(md.distribution('batchtopk-pipeline').read_text('top_level.txt').split())")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "['batchtopk']"
+
+
+@pytest.mark.parametrize("module", ["harvest", "train", "evaluate", "bench", "batchtopk.harvest",
+                                    "batchtopk.train", "batchtopk.evaluate", "batchtopk.bench"])
+def test_every_spelling_of_the_entry_points(module):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"Usage: python -m {module.removeprefix('batchtopk.')}" in r.stdout
+
+
+def test_help_fits_on_a_screen_and_names_the_recipe_options():
+    for args in (["harvest"], ["train"], ["evaluate"], ["evaluate", "browse"]):
+        r = subprocess.run([sys.executable, "-m", *args, "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, COLUMNS="110"))
+        assert r.returncode == 0 and len(r.stdout.splitlines()) <= 45, (args, len(r.stdout.splitlines()))
+    train = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120).stdout
+    full = subprocess.run([sys.executable, "-m", "train", "--help-all"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120).stdout
+    assert "Recipe options (experimental); --help-all describes them:" in train and "--b-dec-init" in train
+    assert "b_dec's start" not in train and "b_dec's start" in full

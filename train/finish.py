@@ -1,0 +1,183 @@
+"""What finishes a training run once its last step is taken: the thresholds set from the final weights
+(BatchTopK's θ, a target-L0 JumpReLU's factor), one pass over the held-out rows (validation NMSE and
+the inference-mode L0), each SAE's metadata, and the saved SAEs."""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from batchtopk.core import distributed
+from batchtopk.harvest.models import hub_name
+
+from .sae import NMSE, SAEConfig, autocast, save_sae, standardized_mse
+from .theta import estimate_theta, target_shift
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+HELDOUT_L0_ROWS = 1 << 17  # held-out rows the final L0 check reads at most (the paper pipeline has 31,608)
+VAL_ROWS = 8192  # held-out rows of the validation NMSE in each SAE's metadata
+
+
+def sets_threshold(c: SAEConfig) -> bool:
+    """Whether an SAE has a threshold set from its final weights: BatchTopK's θ, or the factor on a
+    target-L0 JumpReLU's thresholds."""
+    return c.arch == "batchtopk" or (c.arch == "jumprelu" and c.target_l0 is not None)
+
+
+def theta_estimator(t: Trainer) -> str:
+    """The estimator θ is set by: `unseen` needs a calibration part (none without held-out rows)."""
+    return "pooled" if t.s.theta_estimator == "unseen" and not t.split.calibrate else t.s.theta_estimator
+
+
+def finish(t: Trainer) -> list[Path]:
+    """Set the thresholds, measure the held-out rows, save every SAE and mark the run complete."""
+    thetas = estimate_thresholds(t)
+    chosen = theta_estimator(t)
+    dirs = []
+    for sae, cfg, est in zip(t.saes, t.cfgs, thetas):
+        if est is not None and cfg.arch == "batchtopk":
+            sae.theta.fill_(est[chosen])
+        elif est is not None:
+            with torch.no_grad():
+                sae.log_threshold.add_(math.log(est["threshold_factor"]))
+        dirs.append(t.sae_dir(cfg))
+    if t.rank == 0:
+        val, l0s = heldout_pass(t, thetas) if t.split.heldout_chunks else (None, [None] * len(t.saes))
+        for sae, cfg, d, est, l0 in zip(t.saes, t.cfgs, dirs, thetas, l0s):
+            meta = metadata(t, cfg, chosen)
+            if est is not None:
+                meta["theta_estimates" if cfg.arch == "batchtopk" else "target_l0_calibration"] = est
+            if l0 is not None:
+                meta["heldout_l0"] = l0
+            with torch.no_grad():
+                for mode in sae.modes if val is not None else ():
+                    x_hat = sae(val, mode)
+                    meta[f"val_nmse_{mode}"] = NMSE().add(val, x_hat).value
+                    meta[f"val_standardized_mse_{mode}"] = float(standardized_mse(val, x_hat).mean())
+            save_sae(sae, d, meta)
+        t.save_state()
+        t.mark_complete(dirs)
+    distributed.barrier()
+    return dirs
+
+
+def estimate_thresholds(t: Trainer) -> list[dict[str, float] | None]:
+    """Thresholds from the final weights: every BatchTopK SAE's θ estimates (theta.py) over the training
+    batches that follow the last step (theta_tokens tokens, at the training batch size) and, with a
+    calibration part, over its rows (`unseen`, the same batch size); for a JumpReLU with a target L0 the
+    factor on its thresholds that lands it there, over the calibration part if there is one, else those
+    training batches."""
+    todo = [i for i, c in enumerate(t.cfgs) if sets_threshold(c)]
+    out: list[dict[str, float] | None] = [None] * len(t.saes)
+    if not todo:
+        return out
+    n = max(1, math.ceil(t.s.theta_tokens / t.s.batch_size))
+    it = t.stream.batches(t.total_steps)
+    xs = [next(it) for _ in range(n)]
+    it.close()
+    unseen = []
+    if t.split.calibrate:
+        rows = t.rows.take(t.s.theta_tokens, part="calibration")
+        unseen = [x.to(t.device) for x in rows.split(t.s.batch_size)]
+    for i in todo:
+        sae, cfg = t.saes[i], t.cfgs[i]
+        with torch.no_grad(), autocast(t.device):
+            def pre(x, sae=sae):
+                return sae.pre(sae.normalize(x)[0])
+            if cfg.arch == "batchtopk":
+                est = estimate_theta(xs, pre, cfg.k)
+                if unseen:
+                    est["unseen"] = estimate_theta(unseen, pre, cfg.k)["pooled"]
+                est["running"] = float(t.theta_sum[i]) / max(1, t.theta_n[i])
+            else:
+                est = {"threshold_factor": target_shift(unseen or xs, pre, sae.threshold, cfg.target_l0) or 1.0}
+        for key in est:  # ranks saw different batches: average their estimates
+            v = torch.tensor([est[key]], device=t.device)
+            est[key] = float(distributed.all_reduce_(v)) / t.world
+        out[i] = est
+    return out
+
+
+@torch.no_grad()
+def heldout_pass(t: Trainer, thetas: list[dict[str, float] | None], val_rows: int = VAL_ROWS
+                 ) -> tuple[torch.Tensor, list[dict[str, Any] | None]]:
+    """One read of the held-out rows evaluation reads: their first val_rows rows (the validation NMSE),
+    and the inference-mode L0 of every SAE whose L0 is not fixed by construction (BatchTopK's θ, also at
+    each of its other θ estimates; JumpReLU's thresholds) over whole chunks, up to HELDOUT_L0_ROWS,
+    chunk by chunk: held-out text differs from chunk to chunk, and the spread over chunks says how far
+    a difference from k (or the target) is more than that."""
+    todo = [i for i, c in enumerate(t.cfgs) if c.arch in ("batchtopk", "jumprelu")]
+    sums: dict[int, list[float]] = {i: [] for i in todo}
+    at: dict[int, dict[str, float]] = {i: dict.fromkeys(thetas[i], 0.0) for i in todo
+                                       if t.cfgs[i].arch == "batchtopk" and thetas[i]}
+    rows: list[int] = []  # per chunk the L0 check saw
+    val: list[torch.Tensor] = []
+    for x in t.rows.chunks("heldout"):
+        need_val = sum(map(len, val)) < val_rows
+        need_l0 = bool(todo) and sum(rows) < HELDOUT_L0_ROWS  # a large held-out part is not read whole
+        if not (need_val or need_l0):
+            break
+        if need_val:
+            val.append(x)
+        if not need_l0 or not len(x):
+            continue
+        x = x.to(t.device)
+        rows.append(len(x))
+        for i in todo:
+            sae = t.saes[i]
+            with autocast(t.device):
+                pre = sae.pre(sae.normalize(x)[0])
+                counts = sae.code(pre, sae.modes[0]).counts
+                for name in at.get(i, {}):
+                    at[i][name] += float((pre > max(thetas[i][name], 0.0)).sum())
+            sums[i].append(float(counts.sum()))
+    out: list[dict[str, Any] | None] = [None] * len(t.saes)
+    for i in todo:
+        per_chunk = [s / n for s, n in zip(sums[i], rows)]
+        spread = statistics.stdev(per_chunk) / math.sqrt(len(per_chunk)) if len(per_chunk) > 1 else 0.0
+        out[i] = {"mean": sum(sums[i]) / sum(rows), "standard_error": spread, "per_chunk": per_chunk,
+                  "rows": sum(rows), "mode": t.saes[i].modes[0]}
+        if i in at:
+            out[i]["at_estimates"] = {name: v / sum(rows) for name, v in at[i].items()}
+    return torch.cat(val)[:val_rows].to(t.device), out
+
+
+def metadata(t: Trainer, cfg: SAEConfig, chosen: str) -> dict[str, Any]:
+    """An SAE's cfg.json metadata: what SAELens-based tools read, where its data came from (the rows it
+    saw, the batches), its recipe as data, and how its θ was set."""
+    a = t.cache.attrs
+    s = t.s
+    cal = t.split.sequences(t.cache, "calibration")
+    theta_doc = {"unseen": f"the smallest activation kept by one batch top-k over up to {s.theta_tokens} tokens "
+                           f"of held-out sequences range({cal.start}, {cal.stop}, {cal.step}), never trained on, "
+                           "final weights",
+                 "pooled": f"the smallest activation kept by one batch top-k over {s.theta_tokens} training "
+                           "tokens, final weights",
+                 "mean": f"the mean smallest kept activation of batches of {s.batch_size} over "
+                         f"{s.theta_tokens} training tokens, final weights (eq. 7)",
+                 "running": f"the mean smallest kept activation over the last {s.theta_window:.0%} of "
+                            "training batches, weights of each step"}
+    bt = cfg.arch == "batchtopk"
+    return {
+        # what SAELens-based tools (SAEBench, Neuronpedia uploads) read: the model by its hub id
+        "model_name": hub_name(a["model"]), "hook_name": t.site, "context_size": a["ctx_len"],
+        "prepend_bos": True, "dataset_path": a["dataset"].get("dataset"),
+        "model": a["model"], "dataset": {k: a["dataset"].get(k) for k in ("dataset", "config", "split", "revision")},
+        "cache": t.cache.location, "cache_id": a["cache_id"],
+        "architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae, "pipeline": s.pipeline,
+        "recipe": cfg.changed(),  # the settings beyond the name's that differ from the defaults
+        **t.rows.metadata(),  # heldout_sequences, heldout_every, calibration_sequences, include_bos, ...
+        "training_tokens": t.step * s.batch_size, "batch_size": s.batch_size,
+        "data_parts": t.stream.parts, "shuffle_mb": s.shuffle_mb,  # with the seed: the batches
+        "lr": cfg.lr if cfg.lr is not None else s.lr, "betas": list(cfg.betas or s.betas),
+        "seed": s.seed, "replicate": cfg.replicate, "world_size": t.world,
+        "global_input_scale": t.scale,
+        "theta": float(t.saes[t.cfgs.index(cfg)].theta) if bt else None,
+        "theta_estimator": chosen if bt else None,
+        "theta_estimate": theta_doc[chosen] if bt else None,
+    }
