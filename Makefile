@@ -17,7 +17,7 @@ EVAL_ARGS    = $(COMMON) $(call flag,SAE,sae) $(call flag,TOKENS,tokens)
 # NPROC=n runs a stage under torchrun (gloo on CPU, NCCL on GPUs).
 launch = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC) -m batchtopk.$(1),$(PY) -m batchtopk.$(1))
 
-.PHONY: setup test test-fast demo harvest train eval report browse bench peers push pull paper pipeline-run clean
+.PHONY: setup test test-fast docs demo harvest train eval report browse bench peers push pull paper pipeline-run clean
 setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -71,6 +71,10 @@ pipeline-run:
 	$(PY) -m batchtopk.train $(COMMON) $(call flag,TOKENS,tokens)
 	$(PY) -m batchtopk.evaluate $(COMMON)
 	$(PY) -m batchtopk.evaluate report $(COMMON)
+
+# The results tables in README.md and docs/*.md, from the JSON kept under docs/ (and the declared options).
+docs: setup
+	$(PY) -m batchtopk.bench docs
 
 bench: setup
 	$(PY) -m batchtopk.bench $(BENCH_ARGS)

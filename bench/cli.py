@@ -12,7 +12,7 @@ from . import records
 
 
 @click.group(invoke_without_command=True)
-@click.option("--part", "parts", multiple=True, type=click.Choice(["harvest", "train", "scaling", "browse"]),
+@click.option("--part", "parts", multiple=True, type=click.Choice(["harvest", "train", "scaling", "browse", "ops"]),
               help="Run only these parts (default: all).")
 @click.option("--harvest-tokens", default=8192, show_default=True)
 @click.option("--steps", default=5, show_default=True, help="Training steps timed per implementation.")
@@ -28,12 +28,13 @@ from . import records
 def main(ctx, parts, harvest_tokens, steps, d_in, d_sae, k, batch, dead_fraction, device, out_name) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    from . import browse_bench, harvest_bench, scaling_bench, train_bench
+    from . import browse_bench, harvest_bench, ops, scaling_bench, train_bench
 
-    todo = parts or ("harvest", "train", "scaling", "browse")
+    todo = parts or ("harvest", "train", "ops", "scaling", "browse")
     for part in todo:
         recs = {"harvest": lambda: harvest_bench.run(tokens=harvest_tokens),
                 "train": lambda: train_bench.run(d_in, d_sae, k, batch, steps, device, dead_fraction),
+                "ops": lambda: ops.run(steps, d_in, d_sae, k, batch),
                 "scaling": scaling_bench.run, "browse": browse_bench.run}[part]()
         path = records.write(f"{part}-{out_name}" if out_name else part, recs)
         click.echo(f"\n== {part} ({path})\n{records.table(recs)}")
@@ -104,3 +105,17 @@ def theta(sae_dirs, every, out_name) -> None:
         click.echo(f"{r.name}: L0/k by tenth of the run {r.settings['train_l0_over_k_by_tenth_of_run']}")
     click.echo(str(path))
 
+
+
+@main.command()
+@click.option("--check", is_flag=True, help="Only check that every table is up to date (exit 1 if not).")
+@one_line_errors
+def docs(check: bool) -> None:
+    """Render the tables of README.md and docs/*.md from the JSON kept under docs/ (and the declared options)."""
+    from . import docs as d
+
+    changed = d.render_all(write=not check)
+    for f in changed:
+        click.echo(f"{'out of date' if check else 'updated'}: {f}")
+    if check and changed:
+        raise SystemExit(1)

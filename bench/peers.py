@@ -289,8 +289,8 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
     for arch in archs:
         with tempfile.TemporaryDirectory() as tmp:
             ours = train_ours(b, arch, m, k, seeds, Path(tmp) / "ours")
-        results = {"ours": (ours, {})}
         our_lr = OUR_LR[arch]
+        results = {"ours": (ours, {"lr": our_lr})}
         lrs = [(None, "")] * ("default" in peer_lrs) + [(our_lr, f" at our lr {our_lr:g}")] * ("ours" in peer_lrs)
         for lr, tag in lrs:
             if "dictionary_learning" in peers:

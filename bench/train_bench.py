@@ -13,9 +13,10 @@ import torch
 from batchtopk.cache.format import Cache, synthetic_tokens, write_cache
 from batchtopk.cache.split import Rows, Split
 from batchtopk.train.sae import SAE, SAEConfig
-from batchtopk.train.sparsity import batch_topk_indices, jumprelu, step
+from batchtopk.train.sparsity import batch_topk, jumprelu, step
 from batchtopk.train.stream import ActivationStream
 
+from .ops import stack_trainer
 from .records import Record, device_name, timed
 
 ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
@@ -25,7 +26,7 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
     """The textbook implementation of the same losses: dense codes, dense decoder (and dense
     auxiliary loss), flat top-k over the whole batch."""
     cfg = sae.cfg
-    pre = x @ sae.W_enc + sae.b_enc
+    pre = sae.encoder_input(x) @ sae.W_enc + sae.b_enc  # x - b_dec for a centred encoder
     if cfg.arch == "batchtopk":
         acts = pre.relu()
         flat = acts.flatten()
@@ -57,7 +58,9 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
         a = pre[:, dead].relu()
         v, i = a.topk(min(cfg.aux_k, int(dead.sum())), dim=1)
         aux = torch.zeros_like(a).scatter(1, i, v) @ sae.W_dec[dead]
-        loss = loss + cfg.aux_coeff * mse(aux - (x - x_hat).detach())
+        residual = (x - x_hat).detach()
+        scale = mse(residual - residual.mean(0)).clamp_min(1e-12) if cfg.aux_norm else 1.0
+        loss = loss + cfg.aux_coeff * mse(aux - residual) / scale
     return loss
 
 
@@ -97,6 +100,14 @@ def step_time(arch: str, impl: str, d: int, m: int, k: int, batch: int, steps: i
     dead[: int(m * dead_fraction)] = True  # exercise the aux loss too
     if impl == "saelens":
         one = _saelens_step(arch, d, m, k, x, dead, device)
+    elif impl == "ours":  # the trainer's step: a stack of one SAE, clipping and Adam included
+        st = stack_trainer(arch, 1, d, m, k, dead_fraction, device)
+        st.stack.init_from_data(x)
+        step_t = torch.zeros((), dtype=torch.long, device=device)
+
+        def one():
+            st.state.since_fired[:, : int(m * dead_fraction)] = 10 ** 9  # the same latents dead every step
+            st.step(x, step_t)
     else:
         sae = SAE(SAEConfig(arch, d_in=d, d_sae=m, k=k if arch in ("batchtopk", "topk") else None,
                             jumprelu_init_l0=k)).to(device)
@@ -108,11 +119,14 @@ def step_time(arch: str, impl: str, d: int, m: int, k: int, batch: int, steps: i
             ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                    else torch.autocast("cpu", enabled=False))
             with ctx:
-                loss = sae.losses(x, dead)[0]["loss"] if impl == "ours" else dense_losses(sae, x, dead)
+                loss = dense_losses(sae, x, dead)
             loss.backward()
-            sae.project_decoder_grad()
+            with torch.no_grad():
+                g = sae.W_dec.grad
+                g -= (g * sae.W_dec).sum(-1, keepdim=True) * sae.W_dec
             opt.step()
-            sae.normalize_decoder()
+            with torch.no_grad():
+                sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -129,8 +143,8 @@ def step_time(arch: str, impl: str, d: int, m: int, k: int, batch: int, steps: i
 def _isolated(arch: str, impl: str, d: int, m: int, k: int, batch: int, steps: int, device: str,
               dead_fraction: float) -> dict:
     """Each measurement in a fresh process, so the CPU peak memory is its own."""
-    code = (f"import json, bench.train_bench as b; print(json.dumps(b.step_time({arch!r}, {impl!r}, {d}, {m}, {k}, "
-            f"{batch}, {steps}, {device!r}, {dead_fraction!r})))")
+    code = (f"import json, batchtopk.bench.train_bench as b; print(json.dumps(b.step_time({arch!r}, {impl!r}, "
+            f"{d}, {m}, {k}, {batch}, {steps}, {device!r}, {dead_fraction!r})))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd=Path(__file__).resolve().parent.parent)
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -168,8 +182,8 @@ def run(d: int = 576, m: int = 4608, k: int = 32, batch: int = 4096, steps: int 
                                settings | {"matmul_flops_per_s": rate}))
     # the batch-level top-k itself
     pre = torch.randn(batch, m, device=device)
-    t_ours = timed(lambda: batch_topk_indices(pre, k), repeat=3, device=device)
-    t_flat = timed(lambda: pre.relu().flatten().topk(batch * k, sorted=False).indices.sort(), repeat=3, device=device)
+    t_ours = timed(lambda: batch_topk(pre[None], k), repeat=3, device=device)
+    t_flat = timed(lambda: pre.flatten().topk(batch * k, sorted=False).indices.sort(), repeat=3, device=device)
     recs.append(Record("batch top-(n*k) selection", batch / t_ours, "tok/s", "flat topk over n*m", batch / t_flat,
                        dev, settings))
     for width in (d, 2304):
@@ -229,16 +243,12 @@ def fed_training_record(d: int, m: int, k: int, batch: int, device: str, dev: st
         it = stream.batches(0)
         held = [next(it) for _ in range(stream.batches_per_epoch)]
         it.close()
-        sae = SAE(SAEConfig("batchtopk", d_in=d, d_sae=m, k=k)).to(device)
-        opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))
+        st = stack_trainer("batchtopk", 1, d, m, k, 0.0, device)
+        step_t = torch.zeros((), dtype=torch.long, device=device)
 
         def train(batches):
             for x in batches:
-                opt.zero_grad(set_to_none=True)
-                sae.losses(x, None)[0]["loss"].backward()
-                sae.project_decoder_grad()
-                opt.step()
-                sae.normalize_decoder()
+                st.step(x, step_t)
 
         def fed():
             it = stream.batches(0)

@@ -386,7 +386,7 @@ SUMMARY_FILE = "summary.json"
 # are rendered from it), not its histograms
 SUMMARY_KEYS = ("name", "config", "architecture", "k", "d_sae", "replicate", "recipe", "l0_coeff", "target_l0",
                 "l1_coeff", "theta_estimator", "heldout_l0", "training_tokens", "eval_tokens", "eval_source", "model",
-                "site", "pipeline", "cache_id", "include_bos", "outlier_norm_above", "mode", *TABLE_KEYS,
+                "site", "pipeline", "cache_id", "include_bos", "outlier_norm_above", "mode", "lr", *TABLE_KEYS,
                 "standardized_mse", "n_tokens")
 
 

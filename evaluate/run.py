@@ -211,7 +211,7 @@ def evaluate(s: EvalSettings) -> list[Path]:
                    **modes[main], "modes": modes, "include_bos": s.include_bos,
                    "include_outliers": s.include_outliers, "outlier_norm_above": rows.max_norm,
                    "eval_tokens": sum(b.numel() for b in batches), "eval_source": source,
-                   "training_tokens": md.get("training_tokens"), "definitions": DEFINITIONS}
+                   "training_tokens": md.get("training_tokens"), "lr": md.get("lr"), "definitions": DEFINITIONS}
             (d / METRICS_FILE).write_text(json.dumps(out, indent=2))
             written.append(d / METRICS_FILE)
     return written

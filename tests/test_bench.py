@@ -32,33 +32,6 @@ def test_loader_and_fed_training_records(tmp_path):
     assert fed.value > 0 and fed.baseline_value > 0 and fed.settings["steps"] >= 1
 
 
-@pytest.mark.parametrize("arch,aux_k", [(a, 512) for a in train_bench.ARCHS] + [("batchtopk", 1), ("topk", 1)])
-def test_dense_reference_computes_the_same_loss_and_gradients(arch, aux_k):
-    """Our sparse step against dense autograd, values and gradients; the auxiliary loss takes its dense
-    path over the 20 dead columns with aux_k 512, its per-pair path with aux_k 1 (1 of 20 < 1/12)."""
-    import torch
-
-    from batchtopk.train.sae import AUX_DENSE_FROM, SAE, SAEConfig
-
-    assert (AUX_DENSE_FROM * min(aux_k, 20) >= 20) == (aux_k == 512)  # the two cases take the two paths
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(arch, d_in=16, d_sae=64, k=4 if arch in ("batchtopk", "topk") else None, aux_k=aux_k,
-                        preact_coeff=1e-3 if arch == "jumprelu" else 0.0))
-    x = torch.randn(32, 16)
-    sae.init_from_data(x)
-    dead = torch.zeros(64, dtype=torch.bool)
-    dead[:20] = True
-    ours = sae.losses(x, dead)[0]["loss"]
-    ours.backward()
-    g = {n: p.grad.clone() for n, p in sae.named_parameters()}
-    sae.zero_grad()
-    ref = train_bench.dense_losses(sae, x, dead)
-    ref.backward()
-    assert float(ref) == pytest.approx(float(ours), rel=1e-5)
-    for n, p in sae.named_parameters():
-        torch.testing.assert_close(p.grad, g[n], rtol=1e-4, atol=1e-6, msg=n)
-
-
 def test_score_tells_dead_latents_from_ones_only_the_training_text_uses():
     from batchtopk.bench.peers import score
 

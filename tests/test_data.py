@@ -7,6 +7,7 @@ import torch
 
 from batchtopk.cache.format import Cache, synthetic_tokens, write_cache
 from batchtopk.cache.split import Rows, Split, keep_mask
+from batchtopk.core.errors import PipelineError
 from batchtopk.train.stream import ActivationStream, BufferPool
 
 SITE = "blocks.0.hook_resid_pre"
@@ -245,3 +246,36 @@ def test_calibration_takes_every_other_heldout_sequence_and_never_trains(cache, 
     epoch = ids(next(it) for _ in range(s.batches_per_epoch))
     it.close()
     assert not set(epoch) & rows_of(held) and sum(s.rows_in.values()) == len(rows_of(range(40)) - rows_of(held))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_device_window_loader_equals_the_host_loader(tmp_path, dtype):
+    """The GPU's loader (whole chunks copied once per window into a device buffer, batches gathered there
+    by index), run here with the CPU as its device: the same batches, in the same order, as the host
+    loader, across windows, epochs and data parts, and from a resumed index."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((40 * 32, 8)).astype(np.float32)
+    x[:, 0] = np.arange(len(x))
+    c = write_cache(str(tmp_path / dtype), synthetic_tokens(40, 32), {SITE: x}, dtype=dtype, chunk_seqs=3)
+    s = ActivationStream(Rows(c, SITE, Split.of(c, 0.25)), 64, 2.0, seed=1, shuffle_mb=0.005, parts=2, my_parts=(0, 1))
+    assert s.window < len(s.chunks) // 2  # several windows per part and epoch
+    for start in (0, s.batches_per_epoch + 3):
+        host, dev = s.host_batches(start), s.device_batches(start)
+        for _ in range(2 * s.batches_per_epoch):
+            assert torch.equal(next(host), next(dev))
+        host.close()
+        dev.close()
+
+
+def test_device_window_loader_catches_a_corrupt_chunk(tmp_path):
+    x = np.random.default_rng(5).standard_normal((24 * 16, 4)).astype(np.float32)
+    c = write_cache(str(tmp_path / "c"), synthetic_tokens(24, 16), {SITE: x}, dtype="float32", chunk_seqs=4)
+    path = c.chunk_file(SITE, 2)
+    raw = bytearray(open(path, "rb").read())
+    raw[40] ^= 0x01
+    open(path, "wb").write(bytes(raw))
+    it = ActivationStream(every_row(Cache.open(c.location), Split.of(c, 0.0)), 32, 1.0).device_batches(0)
+    with pytest.raises(PipelineError, match="chunk 2 of .* fails its checksum"):
+        for _ in range(20):
+            next(it)
+    it.close()

@@ -59,23 +59,27 @@ def test_distributed_harvest_equals_single(hargs, tmp_path):
     assert_same_cache(single, multi)
 
 
-def test_ddp_topk_matches_single_process(hargs, tmp_path):
+def test_ddp_topk_stack_matches_single_process(hargs, tmp_path):
+    """Two TopK seeds, one stack, under DDP on 2 gloo processes: each ends as the single process's does on
+    the same global batches."""
     cache = harvest_cli([*hargs, "--tokens", str(160 * 32)], tmp_path / "c")
-    common = ["--cache", cache, "--arch", "topk", "--k", "4", "--dict", "128", "--tokens", str(512 * 12),
-              "--batch-size", "512", "--lr", "1e-3", "--device", "cpu", "--val-fraction", "0.2"]
+    common = ["--cache", cache, "--arch", "topk", "--k", "4", "--dict", "128", "--seeds", "2", "--tokens",
+              str(512 * 12), "--batch-size", "512", "--lr", "1e-3", "--device", "cpu", "--val-fraction", "0.2"]
     r = subprocess.run([*TORCHRUN, "-m", "train", *common, "--out", str(tmp_path / "ddp")], capture_output=True,
                        text=True, cwd=ROOT, env=env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    ddp_dir = Path(r.stdout.strip().splitlines()[-1])
-    [single_dir] = Trainer(TrainSettings(cache=cache, out=str(tmp_path / "single"), saes=[
-        {"arch": "topk", "d_sae": 128, "k": 4}], tokens=512 * 12, batch_size=512, lr=1e-3, device="cpu",
-        val_fraction=0.2, data_parts=2)).run()
-    a, ma = load_sae(ddp_dir)
-    b, mb = load_sae(single_dir)
-    assert ma["metadata"]["world_size"] == 2 and mb["metadata"]["world_size"] == 1
-    for name, p in a.state_dict().items():
-        # same global batches; only the order of floating-point sums differs
-        torch.testing.assert_close(p, b.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
+    ddp_dirs = [Path(p) for p in r.stdout.strip().splitlines()[-2:]]
+    single_dirs = Trainer(TrainSettings(cache=cache, out=str(tmp_path / "single"), saes=[
+        {"arch": "topk", "d_sae": 128, "k": 4, "replicate": i} for i in range(2)], tokens=512 * 12, batch_size=512,
+        lr=1e-3, device="cpu", val_fraction=0.2, data_parts=2)).run()
+    for ddp_dir, single_dir in zip(ddp_dirs, single_dirs):
+        assert ddp_dir.name == single_dir.name
+        a, ma = load_sae(ddp_dir)
+        b, mb = load_sae(single_dir)
+        assert ma["metadata"]["world_size"] == 2 and mb["metadata"]["world_size"] == 1
+        for name, p in a.state_dict().items():
+            # same global batches; only the order of floating-point sums differs
+            torch.testing.assert_close(p, b.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------- a failing rank stops every rank

@@ -54,18 +54,18 @@ def train_args(cache: str, out: Path, tokens: int = 256 * 30) -> list[str]:
 
 def interrupted_run(cache: str, out: Path, monkeypatch) -> None:
     """A run stopped after its step-10 checkpoint."""
-    from batchtopk.train.trainer import Trainer
-    real = Trainer._train_step
+    from batchtopk.train.stack import StackTrainer
+    real = StackTrainer.step
 
-    def stop(self, i, x):
-        if self.step == 12:
+    def stop(self, x, step_t, log=False):
+        if int(step_t) == 12:
             raise KeyboardInterrupt
-        return real(self, i, x)
+        return real(self, x, step_t, log)
 
-    monkeypatch.setattr(Trainer, "_train_step", stop)
+    monkeypatch.setattr(StackTrainer, "step", stop)
     r = CliRunner().invoke(train_cli, train_args(cache, out))
     assert "interrupted at step 12" in one_error(r)
-    monkeypatch.setattr(Trainer, "_train_step", real)
+    monkeypatch.setattr(StackTrainer, "step", real)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

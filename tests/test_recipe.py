@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stacked import Losses
 
 from batchtopk.train import recipe
 from batchtopk.train.sae import SAE, SAEConfig, geometric_median, standardize
+from batchtopk.train.stack import SAEStack, StackAdam
 from batchtopk.train.sweep import expand, sweep_from
 
 D, M = 16, 64
@@ -21,10 +23,7 @@ def batch(n=256, seed=0) -> torch.Tensor:
 
 
 def grads(sae: SAE, x: torch.Tensor, dead=None) -> dict[str, torch.Tensor]:
-    sae.zero_grad()
-    out, _ = sae.losses(x, dead)
-    out["loss"].backward()
-    return {n: p.grad.clone() for n, p in sae.named_parameters()}
+    return Losses(sae, x, dead).backward().grads()
 
 
 def test_paired_initial_weights_across_architectures():
@@ -39,7 +38,8 @@ def test_paired_initial_weights_across_architectures():
         assert not torch.equal(ref.W_dec[:M // 2], other.W_dec[:M // 2])
 
 
-@pytest.mark.parametrize("aux_k", [512, 1])  # the auxiliary loss's dense and per-pair paths
+# every dead latent per token, or each token's top 16 of the 20 dead (the pool, 2·aux_k, holds all of them)
+@pytest.mark.parametrize("aux_k", [512, 16])
 def test_center_encodes_x_minus_b_dec_and_trains_b_dec_through_the_encoder(aux_k):
     x = batch()
     plain, centred = sae_of(), sae_of(center=True, aux_k=aux_k)
@@ -91,7 +91,7 @@ def test_geometric_median_of_symmetric_points_is_their_centre():
 def test_mse_reduction_sum_is_d_times_mean():
     x = batch()
     a, b = sae_of(mse="mean"), sae_of(mse="sum")
-    la, lb = a.losses(x, None)[0]["mse"], b.losses(x, None)[0]["mse"]
+    la, lb = Losses(a, x).out["mse"], Losses(b, x).out["mse"]
     assert float(lb) == pytest.approx(D * float(la), rel=1e-6)
 
 
@@ -99,53 +99,71 @@ def test_aux_norm_divides_by_the_residual_variance():
     x = batch()
     dead = torch.arange(M) < 30
     a, b = sae_of(), sae_of(aux_norm=True)
-    oa, ob = a.losses(x, dead)[0], b.losses(x, dead)[0]
+    oa, ob = Losses(a, x, dead).out, Losses(b, x, dead).out
     resid = x - oa["x_hat"]
     var = (resid - resid.mean(0)).pow(2).sum(-1).mean()  # the residual's variance, summed over dimensions
     assert float(ob["aux"]) == pytest.approx(float(oa["aux"]) / float(var), rel=1e-5)
     assert float(ob["mse"]) == float(oa["mse"])
 
 
-def test_grad_clip_clips_the_global_norm_only():
+def test_grad_clip_clips_each_saes_global_norm_only():
+    """In one stack: no clipping, clipping at 0.5 (the default is 1.0), and a clip above the norm."""
     x = batch() * 100  # large gradients
-    a, b = sae_of(grad_clip=None), sae_of(grad_clip=0.5)  # the default clips at 1.0
-    ga, gb = grads(a, x), grads(b, x)
-    assert a.prepare_grads() is None
-    norm = b.prepare_grads()
-    assert norm > 0.5
-    clipped = torch.cat([p.grad.flatten() for p in b.parameters()])
-    assert float(clipped.norm()) == pytest.approx(0.5, rel=1e-4)
-    unclipped = torch.cat([p.grad.flatten() for p in a.parameters()])
-    torch.testing.assert_close(clipped / clipped.norm(), unclipped / unclipped.norm(), rtol=1e-4, atol=1e-6)
-    assert ga.keys() == gb.keys()
+    saes = [sae_of(grad_clip=None), sae_of(grad_clip=0.5), sae_of(grad_clip=1e9)]
+    stack = SAEStack(saes, 1e-3, (0.9, 0.99))
+    out = stack.losses(x, torch.zeros(3, M, dtype=torch.long), stack.coeff)[0]
+    out["loss"].sum().backward()
+    raw = torch.cat([p.grad.reshape(3, -1) for p in stack.parameters()], 1)
+    g = StackAdam(stack).clipped_gradient(stack)
+    assert float(raw[1].norm()) > 0.5 and float(g[1].norm()) == pytest.approx(0.5, rel=1e-4)
+    torch.testing.assert_close(g[1] / g[1].norm(), raw[1] / raw[1].norm(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g[0], raw[0]) and torch.testing.assert_close(g[2], raw[2])
 
 
 def test_lr_betas_and_threshold_lr_reach_the_optimizer():
-    opt = recipe.make_optimizer(sae_of(), 3e-4, (0.9, 0.99))
-    assert [g["lr"] for g in opt.param_groups] == [3e-4] and opt.defaults["betas"] == (0.9, 0.99)
-    opt = recipe.make_optimizer(sae_of(lr=1e-3, betas=(0.0, 0.999)), 3e-4, (0.9, 0.99))
-    assert [g["lr"] for g in opt.param_groups] == [1e-3] and opt.defaults["betas"] == (0.0, 0.999)
-    jr = SAE(SAEConfig("jumprelu", D, M, threshold_lr=0.05))
-    opt = recipe.make_optimizer(jr, 3e-4, (0.9, 0.99))
-    assert [g["lr"] for g in opt.param_groups] == [3e-4, 0.05]
-    assert opt.param_groups[1]["params"] == [jr.log_threshold]
+    """Each SAE of a stack at its own lr and betas (the run's where it sets none), and a stack's Adam step
+    equals torch.optim.Adam's on each SAE alone."""
+    stack = SAEStack([sae_of(), sae_of(lr=1e-3, betas=(0.0, 0.999))], 3e-4, (0.9, 0.99))
+    assert stack.lr.tolist() == pytest.approx([3e-4, 1e-3]) and stack.beta1.tolist() == [pytest.approx(0.9), 0.0]
+    assert stack.beta2.tolist() == pytest.approx([0.99, 0.999])
+    jr = SAEStack([SAE(SAEConfig("jumprelu", D, M, threshold_lr=0.05))], 3e-4, (0.9, 0.99))
+    assert jr.threshold_lr.tolist() == pytest.approx([0.05]) and jr.lr.tolist() == pytest.approx([3e-4])
+    saes = [sae_of(replicate=r) for r in range(2)]
+    opt = StackAdam(stack := SAEStack(saes, 3e-4, (0.9, 0.99)))
+    refs = [torch.optim.Adam(s.parameters(), lr=lr, betas=b) for s, lr, b in
+            zip(saes, (3e-4, 3e-4), ((0.9, 0.99), (0.9, 0.99)))]
+    stack.grad_clip.fill_(float("inf"))
+    for _ in range(3):
+        g = {n: torch.randn(p.shape) for n, p in stack.named_parameters()}
+        for n, p in stack.named_parameters():
+            p.grad = g[n].clone()
+        opt.step(stack, torch.ones(2))
+        for i, (s, ref) in enumerate(zip(saes, refs)):
+            for n, p in s.named_parameters():
+                p.grad = g[n][i].clone()
+            ref.step()
+    for i, s in enumerate(saes):
+        for n, p in s.named_parameters():
+            torch.testing.assert_close(getattr(stack, n)[i], p, rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_warmup_and_decay_schedules():
-    cfg = SAEConfig("topk", D, M, k=4, warmup=0.1, decay=0.2)
-    f = [recipe.lr_factor(cfg, s, 100) for s in range(100)]
-    assert f[0] == pytest.approx(1 / 11) and f[9] == pytest.approx(10 / 11) and f[10] == 1.0
-    assert f[79] == 1.0 and f[80] == pytest.approx(1.0) and f[90] == pytest.approx(0.5) and f[99] == pytest.approx(0.05)
-    plain = SAEConfig("topk", D, M, k=4)
-    assert {recipe.lr_factor(plain, s, 100) for s in range(100)} == {1.0}
+    """Per SAE of one stack, from a device step: warm-up over the first 10%, decay over the last 20%."""
+    stack = SAEStack([sae_of(warmup=0.1, decay=0.2), sae_of()], 1e-3, (0.9, 0.99))
+    f = [stack.lr_factor(torch.tensor(s), 100).tolist() for s in range(100)]
+    w = [a for a, _ in f]
+    assert w[0] == pytest.approx(1 / 11) and w[9] == pytest.approx(10 / 11) and w[10] == 1.0
+    assert w[79] == 1.0 and w[80] == pytest.approx(1.0) and w[90] == pytest.approx(0.5) and w[99] == pytest.approx(0.05)
+    assert {b for _, b in f} == {1.0}
 
 
 def test_sparsity_warmup():
-    cfg = SAEConfig("jumprelu", D, M, l0_coeff=0.02, sparsity_warmup=0.5)
-    assert recipe.sparsity_coeff(cfg, 0, 100) == pytest.approx(0.02 / 50)
-    assert recipe.sparsity_coeff(cfg, 49, 100) == pytest.approx(0.02)
-    assert recipe.sparsity_coeff(SAEConfig("relu", D, M, l1_coeff=0.3), 0, 100) == 0.3
-    assert recipe.sparsity_coeff(SAEConfig("topk", D, M, k=4), 0, 100) is None
+    jr = SAEStack([SAE(SAEConfig("jumprelu", D, M, l0_coeff=0.02, sparsity_warmup=0.5)),
+                   SAE(SAEConfig("jumprelu", D, M, l0_coeff=0.3))], 1e-3, (0.9, 0.99))
+    assert jr.sparsity_coeff(torch.tensor(0), 100).tolist() == pytest.approx([0.02 / 50, 0.3])
+    assert jr.sparsity_coeff(torch.tensor(49), 100).tolist() == pytest.approx([0.02, 0.3])
+    relu = SAEStack([SAE(SAEConfig("relu", D, M, l1_coeff=0.3))], 1e-3, (0.9, 0.99))
+    assert relu.sparsity_coeff(torch.tensor(0), 100).tolist() == pytest.approx([0.3])
 
 
 def test_target_l0_penalty_pushes_thresholds_both_ways():
@@ -153,12 +171,10 @@ def test_target_l0_penalty_pushes_thresholds_both_ways():
     for target, sign in ((1.0, -1), (60.0, +1)):  # L0 above the target raises thresholds, below lowers them
         s = SAE(SAEConfig("jumprelu", D, M, target_l0=target, l0_coeff=1.0, jumprelu_init_l0=16, bandwidth=0.5))
         s.init_from_data(x)
-        out, code = s.losses(x, None)
-        l0 = code.nnz / len(x)
-        assert float(out["sparsity"]) == pytest.approx(D * (l0 / target - 1) ** 2, rel=0.05)  # summed MSE: x D
-        s.zero_grad()
-        out["sparsity"].backward()
-        g = s.log_threshold.grad
+        r = Losses(s, x)
+        l0 = r.nnz / len(x)
+        assert float(r.out["sparsity"]) == pytest.approx(D * (l0 / target - 1) ** 2, rel=0.05)  # summed MSE: x D
+        g = r.backward("sparsity").grad("log_threshold")
         assert (torch.sign(g[g != 0]) == sign).all() and (g != 0).sum() > 0
 
 
@@ -169,17 +185,17 @@ def test_preact_loss_pulls_latents_below_their_thresholds_up():
     s.init_from_data(x)
     with torch.no_grad():
         s.b_enc[:8] = -100.0  # these never fire
-    out, code = s.losses(x, None)
+    r = Losses(s, x)
+    out = r.out
     with torch.no_grad():
         expect = D * 0.01 * float((s.threshold - s.pre(x)).relu().sum(-1).mean())
-    assert float(out["preact"].detach()) == pytest.approx(expect)
-    assert not code.fired()[:8].any()
-    s.zero_grad()
-    out["preact"].backward()
-    assert (s.b_enc.grad[:8] < 0).all() and (s.log_threshold.grad[:8] > 0).all()  # pre up, threshold down
+    assert float(out["preact"].detach()) == pytest.approx(expect, rel=1e-6)
+    assert not (r.code[0, :, :8] != 0).any()
+    r.backward("preact")
+    assert (r.grad("b_enc")[:8] < 0).all() and (r.grad("log_threshold")[:8] > 0).all()  # pre up, threshold down
     plain = SAE(SAEConfig(**cfg))
     plain.load_state_dict(s.state_dict())
-    ref, _ = plain.losses(x, None)
+    ref = Losses(plain, x).out
     assert "preact" not in ref  # the option adds its term and changes nothing else
     for key in ("mse", "sparsity"):
         assert float(ref[key].detach()) == float(out[key].detach())
@@ -196,7 +212,7 @@ def test_sparsity_penalty_keeps_its_weight_against_either_mse(arch):
         torch.manual_seed(0)
         s = SAE(SAEConfig(arch, D, M, mse=mse, l0_coeff=0.1, l1_coeff=0.1, bandwidth=0.5))
         s.init_from_data(x)
-        losses[mse] = s.losses(x, None)[0]
+        losses[mse] = Losses(s, x).out
     for key in ("mse", "sparsity", "loss"):
         assert float(losses["sum"][key]) == pytest.approx(D * float(losses["mean"][key]), rel=1e-5), key
 

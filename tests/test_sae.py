@@ -4,42 +4,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from stacked import Losses
 
 from batchtopk.train.sae import SAE, SAEConfig
-from batchtopk.train.sparsity import batch_topk_code, batch_topk_indices, sparse_decode, topk_code
+from batchtopk.train.sparsity import batch_topk_code, sparse_decode, topk_code
 
 
-def brute_batch_topk(a: torch.Tensor, k: int) -> set[int]:
-    flat = a.flatten()
-    order = torch.argsort(flat, descending=True)[: a.shape[0] * k]
-    return {int(i) for i in order if flat[i] > 0}
-
-
-@pytest.mark.parametrize("skew", [False, True])
-@pytest.mark.parametrize("hint", [None, "below", "above"])
-def test_batch_topk_is_exact(skew, hint):
+def test_batch_topk_code_keeps_n_k_pairs_and_their_values():
+    """Inference's batch mode (the stacks' exact selection, tested against brute force in test_stack.py):
+    n·k pairs, variable per token, value 0 only where fewer than n·k are positive."""
     torch.manual_seed(0)
     a = torch.randn(64, 300)
-    if skew:  # one token holds far more than candidates*k large values: the fallback path
-        a[3] += 50
-    kth = float(a.flatten().topk(64 * 8).values[-1])
-    # a hint below the answer selects among the entries above it; one above it falls back
-    h = {None: None, "below": 0.8 * kth, "above": 1.2 * kth}[hint]
-    idx = batch_topk_indices(a, 8, hint=h)
-    assert len(idx) == 64 * 8
-    assert set(idx.tolist()) == brute_batch_topk(a.relu(), 8)
+    a[3] += 50  # one token holds all of its latents
     code = batch_topk_code(a, 8)
-    assert (code.vals > 0).all()
+    assert code.pairs == 64 * 8 and (code.vals > 0).all()
     counts = code.counts
-    assert int(counts.sum()) == 64 * 8 and counts.min() < counts.max()  # variable per token
-    if skew:
-        assert counts[3] == 300
-
-
-def test_batch_topk_drops_zeros():
-    a = torch.zeros(4, 10)
-    a[0, :3] = 1.0
-    assert batch_topk_code(a, 2).vals.numel() == 3
+    assert int(counts.sum()) == 64 * 8 and counts[3] == 300 and counts.min() < counts.max()
+    z = torch.zeros(4, 10)
+    z[0, :3] = 1.0
+    assert batch_topk_code(z, 2).nnz == 3  # 8 pairs kept, 3 of them non-zero
 
 
 def test_topk_exactly_k_per_row():
@@ -88,17 +71,20 @@ def test_sparse_and_dense_decoders_agree(arch):
 
 def test_decoder_rows_stay_unit_norm_and_grad_is_orthogonal():
     torch.manual_seed(5)
-    sae = SAE(SAEConfig("topk", d_in=16, d_sae=32, k=4))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    from batchtopk.train.stack import SAEStack, StackAdam
+
+    stack = SAEStack([SAE(SAEConfig("topk", d_in=16, d_sae=32, k=4))], 1e-2, (0.9, 0.99))
+    opt = StackAdam(stack)
+    since = torch.zeros(1, 32, dtype=torch.long)
     for _ in range(5):
-        opt.zero_grad()
-        out, _ = sae.losses(torch.randn(64, 16), None)
-        out["loss"].backward()
-        sae.project_decoder_grad()
-        assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-5
-        opt.step()
-        sae.normalize_decoder()
-        torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(32))
+        for p in stack.parameters():
+            p.grad = None
+        stack.losses(torch.randn(64, 16), since, stack.coeff)[0]["loss"].sum().backward()
+        stack.project_decoder_grad()
+        assert (stack.W_dec.grad * stack.W_dec).sum(-1).abs().max() < 1e-5
+        opt.step(stack, torch.ones(1))
+        stack.normalize_decoder()
+        torch.testing.assert_close(stack.W_dec.norm(dim=-1), torch.ones(1, 32))
 
 
 def test_aux_loss_revives_dead_latents():
@@ -110,17 +96,15 @@ def test_aux_loss_revives_dead_latents():
     dead = torch.zeros(m, dtype=torch.bool)
     dead[m // 2:] = True
     x = torch.randn(256, d)
-    out, _ = sae.losses(x, dead)
-    assert "aux" in out and out["aux"] > 0
-    out["aux"].backward()
-    assert sae.b_enc.grad[m // 2:].abs().sum() == 0  # relu is closed for them ...
-    sae.zero_grad()
+    r = Losses(sae, x, dead)
+    assert r.out["aux"] > 0
+    r.backward("aux")
+    assert r.grad("b_enc")[m // 2:].abs().sum() == 0  # relu is closed for them ...
     with torch.no_grad():
         sae.b_enc[m // 2:] = 0.0
-    out, _ = sae.losses(x, dead)
-    out["aux"].backward()
-    assert sae.W_enc.grad[:, m // 2:].abs().sum() > 0  # ... and once they can, the aux loss trains them
-    assert sae.W_dec.grad[m // 2:].abs().sum() > 0
+    r = Losses(sae, x, dead).backward("aux")
+    assert r.grad("W_enc")[:, m // 2:].abs().sum() > 0  # ... and once they can, the aux loss trains them
+    assert r.grad("W_dec")[m // 2:].abs().sum() > 0
 
 
 def test_jumprelu_threshold_gets_gradient():
@@ -128,9 +112,7 @@ def test_jumprelu_threshold_gets_gradient():
     sae = SAE(SAEConfig("jumprelu", d_in=8, d_sae=16, bandwidth=0.5))
     x = torch.randn(128, 8)
     sae.init_from_data(x)
-    out, _ = sae.losses(x, None)
-    out["loss"].backward()
-    assert sae.log_threshold.grad.abs().sum() > 0
+    assert Losses(sae, x).backward().grad("log_threshold").abs().sum() > 0
 
 
 def test_bad_configs():
@@ -148,6 +130,8 @@ def test_aux_loss_revives_dead_latents_on_synthetic_data():
     import sys
     from pathlib import Path
 
+    from batchtopk.train.stack import SAEStack, StackTrainer
+
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train import sparse_dictionary_data
 
@@ -155,24 +139,16 @@ def test_aux_loss_revives_dead_latents_on_synthetic_data():
     result = {}
     for coeff in (0.0, 1 / 32):
         torch.manual_seed(0)
-        sae = SAE(SAEConfig("topk", d_in=32, d_sae=64, k=3, aux_coeff=coeff))
+        sae = SAE(SAEConfig("topk", d_in=32, d_sae=64, k=3, aux_coeff=coeff, dead_tokens=512, grad_clip=None))
         with torch.no_grad():
             sae.W_enc[:, 32:] *= 0.01
-        opt = torch.optim.Adam(sae.parameters(), lr=3e-3, betas=(0.9, 0.99))
-        since = torch.zeros(64, dtype=torch.long)
+        st = StackTrainer(SAEStack([sae], 3e-3, (0.9, 0.99)), total_steps=300, theta_from=300)
         g = torch.Generator().manual_seed(0)
-        for _ in range(300):
-            xb = x[torch.randint(0, len(x), (256,), generator=g)]
-            out, code = sae.losses(xb, since >= 512)
-            opt.zero_grad()
-            out["loss"].backward()
-            sae.project_decoder_grad()
-            opt.step()
-            sae.normalize_decoder()
-            since = torch.where(code.fired() > 0, 0, since + 256)
+        for i in range(300):
+            log = st.step(x[torch.randint(0, len(x), (256,), generator=g)], torch.tensor(i), log=i == 299)
         with torch.no_grad():
-            fired = sae.code(sae.pre(x), "train").fired()
-        result[coeff] = (int((fired[32:] > 0).sum()), float(out["mse"].detach()))
+            fired = st.stack.sae(0).code(st.stack.sae(0).pre(x), "train").fired()
+        result[coeff] = (int((fired[32:] > 0).sum()), log[0]["mse"])
     assert result[0.0][0] == 0  # without the aux loss they never fire
     assert result[1 / 32][0] >= 24 and result[1 / 32][1] < 0.6 * result[0.0][1]
 
@@ -196,10 +172,7 @@ def test_topk_code_keeps_k_pairs_but_counts_only_positive_ones():
     assert (vals > 0).all() and len(vals) == code.nnz and torch.equal(pre[rows, cols], vals)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[40:] = True
-    ours = sae.losses(x, dead)[0]["loss"]
-    ours.backward()
-    g = {n: p.grad.clone() for n, p in sae.named_parameters()}
-    sae.zero_grad()
+    g = Losses(sae, x, dead).backward().grads()
     from batchtopk.bench.train_bench import dense_losses
     dense_losses(sae, x, dead).backward()
     for n, p in sae.named_parameters():

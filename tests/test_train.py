@@ -13,6 +13,7 @@ from batchtopk.core.errors import PipelineError
 from batchtopk.train.cli import main as train_cli
 from batchtopk.train.sae import load_sae
 from batchtopk.train.settings import TrainSettings
+from batchtopk.train.stack import StackTrainer
 from batchtopk.train.trainer import Trainer
 
 SITE = "blocks.0.hook_resid_pre"
@@ -69,17 +70,17 @@ def test_resume_equals_uninterrupted(synthetic_cache, tmp_path, monkeypatch):
     sweep = [{"arch": "batchtopk", "d_sae": 64, "k": 3}, {"arch": "topk", "d_sae": 64, "k": 3},
              {"arch": "jumprelu", "d_sae": 64}]
     full = Trainer(settings(cache, tmp_path / "full", saes=sweep, tokens=512 * 23)).run()
-    real = Trainer._train_step
+    real = StackTrainer.step
 
-    def interrupt_at_13(self, i, x):
-        if self.step == 13:
+    def interrupt_at_13(self, x, step_t, log=False):
+        if int(step_t) == 13:
             raise KeyboardInterrupt
-        return real(self, i, x)
+        return real(self, x, step_t, log)
 
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_13)
+    monkeypatch.setattr(StackTrainer, "step", interrupt_at_13)
     with pytest.raises(PipelineError, match="interrupted at step 13"):
         Trainer(settings(cache, tmp_path / "cut", saes=sweep, tokens=512 * 23)).run()
-    monkeypatch.setattr(Trainer, "_train_step", real)
+    monkeypatch.setattr(StackTrainer, "step", real)
     resumed = Trainer(settings(cache, tmp_path / "cut", saes=sweep, tokens=512 * 23)).run()
     for a, b in zip(full, resumed):
         sa, ma = load_sae(a)
@@ -336,3 +337,25 @@ def test_no_heldout_part_trains_saves_and_estimates_theta_on_training_tokens(syn
     md = load_sae(d)[1]["metadata"]
     assert md["theta_estimator"] == "pooled" and md["theta"] == pytest.approx(md["theta_estimates"]["pooled"])
     assert md["heldout_sequences"] is None and "unseen" not in md["theta_estimates"] and "heldout_l0" not in md
+
+
+def test_a_checkpoint_of_the_old_layout_gets_one_line(synthetic_cache, tmp_path):
+    """A run checkpointed by the version that trained SAEs one by one is not resumed into stacks: one line
+    says what to do, and nothing is overwritten."""
+    from batchtopk.train import checkpoint
+    from batchtopk.train.trainer import RUN_FILE, STATE_FILE
+
+    cache, _ = synthetic_cache
+    s = settings(cache, tmp_path / "old", tokens=512 * 6)
+    t = Trainer(s)
+    t.out.mkdir(parents=True)
+    (t.out / RUN_FILE).write_text(json.dumps({"identity": t.identity, "complete": False}))
+    sae = t.unstack()[0]
+    checkpoint.save({"step": 3, "identity": t.identity, "saes": [sae.state_dict()], "opts": [{}],
+                     "since_fired": [torch.zeros(128, dtype=torch.long)], "theta_sum": [0.0], "theta_n": [0],
+                     "torch_rng": torch.get_rng_state()}, t.out / STATE_FILE)
+    before = (t.out / STATE_FILE).read_bytes()
+    with pytest.raises(PipelineError, match=r"written by an earlier version, which trained SAEs one by one; finish "
+                                            r"the run with that version, or delete the checkpoint"):
+        Trainer(s).run()
+    assert (t.out / STATE_FILE).read_bytes() == before

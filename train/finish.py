@@ -36,6 +36,7 @@ def theta_estimator(t: Trainer) -> str:
 
 def finish(t: Trainer) -> list[Path]:
     """Set the thresholds, measure the held-out rows, save every SAE and mark the run complete."""
+    t.saes = t.unstack()
     thetas = estimate_thresholds(t)
     chosen = theta_estimator(t)
     dirs = []
@@ -93,7 +94,7 @@ def estimate_thresholds(t: Trainer) -> list[dict[str, float] | None]:
                 est = estimate_theta(xs, pre, cfg.k)
                 if unseen:
                     est["unseen"] = estimate_theta(unseen, pre, cfg.k)["pooled"]
-                est["running"] = float(t.theta_sum[i]) / max(1, t.theta_n[i])
+                est["running"] = t.running_theta(i)
             else:
                 est = {"threshold_factor": target_shift(unseen or xs, pre, sae.threshold, cfg.target_l0) or 1.0}
         for key in est:  # ranks saw different batches: average their estimates

@@ -30,14 +30,13 @@ from torch import nn
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.options import RECIPE, setting
 
-from .sparsity import Code, batch_topk_code, jumprelu, kept_pre, sparse_decode, step, subset_pre, topk_code
+from .sparsity import Code, batch_topk_code, jumprelu, sparse_decode, topk_code
 
 ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
 NORMS = ("global", "token")
 B_DEC_INITS = ("mean", "geometric_median", "zero")
 MSE_REDUCTIONS = ("mean", "sum")
 DENSE_DECODE_ABOVE = 0.05  # decode densely when more than this fraction of latents is active
-AUX_DENSE_FROM = 12        # aux loss: dense over the dead columns when its pairs fill 1/12 of their block or more
 # Dead-latent window by architecture (bench/ablation.py rounds 4 and 5, the peers' batches at 8xd): one
 # batch of 4096 tokens for BatchTopK; TopK, whose latents fire less evenly at small k, 8192 (at k = 16,
 # 4096 left it 2.4% worse and 4% of latents dead; at k = 32 the two are equal).
@@ -55,7 +54,9 @@ class SAEConfig:
     d_in: int = setting(cli=False)
     d_sae: int = setting(cli=False)  # the sweep's `dict` key (sizes or multiples of d_model)
     k: int | None = setting(None, "k (average latents per token), or a comma-separated list.", metavar="KS")
-    replicate: int = setting(0, cli=False)  # initial weights depend on (run seed, replicate, d_in, d_sae), not arch
+    # initial weights depend on (run seed, replicate, d_in, d_sae), not on the architecture
+    replicate: int = setting(0, "Replicate index: another initial draw of the same SAE (--seeds sets them).",
+                             cli=False)
     # how activations reach the encoder
     norm: str = setting("global", f"Input normalisation(s): {', '.join(NORMS)} (one scale for all tokens, or each "
                         "token standardised like the reference code's input_unit_norm).", group=RECIPE)
@@ -119,6 +120,13 @@ class SAEConfig:
             self.dead_tokens = DEAD_TOKENS.get(self.arch, DEAD_TOKENS_DEFAULT)
         if self.dead_tokens < 1:
             raise PipelineError(f"dead_tokens={self.dead_tokens} must be at least 1")
+        for name in ("lr", "threshold_lr", "grad_clip"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise PipelineError(f"{name}={getattr(self, name)} must be positive (or none)")
+        if self.betas is not None and not all(0 <= b < 1 for b in self.betas):
+            raise PipelineError(f"betas={self.betas} must each lie in [0, 1)")
+        if self.aux_k < 1 or self.aux_coeff < 0:
+            raise PipelineError(f"aux_k={self.aux_k} must be at least 1 and aux_coeff={self.aux_coeff} at least 0")
 
     @property
     def name(self) -> str:
@@ -260,7 +268,6 @@ class SAE(nn.Module):
         self.register_buffer("theta", torch.zeros(()))
         # global norm: raw activations are multiplied by this before encoding (1 once saved: folded in)
         self.register_buffer("input_scale", torch.ones(()))
-        self._hint: torch.Tensor | None = None  # where batch top-k selection starts looking (speed only)
 
     # ------------------------------------------------------------ input and output spaces
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -297,15 +304,13 @@ class SAE(nn.Module):
         return self.cfg.bandwidth * math.sqrt(self.cfg.d_in)
 
     def code(self, pre: torch.Tensor, mode: str = "train") -> Code:
-        """Select latents. mode: 'train'/'batch' (batchtopk over the batch) or 'threshold' (inference)."""
+        """Select latents. mode: 'train'/'batch' (batchtopk over the batch) or 'threshold' (inference).
+        (Training itself runs on stacks: train/stack.py.)"""
         a = self.cfg.arch
         if a == "batchtopk":
             if mode == "threshold":
                 return Code.from_dense(pre * (pre > self.theta.clamp_min(0)))
-            code = batch_topk_code(pre, self.cfg.k, self._hint)
-            if code.pairs:  # the next batch's selection starts from a little below this one's threshold
-                self._hint = 0.9 * code.vals.detach().min()  # stays on the device
-            return code
+            return batch_topk_code(pre, self.cfg.k)
         if a == "topk":
             return topk_code(pre, self.cfg.k)
         if a == "jumprelu":
@@ -330,111 +335,6 @@ class SAE(nn.Module):
 
     def forward(self, x: torch.Tensor, mode: str = "threshold") -> torch.Tensor:
         return self.reconstruct(x, mode)[0]
-
-    # ------------------------------------------------------------ training (input space)
-    def _mse(self, err: torch.Tensor) -> torch.Tensor:
-        sq = err.pow(2)
-        return sq.sum(-1).mean() if self.cfg.mse == "sum" else sq.mean()
-
-    def losses(self, x: torch.Tensor, dead: torch.Tensor | None,
-               sparsity_coeff: float | None = None) -> tuple[dict[str, torch.Tensor], Code]:
-        """Training losses on a batch in the SAE's input space. Returns ({name: value, 'loss': total}, code).
-
-        sparsity_coeff overrides the L0/L1 coefficient (warm-up, target-L0 control).
-        """
-        cfg = self.cfg
-        out: dict[str, torch.Tensor] = {}
-        aux_decoded = None
-        if cfg.arch in ("batchtopk", "topk"):
-            code, aux_decoded = self._sparse_codes(x, dead)
-        else:
-            pre = self.pre(x)
-            # sparsity coefficients are in units of the per-element MSE, whichever reduction trains
-            unit = x.shape[-1] if cfg.mse == "sum" else 1
-            if cfg.arch == "jumprelu":
-                f = jumprelu(pre, self.threshold, self.eps)
-                lam = cfg.l0_coeff if sparsity_coeff is None else sparsity_coeff
-                l0 = step(pre, self.threshold, self.eps).sum(-1).mean()  # straight-through in the thresholds
-                out["sparsity"] = unit * lam * (l0 if cfg.target_l0 is None else (l0 / cfg.target_l0 - 1) ** 2)
-                if cfg.preact_coeff:  # pulls latents below their thresholds (dead ones) back up (and theta down)
-                    out["preact"] = unit * cfg.preact_coeff * (self.threshold - pre).relu().sum(-1).mean()
-            else:
-                f = pre.relu()
-                lam = cfg.l1_coeff if sparsity_coeff is None else sparsity_coeff
-                out["sparsity"] = unit * lam * f.abs().sum(-1).mean()
-            code = Code.from_dense(f)
-        # JumpReLU decodes densely: its threshold gradient needs the reconstruction gradient at
-        # latents just below threshold, which a sparse decode drops.
-        x_hat = f @ self.W_dec + self.b_dec if cfg.arch == "jumprelu" else self.decode_code(code)
-        out["mse"] = self._mse(x_hat - x)
-        if aux_decoded is not None:
-            residual = (x - x_hat).detach()
-            aux = self._mse(aux_decoded - residual)
-            if cfg.aux_norm:
-                aux = aux / self._mse(residual - residual.mean(0)).clamp_min(1e-12)
-            out["aux"] = cfg.aux_coeff * aux
-        out["loss"] = sum(out.values())
-        out["x_hat"] = x_hat.detach()
-        return out, code
-
-    def _sparse_codes(self, x: torch.Tensor, dead: torch.Tensor | None) -> tuple[Code, torch.Tensor | None]:
-        """TopK / BatchTopK codes whose values carry gradients to W_enc and b_enc (and b_dec when centred)
-        from the kept pairs alone: the dense pre-activations are computed without a graph. Returns the
-        code and the auxiliary reconstruction from dead latents (None when none is dead)."""
-        x_in = self.encoder_input(x).detach()
-        shift = self.b_dec if self.cfg.center else None
-        with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x_in, self.W_enc)
-            code = self.code(pre, "train")
-        # relu: a TopK code keeps a pair (value 0) where fewer than k latents are positive
-        vals = kept_pre(pre, x_in, self.W_enc, self.b_enc, code.rows, code.cols, shift).relu()
-        return Code(code.rows, code.cols, vals, code.n, code.m), self._aux_decode(pre, x_in, dead, shift)
-
-    def _aux_decode(self, pre: torch.Tensor, x_in: torch.Tensor, dead: torch.Tensor | None,
-                    shift: torch.Tensor | None) -> torch.Tensor | None:
-        """The reconstruction from each token's top aux_k dead latents (Gao et al. 2024), which the
-        auxiliary loss fits to the residual. When those pairs fill at least 1/AUX_DENSE_FROM of the dead
-        latents' block (few dead latents, or many per token), dense products over the dead columns are
-        cheaper than per-pair bags; otherwise the kept pairs alone, like the main code."""
-        if dead is None:
-            return None
-        idx = dead.nonzero().squeeze(1)
-        if not len(idx):
-            return None
-        k = min(self.cfg.aux_k, len(idx))
-        with torch.no_grad():
-            sub = pre[:, idx]
-        if k * AUX_DENSE_FROM >= len(idx):
-            with torch.no_grad():
-                if k < len(idx):
-                    v, i = sub.topk(k, dim=1, sorted=False)
-                    sub = torch.zeros_like(sub).scatter_(1, i, v)
-                sub = sub.relu_()
-            return subset_pre(sub, x_in, self.W_enc, self.b_enc, idx, shift) @ self.W_dec[idx]
-        code = topk_code(sub, k)
-        cols = idx[code.cols]
-        vals = kept_pre(pre, x_in, self.W_enc, self.b_enc, code.rows, cols, shift).relu()
-        return sparse_decode(Code(code.rows, cols, vals, code.n, self.cfg.d_sae), self.W_dec)
-
-    @torch.no_grad()
-    def project_decoder_grad(self) -> None:
-        """Remove the gradient component along each (unit) decoder row."""
-        if self.W_dec.grad is not None:
-            g = self.W_dec.grad
-            g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
-
-    @torch.no_grad()
-    def prepare_grads(self) -> torch.Tensor | None:
-        """After backward: project the decoder's gradient, then clip the gradient norm at grad_clip when
-        set. Returns the norm before clipping, on the device (None without clipping)."""
-        self.project_decoder_grad()
-        if not self.cfg.grad_clip:
-            return None
-        return nn.utils.clip_grad_norm_(self.parameters(), self.cfg.grad_clip)
-
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:

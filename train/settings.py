@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchtopk.cache.split import HELDOUT_LAYOUTS
-from batchtopk.core.options import ALWAYS, IF_SET, RECIPE, identity, parse_tokens, setting
+from batchtopk.core.options import ADVANCED, ALWAYS, IF_SET, RECIPE, identity, parse_tokens, setting
 
 from .sae import SAEConfig
 from .theta import ESTIMATORS
@@ -30,7 +30,8 @@ class TrainSettings:
     batch_size: int = setting(4096, "Tokens per batch.", identity=ALWAYS)
     # measured at the paper pipeline's budget (docs/results.md, bench/ablation.py)
     lr: float = setting(1e-3, "Adam learning rate of every SAE that sets none.", identity=ALWAYS)
-    betas: tuple[float, float] = setting((0.9, 0.99), cli=False, identity=ALWAYS)
+    betas: tuple[float, float] = setting((0.9, 0.99), "Adam betas of every SAE that sets none.", cli=False,
+                                         identity=ALWAYS)
     seed: int = setting(0, "Seed of the initial weights and of the batch order.", identity=ALWAYS)
     val_fraction: float = setting(0.05, "Fraction of the cache held out for evaluation.", identity=ALWAYS)
     heldout: str = setting("tail", "Which part is held out: tail (the last chunks) or interleaved (one sequence in "
@@ -40,19 +41,25 @@ class TrainSettings:
                                    "every other held-out sequence, which evaluation then leaves out), pooled or mean "
                                    "(eq. 7) over training batches, or running (during training).",
                                    choices=THETA_ESTIMATORS, group=RECIPE, identity=ALWAYS)
-    theta_tokens: int = setting(65536, cli=False, identity=ALWAYS)  # tokens the final-weight estimates read
-    theta_window: float = setting(0.2, cli=False, identity=ALWAYS)  # running: the mean over the last 20% of steps
+    theta_tokens: int = setting(65536, "Tokens the θ estimates from the final weights read (at most).", cli=False,
+                                identity=ALWAYS)
+    theta_window: float = setting(0.2, "The running θ: the mean over this last fraction of the steps.", cli=False,
+                                  identity=ALWAYS)
     log_every: int = setting(10, "Steps between log records.")
     checkpoint_every: int = setting(200, "Steps between training-state checkpoints.")
-    shuffle_mb: float = setting(512, cli=False, identity=IF_SET)  # the shuffle window; with the seed: the batches
+    shuffle_mb: float = setting(512, "Rows are shuffled within windows of chunks of this many MiB (with the seed, "
+                                "it fixes the batches).", cli=False, identity=IF_SET)
     include_bos: bool = setting(False, "Train on BOS positions too (their residual is huge and constant).",
                                 identity=ALWAYS)
     include_outliers: bool = setting(False, "Train on massive-activation rows too (norm > 10x the mean).",
                                      identity=ALWAYS)
     local_copy: str | None = setting(None, "For a URL cache: keep a read-through copy of the chunks read in this "
                                      "folder.")
-    data_parts: int | None = setting(None, cli=False, identity=IF_SET)  # parts of a global batch (default: ranks)
+    data_parts: int | None = setting(None, "Parts of each global batch (default: one per rank); a single process "
+                                     "can build the batches of several ranks.", cli=False, identity=IF_SET)
     device: str | None = setting(None, "cuda or cpu (default: CUDA when present).")
+    compile: str = setting("auto", "Compile each stack's training step into one graph, replayed as a CUDA graph on "
+                           "a GPU: auto (on one GPU), on, or off.", choices=("auto", "on", "off"), group=ADVANCED)
     pipeline: str | None = setting(None, cli=False)
 
     def identity(self) -> dict[str, Any]:

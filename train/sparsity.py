@@ -3,6 +3,10 @@
 A code is kept as (rows, cols, vals) sorted by row: token `rows[i]` uses latent `cols[i]`
 with value `vals[i]`. Decoding is then one `embedding_bag` over the kept pairs (forward
 and backward touch only those rows of W_dec), instead of a dense [n, m] x [m, d] product.
+
+The training kernels work on stacks of S SAEs ([S, n, m] pre-activations, flat indices [S, P]) with
+shapes fixed by the settings: the selections keep a fixed number of pairs, and the gradients of the
+encoder come from the kept pairs alone (KeptPre) or from one dense block (MaskedBlock).
 """
 from __future__ import annotations
 
@@ -101,72 +105,6 @@ def count(idx: torch.Tensor, size: int, where: torch.Tensor | None = None) -> to
     return torch.zeros(size, dtype=torch.long, device=idx.device).index_add_(0, idx, ones)
 
 
-def _col_bags(cols: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(permutation sorting the pairs by latent, offset of each latent's bag) for embedding_bag."""
-    order = torch.argsort(cols)
-    counts = count(cols, m)
-    return order, torch.cumsum(counts, 0) - counts
-
-
-class _KeptPre(torch.autograd.Function):
-    """pre[rows, cols] of pre = x_in W_enc + b_enc, with the gradients of W_enc and b_enc from those
-    pairs alone: one embedding_bag over the kept pairs (2·nnz·d FLOPs) instead of x_inᵀ times a dense
-    [n, m] gradient. With `shift` (the encoder reads x - shift), shift gets -W_enc @ grad(b_enc)."""
-
-    @staticmethod
-    def forward(ctx, pre, x_in, W_enc, b_enc, shift, rows, cols):
-        ctx.save_for_backward(x_in, W_enc, rows, cols)
-        ctx.has_shift = shift is not None
-        return pre[rows, cols]
-
-    @staticmethod
-    def backward(ctx, g):
-        x_in, W_enc, rows, cols = ctx.saved_tensors
-        m = W_enc.shape[1]
-        g = g.to(x_in.dtype)
-        order, offsets = _col_bags(cols, m)
-        # grad W_enc[:, j] = sum over kept pairs (i, j) of g_ij * x_in[i]: latent j's bag of rows of x_in
-        gW = F.embedding_bag(rows[order], x_in, offsets, mode="sum", per_sample_weights=g[order])
-        gb = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-        gshift = -(W_enc.detach().to(gb.dtype) @ gb) if ctx.has_shift else None
-        return None, None, gW.t().contiguous().to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None, None
-
-
-def kept_pre(pre: torch.Tensor, x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-             rows: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable pre-activations at the kept (rows, cols) pairs; `pre` was computed without a graph
-    from x_in (= x - shift when the encoder centres its input)."""
-    return _KeptPre.apply(pre, x_in.detach(), W_enc, b_enc, shift, rows, cols)
-
-
-class _SubsetPre(torch.autograd.Function):
-    """The block pre[:, cols] of pre = x_in W_enc + b_enc, already masked (zeros where a latent is not
-    kept), with the gradients of W_enc[:, cols] and b_enc[cols] through the kept entries: one dense
-    [d, n] x [n, |cols|] product. For a block the kept pairs fill much of (the auxiliary loss's dead
-    latents), dense products cost less than per-pair bags."""
-
-    @staticmethod
-    def forward(ctx, sub, x_in, W_enc, b_enc, shift, cols):
-        ctx.save_for_backward(x_in, W_enc, cols, sub != 0)
-        ctx.has_shift = shift is not None
-        return sub
-
-    @staticmethod
-    def backward(ctx, g):
-        x_in, W_enc, cols, kept = ctx.saved_tensors
-        g = g.to(x_in.dtype) * kept
-        gW = torch.zeros_like(W_enc, dtype=g.dtype).index_copy_(1, cols, x_in.t() @ g)
-        gb = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device).index_copy_(0, cols, g.sum(0))
-        gshift = -(W_enc.detach().to(gb.dtype) @ gb) if ctx.has_shift else None
-        return None, None, gW.to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None
-
-
-def subset_pre(sub: torch.Tensor, x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-               cols: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable masked block `sub` = pre[:, cols] (zero where not kept), computed without a graph."""
-    return _SubsetPre.apply(sub, x_in.detach(), W_enc, b_enc, shift, cols)
-
-
 def sparse_decode(code: Code, W_dec: torch.Tensor) -> torch.Tensor:
     """sum_j vals_j * W_dec[cols_j] per token (no bias), via embedding_bag."""
     per_row = count(code.rows, code.n)  # stored pairs, zeros included
@@ -178,49 +116,125 @@ def topk_code(pre: torch.Tensor, k: int) -> Code:
     """The k largest of relu(pre) per token: k pairs per row, a value of 0 where fewer than k are
     positive (kept as pairs, so the code's size is known without reading anything back)."""
     n, m = pre.shape
-    vals, cols = pre.topk(k, dim=1, sorted=False)
-    rows = torch.arange(n, device=pre.device).repeat_interleave(k)
-    return Code(rows, cols.flatten(), vals.flatten().relu(), n, m)
+    idx = topk_rows(pre[None], k)[0]
+    return Code(idx // m, idx % m, pre.flatten()[idx].relu(), n, m)
 
 
-def batch_topk_indices(pre: torch.Tensor, k: int, hint: float | torch.Tensor | None = None,
-                       candidates: int = 4) -> torch.Tensor:
-    """Flat indices (sorted) of the n*k largest positive entries of pre [n, m]; exact.
+def batch_topk_code(pre: torch.Tensor, k: int) -> Code:
+    """The n*k largest activations relu(pre) across the whole batch: k per token on average (pairs of
+    value 0 where fewer than n*k are positive)."""
+    n, m = pre.shape
+    idx = batch_topk(pre[None], k)[0]
+    return Code(idx // m, idx % m, pre.flatten()[idx].relu(), n, m)
 
-    With `hint` (a positive value a little below the expected n*k-th largest, e.g. from the previous
-    batch; a 0-d tensor stays on the device),
-    the candidates are the entries above it: one comparison and one nonzero over the batch, then a
-    top-(n*k) among a few more than n*k values. When fewer than n*k entries pass, or without a hint,
-    each row's top `candidates*k` are the candidates; that holds the answer unless some row had every
-    candidate selected (it might hold more), and then a flat top-k over the whole batch decides.
+
+# ---------------------------------------------------------------- stacked kernels: selection (fixed shapes, exact)
+CANDIDATES = 8  # BatchTopK on the CPU: each token's top CANDIDATES·k pre-activations are its candidates
+
+def batch_topk(pre: torch.Tensor, k: int, candidates: int | None = None) -> torch.Tensor:
+    """Flat indices [S, n·k] (sorted) of the n·k largest entries of each pre[s] [n, m]; exact.
+
+    On a GPU one flat top-(n·k) per SAE. On the CPU, where that is slow, each token's top c entries
+    are its candidates, and the rows that might hold more than c of the answer are read whole: a row
+    holds c + 1 or more of the n·k largest only if all c of its candidates are among them, so its c-th
+    candidate is at least the answer's smallest value, and at most n·k / c rows can do that; the
+    R = n·k // c + 1 rows with the largest c-th candidate include them all (with ties at the n·k-th
+    value, the kept values are still the n·k largest). Ties go by torch.topk's (deterministic) order.
     """
-    n, m = pre.shape
-    K = min(n * k, n * m)
-    flat = pre.flatten()
-    if hint is not None and (torch.is_tensor(hint) or hint > 0):
-        idx = (flat > hint).nonzero().squeeze(1)
-        if len(idx) >= K:
-            return idx[flat[idx].topk(K, sorted=False).indices].sort().values
-    c = min(m, candidates * k)
-    if c < m:
-        cv, ci = pre.topk(c, dim=1, sorted=False)
-        sel = cv.flatten().topk(K, sorted=False).indices
-        rows = sel // c
-        if int(count(rows, n).max()) < c:
-            idx = rows * m + ci.flatten()[sel]
-        else:
-            idx = flat.topk(K, sorted=False).indices
-    else:
-        idx = flat.topk(K, sorted=False).indices
-    idx = idx.sort().values
-    return idx[flat[idx] > 0]
+    S, n, m = pre.shape
+    K = n * k
+    c = min(m, (candidates or CANDIDATES) * k)
+    if pre.is_cuda or c >= m or n * c + (K // c + 1) * m >= n * m:
+        idx = pre.reshape(S, n * m).topk(K, dim=1, sorted=False).indices
+        return idx.sort(dim=1).values
+    R = min(n, K // c + 1)
+    cv, ci = pre.topk(c, dim=2, sorted=False)                          # [S, n, c]
+    rows = cv.amin(dim=2).topk(R, dim=1, sorted=False).indices         # [S, R]: the rows read whole
+    cv = cv.scatter(1, rows[:, :, None].expand(S, R, c), float("-inf"))  # ... so not as candidates too
+    whole = pre.gather(1, rows[:, :, None].expand(S, R, m))            # [S, R, m]
+    token = torch.arange(n, device=pre.device)[None, :, None]
+    pool_v = torch.cat([cv.reshape(S, n * c), whole.reshape(S, R * m)], dim=1)
+    pool_i = torch.cat([(token * m + ci).reshape(S, n * c),
+                        (rows[:, :, None] * m + torch.arange(m, device=pre.device)).reshape(S, R * m)], dim=1)
+    top = pool_v.topk(K, dim=1, sorted=False).indices
+    return pool_i.gather(1, top).sort(dim=1).values
 
 
-def batch_topk_code(pre: torch.Tensor, k: int, hint: float | torch.Tensor | None = None) -> Code:
-    """The n*k largest activations relu(pre) across the whole batch: k per token on average."""
-    n, m = pre.shape
-    idx = batch_topk_indices(pre, k, hint)
-    return Code(idx // m, idx % m, pre.flatten()[idx], n, m)
+def topk_rows(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices [S, n·k] of each token's k largest entries, grouped by token."""
+    S, n, m = pre.shape
+    ci = pre.topk(k, dim=2, sorted=False).indices
+    return (torch.arange(n, device=pre.device)[None, :, None] * m + ci).reshape(S, n * k)
+
+
+# ---------------------------------------------------------------- gradients through the kept pairs
+def _global(idx: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat per-SAE indices [S, P] -> (token row, latent) indices over the whole stack, [S·P] each."""
+    s = torch.arange(idx.shape[0], device=idx.device)[:, None]
+    return (idx // m + s * n).reshape(-1), (idx % m + s * m).reshape(-1)
+
+
+class KeptPre(torch.autograd.Function):
+    """pre[s].flatten()[idx[s]] of pre = x_enc W_enc + b_enc (computed without a graph), with the gradients
+    of W_enc and b_enc from those pairs alone: one embedding_bag over all the stack's kept pairs
+    (2·S·P·d FLOPs), never a dense [n, m] gradient. With `shift` (the encoder reads x - shift), shift
+    gets -W_enc @ grad(b_enc)."""
+
+    @staticmethod
+    def forward(ctx, pre, x_enc, W_enc, b_enc, shift, idx):
+        ctx.save_for_backward(x_enc, W_enc, idx)
+        ctx.has_shift = shift is not None
+        return pre.reshape(pre.shape[0], -1).gather(1, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        x_enc, W_enc, idx = ctx.saved_tensors
+        S, n, d = x_enc.shape
+        m = W_enc.shape[2]
+        rows, cols = _global(idx, n, m)
+        g = g.reshape(-1).to(x_enc.dtype)
+        order = torch.argsort(cols)
+        per_latent = count(cols, S * m)
+        gW = F.embedding_bag(rows.index_select(0, order), x_enc.reshape(S * n, d),
+                             torch.cumsum(per_latent, 0) - per_latent, mode="sum",
+                             per_sample_weights=g.index_select(0, order))
+        gb = torch.zeros(S * m, dtype=g.dtype, device=g.device).index_add_(0, cols, g).view(S, m)
+        gshift = -torch.bmm(W_enc.detach().to(gb.dtype), gb[:, :, None])[:, :, 0] if ctx.has_shift else None
+        return (None, None, gW.view(S, m, d).transpose(1, 2).to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None)
+
+
+class MaskedBlock(torch.autograd.Function):
+    """The block pre[s][:, cols[s]] of pre = x_enc W_enc + b_enc, already masked (zeros where a latent is
+    not used), with the gradients of W_enc[s][:, cols[s]] and b_enc[s][cols[s]] through the used entries:
+    one batched [d, n] x [n, |cols|] product (the auxiliary loss's block of dead latents)."""
+
+    @staticmethod
+    def forward(ctx, block, x_enc, W_enc, b_enc, shift, cols):
+        ctx.save_for_backward(x_enc, W_enc, cols, block != 0)
+        ctx.has_shift = shift is not None
+        return block
+
+    @staticmethod
+    def backward(ctx, g):
+        x_enc, W_enc, cols, used = ctx.saved_tensors
+        S, d, m = W_enc.shape
+        g = g.to(x_enc.dtype) * used
+        gW = torch.zeros(S, d, m, dtype=g.dtype, device=g.device).scatter_(
+            2, cols[:, None, :].expand(S, d, cols.shape[1]), torch.bmm(x_enc.transpose(1, 2), g))
+        gb = torch.zeros(S, m, dtype=g.dtype, device=g.device).scatter_(1, cols, g.sum(1))
+        gshift = -torch.bmm(W_enc.detach().to(gb.dtype), gb[:, :, None])[:, :, 0] if ctx.has_shift else None
+        return None, None, gW.to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None
+
+
+def decode_pairs(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor, n: int) -> torch.Tensor:
+    """Σ vals · W_dec[s][latent] per token, without b_dec: one embedding_bag over the stack's pairs (idx
+    sorted by token within each SAE). [S, n, d]."""
+    S, m, d = W_dec.shape
+    rows, cols = _global(idx, n, m)
+    per_row = count(rows, S * n)
+    out = F.embedding_bag(cols, W_dec.reshape(S * m, d), torch.cumsum(per_row, 0) - per_row, mode="sum",
+                          per_sample_weights=vals.reshape(-1).to(W_dec.dtype))
+    return out.view(S, n, d)
 
 
 # ---------------------------------------------------------------- JumpReLU (Rajamanoharan et al. 2024)
@@ -229,7 +243,8 @@ def _rect(u: torch.Tensor) -> torch.Tensor:
 
 
 class _JumpReLU(torch.autograd.Function):
-    """z * H(z - theta); straight-through gradient for theta with a rectangle kernel."""
+    """z * H(z - theta); straight-through gradient for theta with a rectangle kernel. theta (and the
+    bandwidth) broadcast against z; theta's gradient is summed back to its shape."""
 
     @staticmethod
     def forward(ctx, z, theta, bandwidth):
@@ -242,7 +257,7 @@ class _JumpReLU(torch.autograd.Function):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
         gz = g * (z > theta)
-        gtheta = (-(theta / eps) * _rect((z - theta) / eps) * g).sum(0)
+        gtheta = (-(theta / eps) * _rect((z - theta) / eps) * g).sum_to_size(theta.shape)
         return gz, gtheta, None
 
 
@@ -259,7 +274,7 @@ class _Step(torch.autograd.Function):
     def backward(ctx, g):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
-        return None, (-(1.0 / eps) * _rect((z - theta) / eps) * g).sum(0), None
+        return None, (-(1.0 / eps) * _rect((z - theta) / eps) * g).sum_to_size(theta.shape), None
 
 
 def jumprelu(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:

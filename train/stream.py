@@ -198,7 +198,53 @@ class ActivationStream:
                     break
             epoch, j = epoch + 1, 0
 
+    def device_batches(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """The same batches as `batches` (the same rows in the same order), gathered on the training device
+        from whole chunks copied there once per window (DeviceWindow): what keeps a GPU fed. Chunks are
+        opened `read_threads` at a time in the background, one window ahead."""
+        dtype = self.cache.dtype
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                with ThreadPoolExecutor(self.read_threads) as pool:
+                    streams = [self._part_batches(p, start, pool) for p in self.my_parts]
+                    while not stop.is_set():
+                        q.put([next(s) for s in streams])
+            except BaseException as e:  # surface reader errors in the consumer
+                q.put(e)
+
+        windows = [DeviceWindow(self.source, 2 * self.window + 1, self.device) for _ in self.my_parts]
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                xs = []
+                for w, (ids, blocks) in zip(windows, item):
+                    w.hold(blocks)
+                    xs.append(w.gather(np.sort(ids)))
+                x = torch.cat(xs) if len(xs) > 1 else xs[0]
+                if dtype == "bfloat16":
+                    x = x.view(torch.bfloat16)
+                x = x.float()
+                yield x.mul_(self.scale) if self.scale != 1.0 else x
+        finally:
+            stop.set()
+            while thread.is_alive():
+                while not q.empty():
+                    q.get_nowait()
+                thread.join(timeout=0.01)
+
     def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """Global-batch index `start` onward, on the stream's device: gathered there on a GPU
+        (`device_batches`), gathered on the host otherwise (`host_batches`); the same rows either way."""
+        return self.device_batches(start) if self.device.startswith("cuda") else self.host_batches(start)
+
+    def host_batches(self, start: int = 0) -> Iterator[torch.Tensor]:
         """Global-batch index `start` onward. A background thread walks the chunks (opening and checking
         them with `read_threads`); `gather_threads` workers gather batches at once (and move them to
         the GPU); each is decoded to float32 as it is handed out, in order. Decoding in the consumer's
@@ -240,6 +286,57 @@ class ActivationStream:
                 while not q.empty():
                     q.get_nowait()
                 thread.join(timeout=0.01)
+
+
+class DeviceWindow:
+    """A part's open chunks, whole, in one buffer on the training device: each chunk is read once per
+    window (verified by its checksum on its first read), staged through pinned memory and copied
+    asynchronously into a free slot; a batch is then one gather by index on the device."""
+
+    def __init__(self, source: ChunkSource, slots: int, device: str):
+        self.source, self.device = source, torch.device(device)
+        rpc, d = source.rows_per_chunk, source.arr.shape[1]
+        dtype = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}.get(
+            source.dtype, torch.int16)  # bfloat16 is stored as its bits
+        self.buffer = torch.empty(slots * rpc, d, dtype=dtype, device=self.device)
+        cuda = self.device.type == "cuda"
+        self.staging = [torch.empty(rpc, d, dtype=dtype, pin_memory=cuda) for _ in range(slots)] if cuda else None
+        self.copied = [None] * slots  # the CUDA event of each slot's last copy (its staging buffer is busy till then)
+        self.slot_of: dict[int, int] = {}
+        self.lookup = np.full(max(source.cache.n_chunks, 1), -1, dtype=np.int64)  # chunk -> slot
+
+    def hold(self, blocks: dict[int, np.ndarray]) -> None:
+        """Make these chunks resident, reusing the slots of chunks no longer needed."""
+        for c in [c for c in self.slot_of if c not in blocks]:
+            self.lookup[c] = -1
+            del self.slot_of[c]
+        free = sorted(set(range(len(self.copied))) - set(self.slot_of.values()))
+        rpc = self.source.rows_per_chunk
+        for c in blocks:
+            if c in self.slot_of:
+                continue
+            slot = free.pop(0)
+            block = blocks[c].view(np.int16) if blocks[c].dtype == np.uint16 else blocks[c]
+            dst = self.buffer[slot * rpc:(slot + 1) * rpc]
+            if self.staging is not None:
+                if self.copied[slot] is not None:
+                    self.copied[slot].synchronize()
+                self.staging[slot].numpy()[: len(block)] = block  # into pinned memory, then across PCIe
+                dst.copy_(self.staging[slot], non_blocking=True)
+                self.copied[slot] = torch.cuda.Event()
+                self.copied[slot].record()
+            else:
+                dst.numpy()[: len(block)] = block
+            self.slot_of[c] = slot
+            self.lookup[c] = slot
+
+    def gather(self, ids: np.ndarray) -> torch.Tensor:
+        """The rows `ids` (global row ids, in increasing order), as stored, on the device."""
+        rpc = self.source.rows_per_chunk
+        chunk = ids // rpc
+        rows = self.lookup[chunk] * rpc + (ids - chunk * rpc)
+        index = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        return self.buffer.index_select(0, index)
 
 
 def warn_epochs(tokens: int, epoch_tokens: int) -> None:

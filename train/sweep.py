@@ -147,5 +147,15 @@ def sweep_from(train: dict[str, Any], cli: dict[str, Any], d_in: int) -> list[di
         grids = [common | {k: train[k] for k in SELECTION if k in train} | select | recipe]
     saes = [c for g in grids for c in expand(g, d_in)]
     for c in saes:
-        SAEConfig(d_in=d_in, **c)  # validates every value with a one-line error
+        try:
+            SAEConfig(d_in=d_in, **c)  # validates every value with a one-line error ...
+        except PipelineError as e:  # ... naming the SAE of the sweep it is about
+            raise PipelineError(f"sweep entry {describe(c)}: {e}") from None
     return saes
+
+
+def describe(c: dict[str, Any]) -> str:
+    """A sweep entry in words: arch, k, dict, then every other key it sets."""
+    first = [("arch", c.get("arch")), ("k", c.get("k")), ("dict", c.get("d_sae"))]
+    rest = [(k, v) for k, v in c.items() if k not in ("arch", "k", "d_sae") and not (k == "replicate" and v == 0)]
+    return ", ".join(f"{k}={v}" for k, v in first + rest if v is not None)

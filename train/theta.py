@@ -19,18 +19,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .sparsity import batch_topk_indices
+from .sparsity import batch_topk
 
 ESTIMATORS = ("pooled", "mean")
 
 
-def _top_values(acts: torch.Tensor, count: int, hint: float | None = None) -> torch.Tensor:
-    """The `count` largest positive values of acts [n, m] (exact), largest first; `hint` (a value a little
-    below the expected smallest of them) only makes the selection faster."""
+def _top_values(acts: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` largest positive values of acts [n, m] (exact), largest first (fewer where fewer are
+    positive)."""
     n, m = acts.shape
     k = max(1, -(-count // n))
-    idx = batch_topk_indices(acts, min(k, m), hint)
-    vals = acts.flatten()[idx].sort(descending=True).values
+    vals = acts.flatten()[batch_topk(acts[None], min(k, m))[0]]
+    vals = vals[vals > 0].sort(descending=True).values
     return vals[:count]
 
 
@@ -41,14 +41,11 @@ def estimate_theta(xs: Sequence[torch.Tensor], pre: Callable[[torch.Tensor], tor
     Each batch keeps its top 2·n·k activations; the pooled threshold is exact as long as no batch has
     all of its stored values above it, which is checked (that batch is recomputed with a larger store).
     """
-    def top(i: int, factor: int, hint: float | None = None) -> torch.Tensor:
-        return _top_values(pre(xs[i]).relu().float(), factor * len(xs[i]) * k, hint)
+    def top(i: int, factor: int) -> torch.Tensor:
+        return _top_values(pre(xs[i]).relu().float(), factor * len(xs[i]) * k)
 
     factors = [2] * len(xs)
-    stores: list[torch.Tensor] = []
-    for i in range(len(xs)):  # each batch's selection starts a little below the previous batch's last value
-        last = float(stores[-1][-1]) if stores and len(stores[-1]) else None
-        stores.append(top(i, 2, 0.9 * last if last else None))
+    stores = [top(i, 2) for i in range(len(xs))]
     mins = [float(s[len(x) * k - 1]) if len(s) >= len(x) * k else 0.0 for s, x in zip(stores, xs)]
     total = sum(len(x) for x in xs) * k
     while True:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from batchtopk.cache.format import Cache
@@ -20,28 +19,16 @@ from batchtopk.cache.split import Rows, Split
 from batchtopk.core import distributed
 from batchtopk.core.errors import PipelineError
 
-from . import checkpoint, recipe
+from . import checkpoint
 from .finish import finish, sets_threshold
-from .sae import NMSE, SAE, SAEConfig, autocast
+from .sae import SAE, SAEConfig
 from .settings import THETA_ESTIMATORS, TrainSettings
+from .stack import SAEStack, StackTrainer, stack_configs
 from .stream import ActivationStream, warn_epochs
 
 STATE_FILE = "state.pt"
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
-
-
-class Objective(nn.Module):
-    """Wraps an SAE so DistributedDataParallel sees the training loss as its forward."""
-
-    def __init__(self, sae: SAE):
-        super().__init__()
-        self.sae = sae
-
-    def forward(self, x: torch.Tensor, dead: torch.Tensor, coeff: float | None):
-        x_in, _ = self.sae.normalize(x)
-        out, code = self.sae.losses(x_in, dead, coeff)
-        return out, code, x_in
 
 
 class Trainer:
@@ -81,34 +68,26 @@ class Trainer:
         self.out = Path(s.out)
         self.identity = s.identity() | {"cache_id": self.cache.attrs["cache_id"], "site": self.site}
         torch.manual_seed(s.seed)
-        self.saes = [SAE(c, s.seed).to(self.device) for c in self.cfgs]
-        for sae in self.saes:
+        saes = [SAE(c, s.seed).to(self.device) for c in self.cfgs]
+        for sae in saes:
             if sae.cfg.norm == "global":
                 sae.input_scale.fill_(self.scale)
-        self.objectives: list[nn.Module] = [Objective(sae) for sae in self.saes]
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            self.objectives = [DDP(o, device_ids=[torch.device(self.device).index] if self.device.startswith("cuda")
-                                   else None) for o in self.objectives]
-        self.opts = [recipe.make_optimizer(sae, s.lr, tuple(s.betas)) for sae in self.saes]
-        self.since_fired = [torch.zeros(c.d_sae, dtype=torch.long, device=self.device) for c in self.cfgs]
-        self.bad_step = [torch.tensor(-1, device=self.device) for _ in self.cfgs]  # first non-finite loss
-        self.bad_loss = [torch.tensor(0.0, device=self.device) for _ in self.cfgs]
-        # running θ: the sum of each batch's smallest kept activation, kept on the device (float64)
-        self.theta_sum = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in self.saes]
-        self.theta_n = [0] * len(self.saes)
         self.step = 0
+        self.step_t = torch.zeros((), dtype=torch.long, device=self.device)  # the step, as the step sees it
         self.theta_from = self.total_steps - max(1, round(self.total_steps * s.theta_window))
+        # the SAEs of one architecture and shape train as one stack; stacks[j] holds cfgs[groups[j]]
+        self.groups = stack_configs(self.cfgs)
+        compile_ = s.compile == "on" or (s.compile == "auto" and self.device.startswith("cuda") and self.world == 1)
+        self.stacks = [StackTrainer(SAEStack([saes[i] for i in g], s.lr, tuple(s.betas)), self.total_steps,
+                                    self.theta_from, self.world, compile_) for g in self.groups]
 
     # ------------------------------------------------------------ state
     def sae_dir(self, cfg: SAEConfig) -> Path:
         return self.out / cfg.name
 
     def _state(self) -> dict[str, Any]:
-        return {"step": self.step, "identity": self.identity,
-                "saes": [s.state_dict() for s in self.saes], "opts": [o.state_dict() for o in self.opts],
-                "since_fired": [t.cpu() for t in self.since_fired], "theta_sum": [float(t) for t in self.theta_sum],
-                "theta_n": self.theta_n, "torch_rng": torch.get_rng_state()}
+        return {"step": self.step, "identity": self.identity, "layout": "stacks", "groups": self.groups,
+                "stacks": [st.state_dict() for st in self.stacks], "torch_rng": torch.get_rng_state()}
 
     def save_state(self) -> None:
         """Write the checkpoint beside the old one, then replace it: a failed write (a full disk) leaves
@@ -135,6 +114,19 @@ class Trainer:
                                 "(choose another OUT, or delete it yourself)")
         return bool(run.get("complete"))
 
+    def unstack(self) -> list[SAE]:
+        """Every SAE of the run as a plain SAE, in the order of cfgs (what finishes the run reads)."""
+        saes: list[SAE] = [None] * len(self.cfgs)  # type: ignore[list-item]
+        for st, group in zip(self.stacks, self.groups):
+            for s_i, i in enumerate(group):
+                saes[i] = st.stack.sae(s_i)
+        return saes
+
+    def running_theta(self, i: int) -> float:
+        """SAE i's running θ (see StackTrainer.running_theta)."""
+        j = next(j for j, g in enumerate(self.groups) if i in g)
+        return self.stacks[j].running_theta(self.groups[j].index(i))
+
     def mark_complete(self, dirs: list[Path]) -> None:
         """Record in the run file that the run finished and which SAE directories it wrote."""
         run = json.loads((self.out / RUN_FILE).read_text())
@@ -145,13 +137,14 @@ class Trainer:
         if not path.exists():
             return
         st = checkpoint.load(path, self.device)
-        for sae, sd in zip(self.saes, st["saes"]):
-            sae.load_state_dict(sd)
-        for opt, sd in zip(self.opts, st["opts"]):
-            opt.load_state_dict(sd)
-        self.since_fired = [t.to(self.device) for t in st["since_fired"]]
-        self.theta_sum = [torch.tensor(v, dtype=torch.float64, device=self.device) for v in st["theta_sum"]]
-        self.theta_n, self.step = st["theta_n"], st["step"]
+        if st.get("layout") != "stacks" or st.get("groups") != self.groups:
+            raise PipelineError(f"checkpoint {path} was written by an earlier version, which trained SAEs one by one; "
+                                "finish the run with that version, or delete the checkpoint to train it again "
+                                "from step 0")
+        for stack, sd in zip(self.stacks, st["stacks"]):
+            stack.load_state_dict(sd)
+        self.step = st["step"]
+        self.step_t.fill_(self.step)
         torch.set_rng_state(st["torch_rng"])
         if self.rank == 0:
             print(f"resuming {self.out} at step {self.step}/{self.total_steps}", file=sys.stderr)
@@ -186,17 +179,22 @@ class Trainer:
                 first = self.stream.batches(0)
                 x0 = distributed.all_gather_cat(next(first))  # the whole first global batch
                 first.close()
-                for sae in self.saes:
-                    sae.init_from_data(sae.normalize(x0)[0])
-                    for t in sae.parameters():  # every rank starts from rank 0's initialisation
+                for st in self.stacks:
+                    st.stack.init_from_data(x0)
+                    for t in st.stack.parameters():  # every rank starts from rank 0's initialisation
                         distributed.broadcast_(t.data)
             waited = 0.0
             while self.step < self.total_steps:
                 tw = time.perf_counter()
                 x = next(batches)
                 waited += time.perf_counter() - tw
-                metrics = [self._train_step(i, x) for i in range(len(self.saes))]
+                log = (self.step + 1) % self.s.log_every == 0 or self.step + 1 == self.total_steps
+                metrics: list[dict[str, float]] = [{} for _ in self.cfgs]
+                for st, group in zip(self.stacks, self.groups):
+                    for i, m in zip(group, st.step(x, self.step_t, log) or ()):
+                        metrics[i] = m
                 self.step += 1
+                self.step_t += 1
                 bar.update(self.s.batch_size)
                 if self.step % self.s.log_every == 0 or self.step == self.total_steps:
                     self._check_finite()
@@ -231,57 +229,13 @@ class Trainer:
         bar.close()
         return finish(self)
 
-    def _train_step(self, i: int, x: torch.Tensor) -> dict[str, float]:
-        sae, opt, obj, cfg = self.saes[i], self.opts[i], self.objectives[i], self.cfgs[i]
-        dead = self.since_fired[i] >= cfg.dead_tokens
-        coeff = recipe.sparsity_coeff(cfg, self.step, self.total_steps)
-        f = recipe.lr_factor(cfg, self.step, self.total_steps)
-        recipe.set_lr(opt, f)
-        opt.zero_grad(set_to_none=True)
-        with autocast(self.device):
-            out, code, x_in = obj(x, dead, coeff)
-        loss = out["loss"]
-        with torch.no_grad():  # noted on the device, read back at log steps and before saving (_check_finite)
-            new = (self.bad_step[i] < 0) & ~torch.isfinite(loss)
-            self.bad_step[i] = torch.where(new, self.step + 1, self.bad_step[i])
-            self.bad_loss[i] = torch.where(new, loss.detach().float(), self.bad_loss[i])
-        loss.backward()
-        sae.prepare_grads()
-        opt.step()
-        sae.normalize_decoder()
-        with torch.no_grad():
-            fired = code.fired()
-            distributed.all_reduce_(fired)
-            self.since_fired[i] = torch.where(fired > 0, 0, self.since_fired[i] + x.shape[0] * self.world)
-            if cfg.arch == "batchtopk" and self.step >= self.theta_from and code.pairs:
-                mn = code.min_active().float().reshape(1)
-                distributed.all_reduce_(mn, "sum")
-                self.theta_sum[i] += mn[0].double() / self.world
-                self.theta_n[i] += 1
-            if (self.step + 1) % self.s.log_every and self.step + 1 != self.total_steps:
-                return {}
-            names = [k for k in out if k != "x_hat"]
-            # combined over ranks: losses averaged, NMSE over every rank's tokens, L0 over all tokens
-            err = NMSE().add(x_in, out["x_hat"])
-            agg = torch.stack([out[k].detach().double() / self.world for k in names] +
-                              [torch.tensor(float(code.nnz), dtype=torch.float64, device=x.device)])
-            distributed.all_reduce_(agg)
-            distributed.all_reduce_(err.terms)
-            m = {k: float(v) for k, v in zip(names, agg)}
-            m.update(nmse=err.value, l0=float(agg[-1]) / (x.shape[0] * self.world),
-                     dead=int((self.since_fired[i] >= cfg.dead_tokens).sum()), lr_factor=f)
-            if coeff is not None:
-                m["sparsity_coeff"] = coeff
-            if self.theta_n[i]:
-                m["theta_running"] = float(self.theta_sum[i]) / self.theta_n[i]
-            return m
-
     def _check_finite(self) -> None:
         """Stop at the first SAE whose loss became nan or inf, before anything of it is saved."""
-        for i, cfg in enumerate(self.cfgs):
-            step = int(self.bad_step[i])
-            if step >= 0:
-                raise PipelineError(f"loss became {float(self.bad_loss[i])} at step {step} for {cfg.name}; stopped; "
+        for st, group in zip(self.stacks, self.groups):
+            bad = st.first_bad()
+            if bad is not None:
+                s_i, step, loss = bad
+                raise PipelineError(f"loss became {loss} at step {step} for {self.cfgs[group[s_i]].name}; stopped; "
                                     f"the last good checkpoint in {self.out} is kept (step "
                                     f"{self._saved_step()}); try a lower learning rate")
 

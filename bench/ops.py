@@ -1,0 +1,142 @@
+"""`make bench BENCH_ARGS="--part ops"`: what one training step launches, counted rather than timed.
+
+A TorchDispatchMode sees every aten op a step dispatches below autograd (forward, backward, clipping,
+the optimiser step, the dead-latent bookkeeping): the count is deterministic, and ops that read a value
+back from the device or whose output shape depends on the data (`.item()`, `nonzero`, ...) are named
+by the tags PyTorch gives them. Stacks of 1 and 8 SAEs show whether launches grow with the sweep.
+Graph breaks come from torch._dynamo.explain over the same step, and the CPU throughput of a stack
+of 8 against 8 stacks of 1 stepped one after another (how a sweep trained before stacks).
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from batchtopk.train.sae import SAE, SAEConfig
+from batchtopk.train.stack import SAEStack, StackTrainer
+
+from .records import Record, device_name
+
+SHAPE = {"d": 64, "m": 512, "k": 8, "batch": 512}  # small: the counts do not depend on the size
+HOST_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it: all, those that are not views (about one kernel launch
+    each), and those that read back from the device or have a data-dependent output shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.non_view = 0
+        self.host_reads: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        if not func.is_view:
+            self.non_view += 1
+        if any(t in func.tags for t in HOST_TAGS) and not _static_index(func, args):
+            self.host_reads[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def _static_index(func, args) -> bool:
+    """aten.index with integer indices has a static output shape (PyTorch tags it for boolean masks)."""
+    return (func.overloadpacket is torch.ops.aten.index and len(args) > 1
+            and all(i is None or i.dtype not in (torch.bool, torch.uint8) for i in args[1]))
+
+
+def stack_trainer(arch: str, size: int, d: int, m: int, k: int, dead_fraction: float = 0.25,
+                  device: str = "cpu", compile: bool = False) -> StackTrainer:
+    """A stack of `size` replicates with a quarter of their latents dead (so the auxiliary loss runs)."""
+    torch.manual_seed(0)
+    saes = [SAE(SAEConfig(arch, d, m, k=k if arch in ("batchtopk", "topk") else None, replicate=r,
+                          jumprelu_init_l0=k, target_l0=k if arch == "jumprelu" else None)).to(device)
+            for r in range(size)]
+    st = StackTrainer(SAEStack(saes, 1e-3, (0.9, 0.99)), total_steps=1000, theta_from=800, compile=compile)
+    st.state.since_fired[:, : int(m * dead_fraction)] = 10 ** 9
+    return st
+
+
+def count_step(arch: str, size: int, d: int = SHAPE["d"], m: int = SHAPE["m"], k: int = SHAPE["k"],
+               batch: int = SHAPE["batch"]) -> OpCounter:
+    """The ops of one non-log training step of a stack (after two warm-up steps)."""
+    st = stack_trainer(arch, size, d, m, k)
+    x = torch.randn(batch, d)
+    step_t = torch.zeros((), dtype=torch.long)
+    for _ in range(2):
+        st.step(x, step_t)
+        step_t += 1
+    counter = OpCounter()
+    with counter:
+        st.step(x, step_t)
+    return counter
+
+
+def graph_breaks(arch: str, size: int = 1) -> tuple[int, int]:
+    """(graphs, graph breaks) of a non-log step under torch.compile(fullgraph=False)."""
+    import torch._dynamo
+
+    st = stack_trainer(arch, size, SHAPE["d"], SHAPE["m"], SHAPE["k"])
+    torch._dynamo.config.trace_autograd_ops = True
+    torch._dynamo.reset()
+    x, step_t = torch.randn(SHAPE["batch"], SHAPE["d"]), torch.zeros((), dtype=torch.long)
+    exp = torch._dynamo.explain(lambda x, t: st._step(x, t, keep=False))(x, step_t)
+    torch._dynamo.reset()
+    return exp.graph_count, exp.graph_break_count
+
+
+def stacked_throughput(arch: str, size: int, d: int, m: int, k: int, batch: int, steps: int) -> tuple[float, float]:
+    """(SAE-tokens/s of one stack of `size`, of `size` stacks of 1 stepped one after another) on the CPU."""
+    x = torch.randn(batch, d)
+    out = []
+    for stacks in ([stack_trainer(arch, size, d, m, k)], [stack_trainer(arch, 1, d, m, k) for _ in range(size)]):
+        step_t = torch.zeros((), dtype=torch.long)
+        for st in stacks:  # warm-up
+            st.step(x, step_t)
+        t = time.perf_counter()
+        for _ in range(steps):
+            for st in stacks:
+                st.step(x, step_t)
+            step_t += 1
+        out.append(size * batch * steps / (time.perf_counter() - t))
+    return out[0], out[1]
+
+
+def run(steps: int = 3, d: int = 576, m: int = 4608, k: int = 32, batch: int = 4096, sizes: tuple[int, ...] = (1, 8),
+        archs: tuple[str, ...] = ("batchtopk", "topk")) -> list[Record]:
+    dev = device_name("cpu")
+    recs: list[Record] = []
+    settings: dict[str, Any] = {"counted_at": SHAPE | {"dead_fraction": 0.25}}
+    for arch in archs:
+        counts = {n: count_step(arch, n) for n in sizes}
+        base = counts[sizes[0]]
+        for n in sizes:
+            c = counts[n]
+            recs.append(Record(f"ops per step, {arch} x{n}", c.total, "ops", f"ops per step, {arch} x{sizes[0]}",
+                               base.total, dev, settings | {"non_view_ops": c.non_view,
+                                                            "ops": dict(c.ops.most_common())}))
+            recs.append(Record(f"non-view ops per step, {arch} x{n}", c.non_view, "ops",
+                               f"non-view ops per step, {arch} x{sizes[0]}", base.non_view, dev, settings))
+            reads = sum(c.host_reads.values())
+            recs.append(Record(f"host reads per step, {arch} x{n}", reads, "reads",
+                               f"host reads per step, {arch} x{sizes[0]}", sum(base.host_reads.values()), dev,
+                               settings | {"ops": dict(c.host_reads)}))
+        graphs, breaks = graph_breaks(arch)
+        recs.append(Record(f"graph breaks, {arch}", breaks, "breaks", "none (one graph)", 0, dev,
+                           settings | {"graphs": graphs}))
+        big = max(sizes)
+        stacked, one_by_one = stacked_throughput(arch, big, d, m, k, batch, steps)
+        recs.append(Record(f"train step, {arch}, a stack of {big}", stacked, "SAE-tok/s",
+                           f"{big} stacks of 1, one after another", one_by_one, dev,
+                           {"d_in": d, "d_sae": m, "k": k, "batch": batch, "steps": steps, "dead_fraction": 0.25}))
+    return recs

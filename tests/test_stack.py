@@ -1,0 +1,193 @@
+"""Stacks: SAEs of one shape trained as one fixed-shape step, with nothing read back from the device."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from batchtopk.bench.ops import OpCounter, count_step, stack_trainer
+from batchtopk.bench.train_bench import dense_losses
+from batchtopk.core.errors import PipelineError
+from batchtopk.train.sae import SAE, SAEConfig, load_sae
+from batchtopk.train.stack import SAEStack, StackKey, batch_topk, stack_configs
+
+D, M = 16, 96
+
+
+def brute_top(pre: torch.Tensor, K: int) -> torch.Tensor:
+    """The K largest values of pre, sorted (the values any exact selection keeps, whatever its ties)."""
+    return pre.flatten().sort(descending=True).values[:K]
+
+
+@pytest.mark.parametrize("candidates", [None, 1, 2])
+@pytest.mark.parametrize("case", ["random", "skewed", "ties"])
+def test_batch_topk_is_exact_with_fixed_shape(case, candidates):
+    torch.manual_seed(0)
+    pre = torch.randn(3, 64, 300)
+    if case == "skewed":  # one token holds far more of the batch's top values than its candidates
+        pre[0, 3] += 50
+        pre[2, :5] += 3
+    if case == "ties":  # a few distinct values: the n·k-th largest is tied many times over
+        pre = torch.randint(-3, 4, (3, 64, 300)).float()
+    idx = batch_topk(pre, 8, candidates)
+    assert idx.shape == (3, 64 * 8) and (idx[:, 1:] > idx[:, :-1]).all()  # sorted, no repeats
+    for s in range(3):
+        kept = pre[s].flatten()[idx[s]]
+        torch.testing.assert_close(kept.sort(descending=True).values, brute_top(pre[s], 64 * 8), rtol=0, atol=0)
+        if case != "ties":  # no ties: the set itself is the brute-force one
+            assert set(idx[s].tolist()) == set(pre[s].flatten().topk(64 * 8).indices.tolist())
+    assert torch.equal(idx, batch_topk(pre, 8, candidates))  # ties broken the same way every time
+    if case == "skewed":
+        assert int((idx[0] // 300 == 3).sum()) == 300  # the hot token got all its latents
+
+
+@pytest.mark.parametrize("arch,kw", [("batchtopk", {"k": 4}), ("topk", {"k": 4}), ("jumprelu", {"target_l0": 5.0}),
+                                     ("jumprelu", {"preact_coeff": 1e-3}),
+                                     ("relu", {}), ("batchtopk", {"k": 4, "center": True, "norm": "token"}),
+                                     ("topk", {"k": 4, "aux_norm": True, "mse": "mean"})])
+def test_losses_and_gradients_equal_the_dense_reference(arch, kw):
+    """Each SAE of a stack gets the losses and gradients of the textbook dense implementation, with a
+    different set of dead latents per SAE (fewer than the auxiliary pool: the exact regime)."""
+    torch.manual_seed(1)
+    saes = [SAE(SAEConfig(arch, D, M, replicate=r, **kw), 0) for r in range(3)]
+    x = torch.randn(64, D) * 2 + 1
+    for s in saes:
+        s.input_scale.fill_(0.7)
+        s.init_from_data(s.normalize(x)[0])
+    stack = SAEStack(saes, 1e-3, (0.9, 0.99))
+    since = torch.zeros(3, M, dtype=torch.long)
+    since[0, :20] = since[1, :60] = 10 ** 6
+    out, *_ = stack.losses(x, since, stack.coeff)
+    out["loss"].sum().backward()
+    for i, s in enumerate(saes):
+        dead = since[i] >= s.cfg.dead_tokens
+        ref = dense_losses(s, s.normalize(x)[0], dead if arch in ("batchtopk", "topk") else None)
+        assert float(out["loss"][i]) == pytest.approx(float(ref), rel=1e-5)
+        ref.backward()
+        for name, p in s.named_parameters():
+            torch.testing.assert_close(getattr(stack, name).grad[i], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_aux_pool_is_exact_up_to_its_size_and_fixed_beyond():
+    """The auxiliary loss reads a pool of 2·aux_k dead latents: the per-token top aux_k of all dead latents
+    while they fit in it; beyond, the same amount of work on the pool's latents."""
+    torch.manual_seed(2)
+    sae = SAE(SAEConfig("topk", D, M, k=4, aux_k=8), 0)
+    x = torch.randn(64, D)
+    stack = SAEStack([sae], 1e-3, (0.9, 0.99))
+    for n_dead, exact in ((16, True), (40, False)):
+        since = torch.zeros(1, M, dtype=torch.long)
+        since[0, :n_dead] = 10 ** 6
+        aux = float(stack.losses(x, since, stack.coeff)[0]["aux"][0])
+        ref = float(dense_losses(sae, x, since[0] >= sae.cfg.dead_tokens) - dense_losses(sae, x, None))
+        assert (aux == pytest.approx(ref, rel=1e-4)) == exact and aux > 0
+
+
+def test_a_stack_of_n_trains_like_n_alone(tmp_path):
+    """A sweep trained as one stack ends with the weights of each SAE trained alone on the same batches
+    (different lr, betas, clipping, aux coefficient and schedules inside the stack), saved alike."""
+    from batchtopk.cache.format import write_cache
+    from batchtopk.train.settings import TrainSettings
+    from batchtopk.train.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    tokens = np.ones((64, 32), dtype=np.int32)
+    tokens[:, 0] = 0
+    cache = write_cache(str(tmp_path / "c"), tokens, {"blocks.0.hook_resid_pre": rng.standard_normal(
+        (64 * 32, D)).astype(np.float32) * 3}, dtype="float32", chunk_seqs=8).location
+    sweep = [{"arch": "batchtopk", "d_sae": M, "k": 4},
+             {"arch": "batchtopk", "d_sae": M, "k": 4, "replicate": 1, "lr": 3e-3, "betas": (0.0, 0.999),
+              "grad_clip": None, "aux_coeff": 0.5, "warmup": 0.2, "decay": 0.3},
+             {"arch": "batchtopk", "d_sae": M, "k": 4, "replicate": 2, "grad_clip": 0.01, "dead_tokens": 256}]
+
+    def run(saes, out):
+        t = Trainer(TrainSettings(cache=cache, out=str(tmp_path / out), batch_size=256, tokens=256 * 12, saes=saes,
+                                  device="cpu", val_fraction=0.25, log_every=4))
+        return t, t.run()
+
+    together, dirs = run(sweep, "stack")
+    assert len(together.stacks) == 1 and together.stacks[0].stack.size == 3
+    for i, cfg in enumerate(sweep):
+        alone, [d] = run([cfg], f"alone{i}")
+        assert len(alone.stacks) == 1 and alone.stacks[0].stack.size == 1
+        a, ma = load_sae(dirs[i])
+        b, mb = load_sae(d)
+        for name, p in a.state_dict().items():
+            torch.testing.assert_close(p, b.state_dict()[name], rtol=1e-4, atol=1e-5, msg=f"{i} {name}")
+        assert ma["metadata"]["theta"] == pytest.approx(mb["metadata"]["theta"], rel=1e-4)
+        logs = [[__import__("json").loads(x) for x in open(p / "train_log.jsonl")] for p in (dirs[i], d)]
+        assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [4, 8, 12]
+        for ra, rb in zip(*logs):
+            assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4) and ra["lr_factor"] == rb["lr_factor"]
+
+
+def test_no_host_read_and_no_growth_with_the_stack():
+    """A non-log step reads nothing back from the device and has no data-dependent shape, and a stack of
+    8 dispatches exactly the ops of a stack of 1."""
+    for arch in ("batchtopk", "topk", "jumprelu", "relu"):
+        one, eight = count_step(arch, 1), count_step(arch, 8)
+        assert sum(one.host_reads.values()) == 0 == sum(eight.host_reads.values()), (arch, one.host_reads)
+        assert one.ops == eight.ops and one.total > 100, arch
+    # the counter does see a read-back: a step with an .item() in it is caught
+    st = stack_trainer("batchtopk", 1, D, M, 4)
+    x, t = torch.randn(64, D), torch.zeros((), dtype=torch.long)
+    with OpCounter() as c:
+        st.step(x, t)
+        float(st.state.since_fired.max())
+        st.state.since_fired.nonzero()
+    assert c.host_reads == {"aten._local_scalar_dense": 1, "aten.nonzero": 1}
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+def test_the_step_is_one_graph(arch):
+    """torch.compile(fullgraph=True) takes the whole step, backward and optimiser included (the eager
+    backend: the graph capture, without code generation)."""
+    import torch._dynamo
+
+    from batchtopk.bench.ops import graph_breaks
+
+    assert graph_breaks(arch) == (1, 0)
+    st = stack_trainer(arch, 2, D, M, 4)
+    x, t = torch.randn(64, D), torch.zeros((), dtype=torch.long)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, t: st._step(x, t, keep=False), fullgraph=True, backend="eager")
+    compiled(x, t)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager():
+    """Inductor's code for a BatchTopK stack's step gives the eager step's weights to 1e-5 relative."""
+    torch.manual_seed(3)
+    saes = [SAE(SAEConfig("batchtopk", D, M, k=4, replicate=r), 0) for r in range(2)]
+    from batchtopk.train.stack import StackTrainer
+
+    eager = StackTrainer(SAEStack(saes, 1e-3, (0.9, 0.99)), 100, 80)
+    comp = StackTrainer(SAEStack(saes, 1e-3, (0.9, 0.99)), 100, 80, compile=True)
+    for st in (eager, comp):
+        st.state.since_fired[:, :20] = 10 ** 6
+    for i in range(4):
+        x, t = torch.randn(64, D), torch.tensor(i)
+        eager.step(x, t)
+        comp.step(x, t)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        a, b = getattr(eager.stack, name), getattr(comp.stack, name)
+        assert float((a - b).abs().max() / a.abs().max()) < 1e-5, name
+    assert torch.equal(eager.state.since_fired, comp.state.since_fired)
+
+
+def test_stacks_group_by_what_decides_shapes():
+    cfgs = [SAEConfig("batchtopk", D, M, k=4), SAEConfig("batchtopk", D, M, k=4, replicate=1, lr=3e-3),
+            SAEConfig("batchtopk", D, M, k=8), SAEConfig("topk", D, M, k=4), SAEConfig("batchtopk", D, 2 * M, k=4),
+            SAEConfig("batchtopk", D, M, k=4, norm="token")]
+    assert stack_configs(cfgs) == [[0, 1], [2], [3], [4], [5]]
+    assert StackKey.of(cfgs[0]) == StackKey.of(cfgs[1])
+
+
+def test_an_impossible_member_of_a_sweep_is_named():
+    from batchtopk.train.sweep import sweep_from
+
+    with pytest.raises(PipelineError, match=r"sweep entry arch=topk, k=200, dict=96: k=200 must satisfy"):
+        sweep_from({}, {"arch": "topk,batchtopk", "k": "4,200", "dict": str(M)}, D)
+    with pytest.raises(PipelineError, match=r"sweep entry arch=batchtopk, k=4, dict=96, lr=-1\.0: lr=-1\.0 must be"):
+        sweep_from({}, {"arch": "batchtopk", "k": "4", "dict": str(M), "lr": "-1"}, D)

@@ -1,0 +1,431 @@
+"""SAEs of one architecture and shape trained as one: a stack.
+
+Every parameter has a leading SAE dimension (W_enc [S, d, m], W_dec [S, m, d], ...), the encoder is one
+batched product, and every SAE's selection, losses, gradient clipping and optimiser step run batched
+over the stack. The settings that may differ inside a stack (learning rates and their schedules, betas,
+coefficients, clipping, the dead-latent window, JumpReLU's targets) are device tensors; the ones that
+decide shapes or code paths (architecture, sizes, k, aux_k, the input normalisation, centring, the MSE
+reduction) make the stack's key, so SAEs that differ in them go to different stacks.
+
+Every tensor of a training step has a shape fixed by the settings, never by the data, and the step
+reads nothing back from the device: on CUDA it compiles into one graph and replays as a CUDA graph.
+Where the one-SAE code made a data-dependent choice, the stack makes a fixed-shape one:
+
+- BatchTopK keeps exactly n·k pairs per SAE (value 0 where fewer than n·k pre-activations are
+  positive), found by an exact selection of fixed shape (`batch_topk`).
+- The auxiliary loss picks each token's top aux_k dead latents from a pool of the 2·aux_k dead latents
+  most active in the batch: exactly the one-SAE loss whenever at most 2·aux_k latents are dead, and a
+  fixed [n, 2·aux_k] block of work whatever their number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchtopk.core import distributed
+
+from .sae import DENSE_DECODE_ABOVE, NMSE, SAE, SAEConfig, autocast, standardize
+from .sparsity import KeptPre, MaskedBlock, batch_topk, count, decode_pairs, jumprelu, step, topk_rows
+
+AUX_POOL = 2    # the auxiliary loss reads the AUX_POOL·aux_k most active dead latents of the batch
+
+
+@dataclass(frozen=True)
+class StackKey:
+    """What SAEs of one stack share: everything that decides a shape or a code path."""
+
+    arch: str
+    d_in: int
+    d_sae: int
+    k: int | None
+    aux_k: int
+    norm: str
+    center: bool
+    mse: str
+    aux_norm: bool
+    target: bool          # JumpReLU: a target-L0 penalty (or a plain L0 one)
+    preact: bool          # JumpReLU: with Anthropic's pre-activation loss
+
+    @classmethod
+    def of(cls, c: SAEConfig) -> StackKey:
+        sparse = c.arch in ("batchtopk", "topk")
+        return cls(c.arch, c.d_in, c.d_sae, c.k if sparse else None, c.aux_k if sparse else 0, c.norm, c.center,
+                   c.mse, c.aux_norm if sparse else False, c.target_l0 is not None, c.preact_coeff > 0)
+
+
+def stack_configs(cfgs: list[SAEConfig]) -> list[list[int]]:
+    """The indices of cfgs grouped into stacks, in order of first appearance."""
+    groups: dict[StackKey, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        groups.setdefault(StackKey.of(c), []).append(i)
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------- the stack
+class SAEStack(nn.Module):
+    """S SAEs of one StackKey, built from SAEs (freshly initialised, so each starts as it would alone) and
+    turned back into them (`sae`)."""
+
+    def __init__(self, saes: list[SAE], run_lr: float, run_betas: tuple[float, float]):
+        super().__init__()
+        cfgs = [s.cfg for s in saes]
+        keys = {StackKey.of(c) for c in cfgs}
+        if len(keys) != 1:
+            raise ValueError(f"a stack holds SAEs of one key, not {len(keys)}")
+        self.key = keys.pop()
+        self.cfgs = cfgs
+        stack = lambda name: torch.stack([getattr(s, name).detach() for s in saes])  # noqa: E731
+        self.W_enc = nn.Parameter(stack("W_enc").clone())
+        self.b_enc = nn.Parameter(stack("b_enc").clone())
+        self.W_dec = nn.Parameter(stack("W_dec").clone())
+        self.b_dec = nn.Parameter(stack("b_dec").clone())
+        if self.key.arch == "jumprelu":
+            self.log_threshold = nn.Parameter(stack("log_threshold").clone())
+        self.register_buffer("input_scale", stack("input_scale").clone())
+        dev = self.W_enc.device
+
+        def per_sae(values: list[float], dtype=torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=dev)
+        lrs = [c.lr if c.lr is not None else run_lr for c in cfgs]
+        betas = [tuple(c.betas or run_betas) for c in cfgs]
+        inf = float("inf")
+        self.register_buffer("lr", per_sae(lrs))
+        self.register_buffer("threshold_lr", per_sae([c.threshold_lr or lr for c, lr in zip(cfgs, lrs)]))
+        self.register_buffer("beta1", per_sae([b[0] for b in betas]))
+        self.register_buffer("beta2", per_sae([b[1] for b in betas]))
+        self.register_buffer("grad_clip", per_sae([c.grad_clip if c.grad_clip else inf for c in cfgs]))
+        self.register_buffer("aux_coeff", per_sae([c.aux_coeff for c in cfgs]))
+        self.register_buffer("dead_tokens", per_sae([c.dead_tokens for c in cfgs], torch.long))
+        base = {"jumprelu": [c.l0_coeff for c in cfgs], "relu": [c.l1_coeff for c in cfgs]}
+        self.register_buffer("coeff", per_sae(base.get(self.key.arch, [0.0] * len(cfgs))))
+        self.register_buffer("target_l0", per_sae([c.target_l0 or 1.0 for c in cfgs]))
+        self.register_buffer("preact_coeff", per_sae([c.preact_coeff for c in cfgs]))
+        self.register_buffer("eps", per_sae([s.eps for s in saes]))
+        self.register_buffer("warmup", per_sae([c.warmup for c in cfgs]))
+        self.register_buffer("decay", per_sae([c.decay for c in cfgs]))
+        self.register_buffer("sparsity_warmup", per_sae([c.sparsity_warmup for c in cfgs]))
+
+    @property
+    def size(self) -> int:
+        return len(self.cfgs)
+
+    def sae(self, i: int) -> SAE:
+        """SAE i as a plain SAE (sharing nothing with the stack)."""
+        sae = SAE(self.cfgs[i]).to(self.W_enc.device)
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec", "input_scale"):
+                getattr(sae, name).copy_(getattr(self, name)[i])
+            if self.key.arch == "jumprelu":
+                sae.log_threshold.copy_(self.log_threshold[i])
+        return sae
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Each SAE's data-dependent start from the first batch of raw activations (SAE.init_from_data:
+        b_dec, JumpReLU's thresholds)."""
+        for i in range(self.size):
+            sae = self.sae(i)
+            sae.init_from_data(sae.normalize(x)[0])
+            self.b_dec[i].copy_(sae.b_dec)
+            if self.key.arch == "jumprelu":
+                self.log_threshold[i].copy_(sae.log_threshold)
+
+    # ------------------------------------------------------------ schedules (device tensors of the step)
+    def lr_factor(self, step: torch.Tensor, total: int) -> torch.Tensor:
+        """Each SAE's learning-rate factor at a (device) step: a linear warm-up over the first `warmup` of
+        training, a linear decay to 0 over the last `decay`; 1 in between. A pure function of the step, so a
+        resumed run follows the same schedule."""
+        s = step.to(torch.float64)
+        t = s / max(1, total)
+        warm, decay = self.warmup.double(), self.decay.double()
+        f = torch.ones_like(warm)
+        f = torch.where((warm > 0) & (t < warm), (s + 1) / (warm * total + 1), f)
+        f = torch.where((decay > 0) & (t > 1 - decay), torch.minimum(f, (total - s) / (decay * total)), f)
+        return f.clamp(0.0, 1.0).float()
+
+    def sparsity_coeff(self, step: torch.Tensor, total: int) -> torch.Tensor:
+        """Each SAE's L0 (JumpReLU) or L1 (ReLU) coefficient at a (device) step, ramped up from 0 over the
+        first `sparsity_warmup` of training."""
+        w = self.sparsity_warmup.double()
+        ramp = torch.clamp((step.double() + 1) / (w * total), max=1.0)
+        return (self.coeff.double() * torch.where(w > 0, ramp, torch.ones_like(w))).float()
+
+    # ------------------------------------------------------------ the losses
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations [n, d] -> each SAE's input space [S, n, d]."""
+        if self.key.norm == "token":
+            return standardize(x)[0][None].expand(self.size, *x.shape)
+        return x[None] * self.input_scale[:, None, None]
+
+    def _mse(self, err: torch.Tensor) -> torch.Tensor:
+        sq = err.pow(2)
+        return sq.sum(-1).mean(-1) if self.key.mse == "sum" else sq.mean((-1, -2))
+
+    def losses(self, x: torch.Tensor, since_fired: torch.Tensor, coeff: torch.Tensor
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training losses of every SAE on a batch of raw activations x [n, d].
+
+        Returns ({name: [S] per-SAE values, 'loss': [S]}, x_in [S, n, d], x_hat [S, n, d] (detached),
+        kept (idx [S, P] flat indices, vals [S, P]) packed as (idx, vals) for the sparse codes, or the
+        dense code [S, n, m])."""
+        key = self.key
+        x_in = self.normalize(x)
+        x_enc = x_in - self.b_dec[:, None, :] if key.center else x_in
+        n = x.shape[0]
+        out: dict[str, torch.Tensor] = {}
+        if key.arch in ("batchtopk", "topk"):
+            shift = self.b_dec if key.center else None
+            xe = x_enc.detach()
+            with torch.no_grad():
+                pre = torch.baddbmm(self.b_enc[:, None, :], xe, self.W_enc)
+                idx = batch_topk(pre, key.k) if key.arch == "batchtopk" else topk_rows(pre, key.k)
+            # relu: a pair keeps value 0 where fewer than n·k (TopK: k) pre-activations are positive
+            vals = KeptPre.apply(pre, xe, self.W_enc, self.b_enc, shift, idx).relu()
+            if key.k > DENSE_DECODE_ABOVE * key.d_sae:
+                dense = torch.zeros(pre.shape, dtype=vals.dtype, device=vals.device)
+                dense = dense.view(self.size, -1).scatter(1, idx, vals).view(pre.shape)
+                x_hat = torch.bmm(dense, self.W_dec) + self.b_dec[:, None, :]
+            else:
+                x_hat = decode_pairs(idx, vals, self.W_dec, n) + self.b_dec[:, None, :]
+            code = (idx, vals)
+            out["mse"] = self._mse(x_hat - x_in)
+            out["aux"] = self._aux(pre, xe, shift, since_fired, (x_in - x_hat).detach())
+        else:
+            pre = torch.baddbmm(self.b_enc[:, None, :], x_enc, self.W_enc)
+            unit = key.d_in if key.mse == "sum" else 1  # coefficients weigh against the per-element MSE
+            if key.arch == "jumprelu":
+                theta = self.log_threshold.exp()[:, None, :]
+                eps = self.eps[:, None, None]
+                f = jumprelu(pre, theta, eps)
+                l0 = step(pre, theta, eps).sum(-1).mean(-1)
+                penalty = (l0 / self.target_l0 - 1) ** 2 if key.target else l0
+                out["sparsity"] = unit * coeff * penalty
+                if key.preact:
+                    out["preact"] = unit * self.preact_coeff * (theta - pre).relu().sum(-1).mean(-1)
+            else:
+                f = pre.relu()
+                out["sparsity"] = unit * coeff * f.abs().sum(-1).mean(-1)
+            x_hat = torch.bmm(f, self.W_dec) + self.b_dec[:, None, :]
+            code = f
+            out["mse"] = self._mse(x_hat - x_in)
+        out["loss"] = sum(out.values())
+        return out, x_in, x_hat.detach(), code
+
+    def _aux(self, pre: torch.Tensor, x_enc: torch.Tensor, shift: torch.Tensor | None, since_fired: torch.Tensor,
+             residual: torch.Tensor) -> torch.Tensor:
+        """Gao et al.'s auxiliary loss: the residual fitted with each token's top aux_k dead latents, times
+        aux_coeff (0 where none is dead); optionally over the residual's variance.
+
+        In a fixed shape: the pool is the AUX_POOL·aux_k dead latents with the largest pre-activation
+        anywhere in the batch, and each token takes its top aux_k of those (one dense [n, pool] block).
+        That is the one-SAE loss exactly whenever at most that many latents are dead."""
+        S, n, m = pre.shape
+        dead = since_fired >= self.dead_tokens[:, None]                                      # [S, m]
+        with torch.no_grad():
+            score = pre.amax(1).masked_fill(~dead, float("-inf"))
+            cols = score.topk(min(m, AUX_POOL * self.key.aux_k), dim=1, sorted=False).indices  # [S, D]
+            block = pre.gather(2, cols[:, None, :].expand(S, n, cols.shape[1]))
+            block.masked_fill_(~dead.gather(1, cols)[:, None, :], float("-inf"))
+            if cols.shape[1] > self.key.aux_k:  # each token's top aux_k of the pool
+                top = block.topk(self.key.aux_k, dim=2, sorted=False).indices
+                keep = torch.zeros(block.shape, dtype=torch.bool, device=block.device).scatter_(2, top, True)
+                block.masked_fill_(~keep, float("-inf"))
+            block.relu_()  # -inf (not dead, or not among a token's top aux_k) -> 0
+        block = MaskedBlock.apply(block, x_enc, self.W_enc, self.b_enc, shift, cols)
+        decoded = torch.bmm(block, self.W_dec.gather(1, cols[:, :, None].expand(*cols.shape, self.key.d_in)))
+        aux = self._mse(decoded - residual)
+        if self.key.aux_norm:
+            aux = aux / self._mse(residual - residual.mean(1, keepdim=True)).clamp_min(1e-12)
+        return self.aux_coeff * aux * dead.any(1)  # no dead latent, no auxiliary loss
+
+    # ------------------------------------------------------------ after backward
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the gradient component along each (unit) decoder row."""
+        g = self.W_dec.grad
+        g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+class StackAdam(nn.Module):
+    """Per-SAE gradient clipping and Adam over a stack's parameters, with a learning rate and betas per SAE,
+    written as clip_grad_norm_ and torch.optim.Adam compute them, over one flat [S, P] view of every
+    parameter's gradient (a few ops per step, whatever the number of SAEs). Its moments and step count are
+    buffers updated in place, so a captured step replays without recompiling."""
+
+    def __init__(self, stack: SAEStack, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+        self.names = [n for n, _ in stack.named_parameters()]
+        self.sizes = [p[0].numel() for _, p in stack.named_parameters()]
+        total = sum(self.sizes)
+        dev = stack.W_enc.device
+        self.register_buffer("exp_avg", torch.zeros(stack.size, total, device=dev))
+        self.register_buffer("exp_avg_sq", torch.zeros(stack.size, total, device=dev))
+        self.register_buffer("step_count", torch.zeros((), device=dev))
+
+    @torch.no_grad()
+    def clipped_gradient(self, stack: SAEStack) -> torch.Tensor:
+        """Every parameter's gradient as one [S, P] tensor, each SAE's clipped at its grad_clip."""
+        g = torch.cat([getattr(stack, n).grad.reshape(stack.size, -1) for n in self.names], dim=1)
+        return g.mul_((stack.grad_clip / (g.pow(2).sum(1).sqrt() + 1e-6)).clamp(max=1.0)[:, None])
+
+    @torch.no_grad()
+    def step(self, stack: SAEStack, lr_factor: torch.Tensor) -> None:
+        """Clip each SAE's gradient norm at its grad_clip (coefficient clip / (norm + 1e-6), at most 1), then
+        one Adam step of every SAE at its lr times lr_factor [S] (JumpReLU's thresholds at theirs)."""
+        params = [getattr(stack, n) for n in self.names]
+        g = self.clipped_gradient(stack)
+        self.step_count += 1
+        t = self.step_count.double()
+        bc1 = (1 - stack.beta1.double() ** t).float()  # in float64, as torch computes them from Python floats
+        bc2_sqrt = (1 - stack.beta2.double() ** t).sqrt().float()
+        self.exp_avg.lerp_(g, (1 - stack.beta1)[:, None])
+        self.exp_avg_sq.mul_(stack.beta2[:, None]).addcmul_(g, g * (1 - stack.beta2)[:, None])
+        update = self.exp_avg / (self.exp_avg_sq.sqrt() / bc2_sqrt[:, None]).add_(self.eps)
+        for n, p, u in zip(self.names, params, update.split(self.sizes, dim=1)):
+            lr = (stack.threshold_lr if n == "log_threshold" else stack.lr) * lr_factor / bc1
+            p.sub_(u.view(p.shape) * lr.view(-1, *([1] * (p.dim() - 1))))
+
+
+class Objective(nn.Module):
+    """Wraps a stack so DistributedDataParallel sees its training losses as its forward."""
+
+    def __init__(self, stack: SAEStack):
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, x: torch.Tensor, since_fired: torch.Tensor, coeff: torch.Tensor):
+        return self.stack.losses(x, since_fired, coeff)
+
+
+class StepState(nn.Module):
+    """A stack's training state on the device, updated in place by every step: the tokens since each latent
+    last fired, the step at which each SAE's loss first became non-finite (and that loss), and the sum
+    and count of the smallest kept activations that make the running θ."""
+
+    def __init__(self, stack: SAEStack):
+        super().__init__()
+        S, dev = stack.size, stack.W_enc.device
+        self.register_buffer("since_fired", torch.zeros(S, stack.key.d_sae, dtype=torch.long, device=dev))
+        self.register_buffer("bad_step", torch.full((S,), -1, dtype=torch.long, device=dev))
+        self.register_buffer("bad_loss", torch.zeros(S, device=dev))
+        self.register_buffer("theta_sum", torch.zeros(S, dtype=torch.float64, device=dev))
+        self.register_buffer("theta_n", torch.zeros(S, dtype=torch.float64, device=dev))
+
+
+class StackTrainer:
+    """One stack's training: the stack, its optimiser and its state. A step reads nothing back from the
+    device unless asked for the log's metrics; with `compile`, every other step runs as one compiled graph
+    (on CUDA replayed as a CUDA graph)."""
+
+    def __init__(self, stack: SAEStack, total_steps: int, theta_from: int, world: int = 1, compile: bool = False):
+        self.stack, self.opt, self.state = stack, StackAdam(stack), StepState(stack)
+        self.total_steps, self.theta_from, self.world = total_steps, theta_from, world
+        dev = stack.W_enc.device
+        self.objective: nn.Module = Objective(stack)
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.objective = DDP(self.objective, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.compiled = None
+        if compile:
+            import torch._dynamo
+
+            torch._dynamo.config.trace_autograd_ops = True  # backward inside the graph
+            self.compiled = torch.compile(self._step, fullgraph=True,
+                                          mode="reduce-overhead" if dev.type == "cuda" else None)
+
+    def step(self, x: torch.Tensor, step_t: torch.Tensor, log: bool = False) -> list[dict[str, float]] | None:
+        """One training step on the batch x [n, d] at device step step_t; with `log`, every SAE's metrics
+        (losses averaged over ranks, NMSE and L0 over every rank's tokens)."""
+        if log or self.compiled is None:
+            kept = self._step(x, step_t, keep=log)
+            return self._metrics(*kept, x.shape[0]) if log else None
+        self.compiled(x, step_t, keep=False)
+        return None
+
+    def _step(self, x: torch.Tensor, step_t: torch.Tensor, keep: bool):
+        stack, st, n = self.stack, self.state, x.shape[0]
+        coeff = stack.sparsity_coeff(step_t, self.total_steps)
+        f = stack.lr_factor(step_t, self.total_steps)
+        for p in stack.parameters():
+            p.grad = None
+        with autocast(x.device.type):
+            out, x_in, x_hat, code = self.objective(x, st.since_fired, coeff)
+        loss = out["loss"]
+        with torch.no_grad():  # noted on the device, read back at log steps and before saving
+            new = (st.bad_step < 0) & ~torch.isfinite(loss)
+            st.bad_step.copy_(torch.where(new, step_t + 1, st.bad_step))
+            st.bad_loss.copy_(torch.where(new, loss.detach().float(), st.bad_loss))
+        loss.sum().backward()
+        stack.project_decoder_grad()
+        self.opt.step(stack, f)  # clipping, then Adam
+        stack.normalize_decoder()
+        with torch.no_grad():
+            fired, nnz = self._fired(code)
+            distributed.all_reduce_(fired)
+            st.since_fired.copy_(torch.where(fired > 0, 0, st.since_fired + n * self.world))
+            if stack.key.arch == "batchtopk":  # the running θ over the last steps: each batch's smallest kept value
+                vals = code[1]
+                mn = torch.where(vals > 0, vals, torch.inf).amin(1).double()
+                use = (step_t >= self.theta_from) & torch.isfinite(mn)
+                mn = torch.where(use, mn, 0.0)
+                distributed.all_reduce_(mn)
+                st.theta_sum.add_(mn / self.world)
+                st.theta_n.add_(use.double())
+        return (out, x_in, x_hat, nnz, coeff, f) if keep else None
+
+    def _fired(self, code) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens each latent fired on [S, m], active latents of the batch [S])."""
+        st = self.stack
+        if isinstance(code, tuple):  # kept pairs
+            idx, vals = code
+            m = st.key.d_sae
+            latent = (idx % m + torch.arange(st.size, device=idx.device)[:, None] * m).reshape(-1)
+            return count(latent, st.size * m, (vals > 0).reshape(-1)).view(st.size, m), (vals > 0).sum(1)
+        return (code != 0).sum(1), (code != 0).sum((1, 2))
+
+    def _metrics(self, out, x_in, x_hat, nnz, coeff, f, n) -> list[dict[str, float]]:
+        names = list(out)
+        agg = torch.stack([out[k].detach().double() / self.world for k in names] + [nnz.double()])
+        distributed.all_reduce_(agg)
+        stack, st, metrics = self.stack, self.state, []
+        for i in range(stack.size):
+            err = NMSE().add(x_in[i], x_hat[i])
+            distributed.all_reduce_(err.terms)
+            mi = {k: float(v) for k, v in zip(names, agg[:, i])}
+            mi.update(nmse=err.value, l0=float(agg[-1, i]) / (n * self.world),
+                      dead=int((st.since_fired[i] >= stack.dead_tokens[i]).sum()), lr_factor=float(f[i]))
+            if stack.key.arch in ("jumprelu", "relu"):
+                mi["sparsity_coeff"] = float(coeff[i])
+            if float(st.theta_n[i]):
+                mi["theta_running"] = float(st.theta_sum[i] / st.theta_n[i])
+            metrics.append(mi)
+        return metrics
+
+    def running_theta(self, i: int) -> float:
+        """SAE i's running θ: the mean smallest kept activation over the steps since theta_from."""
+        return float(self.state.theta_sum[i]) / max(1.0, float(self.state.theta_n[i]))
+
+    def first_bad(self) -> tuple[int, int, float] | None:
+        """(SAE, step, loss) of the first SAE whose loss became non-finite, or None (reads the device)."""
+        for i, b in enumerate(self.state.bad_step.tolist()):
+            if b >= 0:
+                return i, b, float(self.state.bad_loss[i])
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        cpu = lambda sd: {k: v.cpu() for k, v in sd.items()}  # noqa: E731
+        return {"stack": cpu(self.stack.state_dict()), "opt": cpu(self.opt.state_dict()),
+                "state": cpu(self.state.state_dict())}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.stack.load_state_dict(sd["stack"])
+        self.opt.load_state_dict(sd["opt"])
+        self.state.load_state_dict(sd["state"])
