@@ -1,4 +1,8 @@
 """`python -m bench` (also `python -m batchtopk.bench`)."""
-from batchtopk.bench.cli import main
+from batchtopk.core.memory import reexec_with_heap_settings
+
+reexec_with_heap_settings()  # large tensors from the heap, reused (see core/memory.py)
+
+from batchtopk.bench.cli import main  # noqa: E402
 
 main(prog_name="python -m bench")

@@ -110,3 +110,17 @@ def test_help_fits_on_a_screen_and_names_the_recipe_options():
                           timeout=120).stdout
     assert "Recipe options (experimental); --help-all describes them:" in train and "--b-dec-init" in train
     assert "b_dec's start" not in train and "b_dec's start" in full
+
+
+def test_training_commands_reexecute_with_heap_settings():
+    """train and bench re-execute once with glibc's heap settings (core/memory.py); opting out keeps the
+    process as it is; a setting the user gave wins."""
+    code = ("import os; from batchtopk.core.memory import reexec_with_heap_settings as r; r(); "
+            "print(os.getpid(), os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ.get('MALLOC_TOP_PAD_'))")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "BATCHTOPK_MALLOC"}
+    run = lambda **env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
+                                       env=base | env, timeout=60).stdout.split()
+    assert run()[1:] == [str(1 << 30), str(1 << 28)]
+    assert run(BATCHTOPK_MALLOC="off")[1:] == ["None", "None"]
+    assert run(MALLOC_TOP_PAD_="4096")[1:] == [str(1 << 30), "4096"]
+    assert "reexec_with_heap_settings()" in (ROOT / "train" / "__main__.py").read_text()

@@ -272,26 +272,33 @@ class StackAdam(nn.Module):
 
     @torch.no_grad()
     def clipped_gradient(self, stack: SAEStack) -> torch.Tensor:
-        """Every parameter's gradient as one [S, P] tensor, each SAE's clipped at its grad_clip."""
-        g = torch.cat([getattr(stack, n).grad.reshape(stack.size, -1) for n in self.names], dim=1)
-        return g.mul_((stack.grad_clip / (g.pow(2).sum(1).sqrt() + 1e-6)).clamp(max=1.0)[:, None])
+        """Every parameter's gradient as one [S, P] tensor (a buffer reused from step to step: a stack's
+        temporaries are large), each SAE's clipped at its grad_clip."""
+        if not hasattr(self, "_g"):
+            self._g = torch.empty_like(self.exp_avg)
+            self._u = torch.empty_like(self.exp_avg)
+        g = torch.cat([getattr(stack, n).grad.reshape(stack.size, -1) for n in self.names], dim=1, out=self._g)
+        norm = torch.linalg.vector_norm(g, dim=1)
+        return g.mul_((stack.grad_clip / (norm + 1e-6)).clamp(max=1.0)[:, None])
 
     @torch.no_grad()
     def step(self, stack: SAEStack, lr_factor: torch.Tensor) -> None:
         """Clip each SAE's gradient norm at its grad_clip (coefficient clip / (norm + 1e-6), at most 1), then
-        one Adam step of every SAE at its lr times lr_factor [S] (JumpReLU's thresholds at theirs)."""
-        params = [getattr(stack, n) for n in self.names]
+        one Adam step of every SAE at its lr times lr_factor [S] (JumpReLU's thresholds at theirs), in place."""
         g = self.clipped_gradient(stack)
         self.step_count += 1
         t = self.step_count.double()
         bc1 = (1 - stack.beta1.double() ** t).float()  # in float64, as torch computes them from Python floats
         bc2_sqrt = (1 - stack.beta2.double() ** t).sqrt().float()
-        self.exp_avg.lerp_(g, (1 - stack.beta1)[:, None])
-        self.exp_avg_sq.mul_(stack.beta2[:, None]).addcmul_(g, g * (1 - stack.beta2)[:, None])
-        update = self.exp_avg / (self.exp_avg_sq.sqrt() / bc2_sqrt[:, None]).add_(self.eps)
-        for n, p, u in zip(self.names, params, update.split(self.sizes, dim=1)):
+        b1, b2 = stack.beta1[:, None], stack.beta2[:, None]
+        self.exp_avg.lerp_(g, 1 - b1)
+        self.exp_avg_sq.mul_(b2 / (1 - b2)).addcmul_(g, g).mul_(1 - b2)  # b2·v + (1 - b2)·g², no temporary
+        u = torch.sqrt(self.exp_avg_sq, out=self._u).div_(bc2_sqrt[:, None]).add_(self.eps)
+        u = torch.div(self.exp_avg, u, out=self._u)
+        for n, part in zip(self.names, u.split(self.sizes, dim=1)):
+            p = getattr(stack, n)
             lr = (stack.threshold_lr if n == "log_threshold" else stack.lr) * lr_factor / bc1
-            p.sub_(u.view(p.shape) * lr.view(-1, *([1] * (p.dim() - 1))))
+            p.addcmul_(part.view(p.shape), -lr.view(-1, *([1] * (p.dim() - 1))))
 
 
 class Objective(nn.Module):
