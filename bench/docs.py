@@ -79,8 +79,12 @@ def _lr(rows: dict[str, dict]) -> str:
 def _budget(recs: list[dict]) -> str:
     s = recs[0]["settings"]
     return (f"{s['pipeline']} cache, {s['site']}, {s['d_sae']} latents, k = {s['k']}, {s['steps']} steps of "
-            f"{s['batch_size']} ({s['training_tokens']:,} tokens), {s['seeds']} seed(s), NMSE on the same "
+            f"{s['batch_size']} ({s['training_tokens']:,} tokens), {_seeds(s['seeds'])}, NMSE on the same "
             f"{s['heldout_rows']:,} held-out rows")
+
+
+def _seeds(n: int) -> str:
+    return "one seed" if n == 1 else f"{n} seeds (mean)"
 
 
 def render_peers(path: str, root: Path = ROOT) -> str:

@@ -69,8 +69,10 @@ def stack_trainer(arch: str, size: int, d: int, m: int, k: int, dead_fraction: f
 
 def count_step(arch: str, size: int, d: int = SHAPE["d"], m: int = SHAPE["m"], k: int = SHAPE["k"],
                batch: int = SHAPE["batch"]) -> OpCounter:
-    """The ops of one non-log training step of a stack (after two warm-up steps)."""
+    """The ops of one non-log training step of a stack (after two warm-up steps), as a GPU or a compiled
+    step runs it (the CPU's eager BatchTopK shortcut, checked on the host, left out)."""
     st = stack_trainer(arch, size, d, m, k)
+    st.stack.hinted = False
     x = torch.randn(batch, d)
     step_t = torch.zeros((), dtype=torch.long)
     for _ in range(2):
@@ -87,12 +89,28 @@ def graph_breaks(arch: str, size: int = 1) -> tuple[int, int]:
     import torch._dynamo
 
     st = stack_trainer(arch, size, SHAPE["d"], SHAPE["m"], SHAPE["k"])
+    st.stack.hinted = False  # as a compiled step runs it
     torch._dynamo.config.trace_autograd_ops = True
     torch._dynamo.reset()
     x, step_t = torch.randn(SHAPE["batch"], SHAPE["d"]), torch.zeros((), dtype=torch.long)
     exp = torch._dynamo.explain(lambda x, t: st._step(x, t, keep=False))(x, step_t)
     torch._dynamo.reset()
     return exp.graph_count, exp.graph_break_count
+
+
+def inductor_kernels(arch: str, size: int) -> int:
+    """Kernels inductor generates for a non-log step of a stack (compiled whole, fullgraph)."""
+    import torch._dynamo
+    import torch._inductor.metrics as metrics
+
+    st = stack_trainer(arch, size, SHAPE["d"], SHAPE["m"], SHAPE["k"], compile=True)
+    torch._dynamo.reset()
+    metrics.reset()
+    x, step_t = torch.randn(SHAPE["batch"], SHAPE["d"]), torch.zeros((), dtype=torch.long)
+    st.step(x, step_t)
+    n = metrics.generated_kernel_count
+    torch._dynamo.reset()
+    return n
 
 
 def stacked_throughput(arch: str, size: int, d: int, m: int, k: int, batch: int, steps: int) -> tuple[float, float]:
@@ -134,6 +152,10 @@ def run(steps: int = 3, d: int = 576, m: int = 4608, k: int = 32, batch: int = 4
         graphs, breaks = graph_breaks(arch)
         recs.append(Record(f"graph breaks, {arch}", breaks, "breaks", "none (one graph)", 0, dev,
                            settings | {"graphs": graphs}))
+        kernels = {n: inductor_kernels(arch, n) for n in sizes}
+        for n in sizes:
+            recs.append(Record(f"inductor kernels per step, {arch} x{n}", kernels[n], "kernels",
+                               f"inductor kernels per step, {arch} x{sizes[0]}", kernels[sizes[0]], dev, settings))
         big = max(sizes)
         stacked, one_by_one = stacked_throughput(arch, big, d, m, k, batch, steps)
         recs.append(Record(f"train step, {arch}, a stack of {big}", stacked, "SAE-tok/s",

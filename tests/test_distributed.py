@@ -64,14 +64,15 @@ def test_ddp_topk_stack_matches_single_process(hargs, tmp_path):
     the same global batches."""
     cache = harvest_cli([*hargs, "--tokens", str(160 * 32)], tmp_path / "c")
     common = ["--cache", cache, "--arch", "topk", "--k", "4", "--dict", "128", "--seeds", "2", "--tokens",
-              str(512 * 12), "--batch-size", "512", "--lr", "1e-3", "--device", "cpu", "--val-fraction", "0.2"]
+              str(512 * 12), "--batch-size", "512", "--lr", "1e-3", "--device", "cpu", "--val-fraction", "0.2",
+              "--stack-size", "2"]
     r = subprocess.run([*TORCHRUN, "-m", "train", *common, "--out", str(tmp_path / "ddp")], capture_output=True,
                        text=True, cwd=ROOT, env=env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ddp_dirs = [Path(p) for p in r.stdout.strip().splitlines()[-2:]]
     single_dirs = Trainer(TrainSettings(cache=cache, out=str(tmp_path / "single"), saes=[
         {"arch": "topk", "d_sae": 128, "k": 4, "replicate": i} for i in range(2)], tokens=512 * 12, batch_size=512,
-        lr=1e-3, device="cpu", val_fraction=0.2, data_parts=2)).run()
+        lr=1e-3, device="cpu", val_fraction=0.2, data_parts=2, stack_size=2)).run()
     for ddp_dir, single_dir in zip(ddp_dirs, single_dirs):
         assert ddp_dir.name == single_dir.name
         a, ma = load_sae(ddp_dir)

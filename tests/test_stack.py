@@ -41,6 +41,32 @@ def test_batch_topk_is_exact_with_fixed_shape(case, candidates):
         assert int((idx[0] // 300 == 3).sum()) == 300  # the hot token got all its latents
 
 
+def test_the_cpus_hinted_selection_is_exact_or_says_so():
+    """The CPU's shortcut: the n·k largest entries at or above a hint, exact when between n·k and
+    2·n·k - 1 entries pass (ok), flagged otherwise; a stack that uses it falls back to the exact selection."""
+    from batchtopk.train.sparsity import batch_topk_hinted
+
+    torch.manual_seed(5)
+    pre = torch.randn(2, 64, 300)
+    K = 64 * 8
+    kth = torch.stack([p.flatten().topk(K).values[-1] for p in pre])
+    for factor, ok in ((0.95, True), (1.05, False), (-10.0, False)):  # near below, above, far below
+        hint = torch.where(kth > 0, kth * factor, kth / factor) if factor > 0 else torch.full((2,), -10.0)
+        idx, flags = batch_topk_hinted(pre, 8, hint)
+        assert flags.tolist() == [ok, ok]
+        if ok:
+            assert torch.equal(idx, batch_topk(pre, 8))
+    st = stack_trainer("batchtopk", 2, D, M, 4)
+    assert st.stack.hinted  # the CPU, uncompiled
+    x = torch.randn(64, D)
+    for i in range(3):  # the first batch has no hint (-inf: every entry passes): the exact path, then the hint
+        with torch.no_grad():
+            pre = torch.baddbmm(st.stack.b_enc[:, None, :], st.stack.normalize(x), st.stack.W_enc)
+        assert torch.equal(st.stack._batch_topk(pre), batch_topk(pre, 4))
+        assert bool(torch.isfinite(st.stack.hint).all())
+        st.step(x, torch.tensor(i))
+
+
 @pytest.mark.parametrize("arch,kw", [("batchtopk", {"k": 4}), ("topk", {"k": 4}), ("jumprelu", {"target_l0": 5.0}),
                                      ("jumprelu", {"preact_coeff": 1e-3}),
                                      ("relu", {}), ("batchtopk", {"k": 4, "center": True, "norm": "token"}),
@@ -102,7 +128,7 @@ def test_a_stack_of_n_trains_like_n_alone(tmp_path):
 
     def run(saes, out):
         t = Trainer(TrainSettings(cache=cache, out=str(tmp_path / out), batch_size=256, tokens=256 * 12, saes=saes,
-                                  device="cpu", val_fraction=0.25, log_every=4))
+                                  device="cpu", val_fraction=0.25, log_every=4, stack_size=8))
         return t, t.run()
 
     together, dirs = run(sweep, "stack")
@@ -130,6 +156,7 @@ def test_no_host_read_and_no_growth_with_the_stack():
         assert one.ops == eight.ops and one.total > 100, arch
     # the counter does see a read-back: a step with an .item() in it is caught
     st = stack_trainer("batchtopk", 1, D, M, 4)
+    st.stack.hinted = False
     x, t = torch.randn(64, D), torch.zeros((), dtype=torch.long)
     with OpCounter() as c:
         st.step(x, t)
@@ -148,6 +175,7 @@ def test_the_step_is_one_graph(arch):
 
     assert graph_breaks(arch) == (1, 0)
     st = stack_trainer(arch, 2, D, M, 4)
+    st.stack.hinted = False  # as a compiled step runs it
     x, t = torch.randn(64, D), torch.zeros((), dtype=torch.long)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, t: st._step(x, t, keep=False), fullgraph=True, backend="eager")
@@ -181,6 +209,7 @@ def test_stacks_group_by_what_decides_shapes():
             SAEConfig("batchtopk", D, M, k=8), SAEConfig("topk", D, M, k=4), SAEConfig("batchtopk", D, 2 * M, k=4),
             SAEConfig("batchtopk", D, M, k=4, norm="token")]
     assert stack_configs(cfgs) == [[0, 1], [2], [3], [4], [5]]
+    assert stack_configs(cfgs, 1) == [[0], [1], [2], [3], [4], [5]]
     assert StackKey.of(cfgs[0]) == StackKey.of(cfgs[1])
 
 

@@ -160,6 +160,22 @@ def batch_topk(pre: torch.Tensor, k: int, candidates: int | None = None) -> torc
     return pool_i.gather(1, top).sort(dim=1).values
 
 
+def batch_topk_hinted(pre: torch.Tensor, k: int, hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shortcut to batch_topk for the CPU: the entries of each pre[s] at or above hint[s] (a little below
+    the previous batch's n·k-th value) are the candidates, at most 2·n·k of them (fixed shape), and the n·k
+    largest of those are the answer. Returns (flat indices [S, n·k], sorted; ok [S]): exact where ok, that
+    is where between n·k and 2·n·k - 1 entries passed; elsewhere the caller takes batch_topk."""
+    S, n, m = pre.shape
+    K = n * k
+    flat = pre.reshape(S, n * m)
+    idx = torch.stack([torch.nonzero_static(flat[s] >= hint[s], size=2 * K, fill_value=-1)[:, 0] for s in range(S)])
+    passed = idx >= 0
+    ok = (passed.sum(1) >= K) & ~passed[:, -1]
+    vals = torch.where(passed, flat.gather(1, idx.clamp_min(0)), float("-inf"))
+    top = vals.topk(K, dim=1, sorted=False).indices
+    return idx.gather(1, top).sort(dim=1).values, ok
+
+
 def topk_rows(pre: torch.Tensor, k: int) -> torch.Tensor:
     """Flat indices [S, n·k] of each token's k largest entries, grouped by token."""
     S, n, m = pre.shape

@@ -28,7 +28,17 @@ from torch import nn
 from batchtopk.core import distributed
 
 from .sae import DENSE_DECODE_ABOVE, NMSE, SAE, SAEConfig, autocast, standardize
-from .sparsity import KeptPre, MaskedBlock, batch_topk, count, decode_pairs, jumprelu, step, topk_rows
+from .sparsity import (
+    KeptPre,
+    MaskedBlock,
+    batch_topk,
+    batch_topk_hinted,
+    count,
+    decode_pairs,
+    jumprelu,
+    step,
+    topk_rows,
+)
 
 AUX_POOL = 2    # the auxiliary loss reads the AUX_POOL·aux_k most active dead latents of the batch
 
@@ -56,12 +66,13 @@ class StackKey:
                    c.mse, c.aux_norm if sparse else False, c.target_l0 is not None, c.preact_coeff > 0)
 
 
-def stack_configs(cfgs: list[SAEConfig]) -> list[list[int]]:
-    """The indices of cfgs grouped into stacks, in order of first appearance."""
+def stack_configs(cfgs: list[SAEConfig], size: int | None = None) -> list[list[int]]:
+    """The indices of cfgs grouped into stacks (of at most `size` SAEs), in order of first appearance."""
     groups: dict[StackKey, list[int]] = {}
     for i, c in enumerate(cfgs):
         groups.setdefault(StackKey.of(c), []).append(i)
-    return list(groups.values())
+    size = size or len(cfgs)
+    return [g[j:j + size] for g in groups.values() for j in range(0, len(g), size)]
 
 
 # ---------------------------------------------------------------- the stack
@@ -107,7 +118,10 @@ class SAEStack(nn.Module):
         self.register_buffer("warmup", per_sae([c.warmup for c in cfgs]))
         self.register_buffer("decay", per_sae([c.decay for c in cfgs]))
         self.register_buffer("sparsity_warmup", per_sae([c.sparsity_warmup for c in cfgs]))
-
+        # BatchTopK on the CPU, uncompiled: selection starts from a little below the last batch's n·k-th value
+        # (batch_topk_hinted), checked on the host; a GPU's step takes the exact fixed-shape path throughout
+        self.hinted = False
+        self.register_buffer("hint", torch.full((len(cfgs),), float("-inf"), device=dev), persistent=False)
     @property
     def size(self) -> int:
         return len(self.cfgs)
@@ -181,7 +195,7 @@ class SAEStack(nn.Module):
             xe = x_enc.detach()
             with torch.no_grad():
                 pre = torch.baddbmm(self.b_enc[:, None, :], xe, self.W_enc)
-                idx = batch_topk(pre, key.k) if key.arch == "batchtopk" else topk_rows(pre, key.k)
+                idx = self._batch_topk(pre) if key.arch == "batchtopk" else topk_rows(pre, key.k)
             # relu: a pair keeps value 0 where fewer than n·k (TopK: k) pre-activations are positive
             vals = KeptPre.apply(pre, xe, self.W_enc, self.b_enc, shift, idx).relu()
             if key.k > DENSE_DECODE_ABOVE * key.d_sae:
@@ -213,6 +227,17 @@ class SAEStack(nn.Module):
             out["mse"] = self._mse(x_hat - x_in)
         out["loss"] = sum(out.values())
         return out, x_in, x_hat.detach(), code
+
+    def _batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
+        """The n·k largest pre-activations of each SAE (exact; see `hinted`)."""
+        if self.hinted:
+            idx, ok = batch_topk_hinted(pre, self.key.k, self.hint)
+            if not bool(ok.all()):  # the hint missed (the first batch, or a jump): the exact path
+                idx = batch_topk(pre, self.key.k)
+            kth = pre.reshape(self.size, -1).gather(1, idx).amin(1)
+            self.hint.copy_(kth - 0.05 * kth.abs())
+            return idx
+        return batch_topk(pre, self.key.k)
 
     def _aux(self, pre: torch.Tensor, x_enc: torch.Tensor, shift: torch.Tensor | None, since_fired: torch.Tensor,
              residual: torch.Tensor) -> torch.Tensor:
@@ -336,6 +361,7 @@ class StackTrainer:
         self.stack, self.opt, self.state = stack, StackAdam(stack), StepState(stack)
         self.total_steps, self.theta_from, self.world = total_steps, theta_from, world
         dev = stack.W_enc.device
+        stack.hinted = dev.type == "cpu" and not compile
         self.objective: nn.Module = Objective(stack)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP

@@ -76,7 +76,7 @@ class Trainer:
         self.step_t = torch.zeros((), dtype=torch.long, device=self.device)  # the step, as the step sees it
         self.theta_from = self.total_steps - max(1, round(self.total_steps * s.theta_window))
         # the SAEs of one architecture and shape train as one stack; stacks[j] holds cfgs[groups[j]]
-        self.groups = stack_configs(self.cfgs)
+        self.groups = stack_configs(self.cfgs, s.stack_size or (None if self.device.startswith("cuda") else 1))
         compile_ = s.compile == "on" or (s.compile == "auto" and self.device.startswith("cuda") and self.world == 1)
         self.stacks = [StackTrainer(SAEStack([saes[i] for i in g], s.lr, tuple(s.betas)), self.total_steps,
                                     self.theta_from, self.world, compile_) for g in self.groups]
