@@ -359,3 +359,17 @@ def test_a_checkpoint_of_the_old_layout_gets_one_line(synthetic_cache, tmp_path)
                                             r"the run with that version, or delete the checkpoint"):
         Trainer(s).run()
     assert (t.out / STATE_FILE).read_bytes() == before
+
+
+def test_resuming_with_other_stacks_says_which_stack_size(synthetic_cache, tmp_path):
+    from batchtopk.train.trainer import RUN_FILE
+
+    cache, _ = synthetic_cache
+    sweep = [{"arch": "topk", "d_sae": 128, "k": 3, "replicate": r} for r in range(2)]
+    t = Trainer(settings(cache, tmp_path / "r", saes=sweep, tokens=512 * 6, stack_size=2))
+    t.out.mkdir(parents=True)
+    (t.out / RUN_FILE).write_text(json.dumps({"identity": t.identity, "complete": False}))
+    t.save_state()
+    with pytest.raises(PipelineError, match=r"holds stacks of up to 2 SAEs, this run would make stacks of up to 1; "
+                                            r"resume with --stack-size 2"):
+        Trainer(settings(cache, tmp_path / "r", saes=sweep, tokens=512 * 6, stack_size=1)).run()

@@ -137,10 +137,14 @@ class Trainer:
         if not path.exists():
             return
         st = checkpoint.load(path, self.device)
-        if st.get("layout") != "stacks" or st.get("groups") != self.groups:
+        if st.get("layout") != "stacks":
             raise PipelineError(f"checkpoint {path} was written by an earlier version, which trained SAEs one by one; "
                                 "finish the run with that version, or delete the checkpoint to train it again "
                                 "from step 0")
+        if st["groups"] != self.groups:  # another --stack-size, or another device's default
+            size = max(map(len, st["groups"]))
+            raise PipelineError(f"checkpoint {path} holds stacks of up to {size} SAEs, this run would make stacks of "
+                                f"up to {max(map(len, self.groups))}; resume with --stack-size {size}")
         for stack, sd in zip(self.stacks, st["stacks"]):
             stack.load_state_dict(sd)
         self.step = st["step"]
