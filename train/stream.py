@@ -16,8 +16,9 @@ import queue
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,41 +204,24 @@ class ActivationStream:
         from whole chunks copied there once per window (DeviceWindow): what keeps a GPU fed. Chunks are
         opened `read_threads` at a time in the background, one window ahead."""
         dtype = self.cache.dtype
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
 
-        def produce() -> None:
-            try:
-                with ThreadPoolExecutor(self.read_threads) as pool:
-                    streams = [self._part_batches(p, start, pool) for p in self.my_parts]
-                    while not stop.is_set():
-                        q.put([next(s) for s in streams])
-            except BaseException as e:  # surface reader errors in the consumer
-                q.put(e)
+        def fill(put: Callable[[Any], None], stop: threading.Event) -> None:
+            with ThreadPoolExecutor(self.read_threads) as pool:
+                streams = [self._part_batches(p, start, pool) for p in self.my_parts]
+                while not stop.is_set():
+                    put([next(s) for s in streams])
 
         windows = [DeviceWindow(self.source, 2 * self.window + 1, self.device) for _ in self.my_parts]
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                xs = []
-                for w, (ids, blocks) in zip(windows, item):
-                    w.hold(blocks)
-                    xs.append(w.gather(np.sort(ids)))
-                x = torch.cat(xs) if len(xs) > 1 else xs[0]
-                if dtype == "bfloat16":
-                    x = x.view(torch.bfloat16)
-                x = x.float()
-                yield x.mul_(self.scale) if self.scale != 1.0 else x
-        finally:
-            stop.set()
-            while thread.is_alive():
-                while not q.empty():
-                    q.get_nowait()
-                thread.join(timeout=0.01)
+        for item in _background(fill, self.prefetch):
+            xs = []
+            for w, (ids, blocks) in zip(windows, item):
+                w.hold(blocks)
+                xs.append(w.gather(np.sort(ids)))
+            x = torch.cat(xs) if len(xs) > 1 else xs[0]
+            if dtype == "bfloat16":
+                x = x.view(torch.bfloat16)
+            x = x.float()
+            yield x.mul_(self.scale) if self.scale != 1.0 else x
 
     def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
         """Global-batch index `start` onward, on the stream's device: gathered there on a GPU
@@ -250,8 +234,6 @@ class ActivationStream:
         the GPU); each is decoded to float32 as it is handed out, in order. Decoding in the consumer's
         thread keeps torch's CPU thread pool to one team: a team per worker would spin on the cores
         the training step needs."""
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
         dtype = self.cache.dtype
         shape = (self.local * len(self.my_parts), self.source.arr.shape[1])
         # stored rows: the queue, the workers' batches and one being decoded; float32: a few in use
@@ -263,29 +245,43 @@ class ActivationStream:
                 self._gather(*p, out=x[i * self.local:(i + 1) * self.local])
             return stage(x, dtype, self.device)
 
-        def produce() -> None:
-            try:
-                with ThreadPoolExecutor(self.read_threads) as pool, ThreadPoolExecutor(self.gather_threads) as work:
-                    streams = [self._part_batches(p, start, pool) for p in self.my_parts]
-                    while not stop.is_set():
-                        q.put(work.submit(batch, [next(s) for s in streams]))
-            except BaseException as e:  # surface reader errors in the consumer
-                q.put(e)
+        def fill(put: Callable[[Any], None], stop: threading.Event) -> None:
+            with ThreadPoolExecutor(self.read_threads) as pool, ThreadPoolExecutor(self.gather_threads) as work:
+                streams = [self._part_batches(p, start, pool) for p in self.my_parts]
+                while not stop.is_set():
+                    put(work.submit(batch, [next(s) for s in streams]))
 
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
+        for item in _background(fill, self.prefetch):
+            yield to_float(item.result(), self.scale, decoded)
+
+
+def _background(fill: Callable[[Callable[[Any], None], threading.Event], None], prefetch: int) -> Iterator[Any]:
+    """The items a producer thread puts (`fill(put, stop)`), in order, at most `prefetch` ahead; its error
+    is raised here. On close the producer is stopped and waited for: no read or gather may touch a
+    chunk's memory map after close."""
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def run() -> None:
         try:
-            while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield to_float(item.result(), self.scale, decoded)
-        finally:  # stop the producer and wait for it: no gather may touch a chunk's map after close
-            stop.set()
-            while thread.is_alive():
-                while not q.empty():
-                    q.get_nowait()
-                thread.join(timeout=0.01)
+            fill(q.put, stop)
+        except BaseException as e:  # surface reader errors in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            while not q.empty():
+                q.get_nowait()
+            thread.join(timeout=0.01)
 
 
 class DeviceWindow:
