@@ -9,7 +9,7 @@ A table lives between two markers in a markdown file; everything between them is
     <!-- /table -->
 
 Kinds: headline (README), peers FILE, paper FILE, pairs FILE, jumprelu FILE, estimators FILE,
-ablation FILE, records FILE, options COMMAND. FILE is relative to the repository root.
+change FILE FILE, ablation FILE, records FILE, options COMMAND. FILE is relative to the repository root.
 """
 from __future__ import annotations
 
@@ -194,6 +194,29 @@ def render_estimators(path: str, root: Path = ROOT) -> str:
         f"\nL0 / k on the {rows_seen:,} held-out rows at each θ estimate (mean over seeds; * the one in use).\n")
 
 
+def render_change(args: str, root: Path = ROOT) -> str:
+    """Two make paper summaries of the same SAEs (the same batches and seeds), configuration by
+    configuration: NMSE and CE degradation before and after, and the change against the seed spread."""
+    before_path, after_path = args.split()
+    _, before = _groups(before_path, root)
+    _, after = _groups(after_path, root)
+    old = {g.config: g for g in before}
+    out = []
+    for g in after:
+        b = old.get(g.config)
+        if b is None:
+            continue
+        diffs = [ra["nmse"] / rb["nmse"] - 1 for ra, rb in zip(g.rows, b.rows)]
+        spread = f" ± {statistics.stdev(diffs):.1%}" if len(diffs) > 1 else ""
+        out.append([g.config.split("_threshold")[0], f"{len(g.rows)}", f"{b.mean('nmse'):.4f}", f"{g.mean('nmse'):.4f}",
+                    f"{statistics.fmean(diffs):+.1%}{spread}", f"{b.std('nmse'):.4f}" if len(g.rows) > 1 else "–",
+                    f"{b.mean('ce_degradation'):.3f}", f"{g.mean('ce_degradation'):.3f}",
+                    f"{b.mean('dead_fraction'):.1%} / {g.mean('dead_fraction'):.1%}"])
+    return table(["configuration", "seeds", "NMSE before", "NMSE after", "change (paired)", "seed spread before (sd)",
+                  "CE degradation before", "after", "dead before / after"], out) + (
+        f"\n`{before_path}` against `{after_path}`.\n")
+
+
 # ---------------------------------------------------------------- bench records
 def render_ablation(path: str, root: Path = ROOT) -> str:
     recs = load(path, root)
@@ -204,7 +227,8 @@ def render_ablation(path: str, root: Path = ROOT) -> str:
 def render_records(path: str, root: Path = ROOT) -> str:
     recs = load(path, root)
     fmt = lambda v, u: (f"{v:,.0f} {u}" if abs(v) >= 100 else f"{v:.4g} {u}")  # noqa: E731
-    out = [[r["name"], fmt(r["value"], r["unit"]), r["baseline"], f"{r['ratio']:.3g}"] for r in recs]
+    ratio = lambda x: f"{x:.3g}" if x == x else "–"  # noqa: E731  (no baseline value: no ratio)
+    out = [[r["name"], fmt(r["value"], r["unit"]), r["baseline"], ratio(r["ratio"])] for r in recs]
     return table(["benchmark", "value", "baseline (same run)", "ratio"], out) + (
         f"\n{recs[0]['device']}; `{path}`.\n" if recs else "")
 
@@ -303,7 +327,7 @@ def _default(f: dataclasses.Field) -> str:
 RENDERERS: dict[str, Callable[..., str]] = {
     "headline": render_headline, "peers": render_peers, "paper": render_paper, "pairs": render_pairs,
     "jumprelu": render_jumprelu, "estimators": render_estimators, "ablation": render_ablation,
-    "records": render_records, "options": render_options}
+    "records": render_records, "options": render_options, "change": render_change}
 
 
 def rendered(text: str, where: str = "", root: Path = ROOT) -> str:

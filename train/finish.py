@@ -13,7 +13,7 @@ import torch
 from batchtopk.core import distributed
 from batchtopk.harvest.models import hub_name
 
-from .sae import NMSE, SAEConfig, autocast, save_sae, standardized_mse
+from .sae import NMSE, SAE, SAEConfig, autocast, save_sae, standardized_mse
 from .theta import estimate_theta, target_shift
 
 if TYPE_CHECKING:
@@ -36,11 +36,11 @@ def theta_estimator(t: Trainer) -> str:
 
 def finish(t: Trainer) -> list[Path]:
     """Set the thresholds, measure the held-out rows, save every SAE and mark the run complete."""
-    t.saes = t.unstack()
-    thetas = estimate_thresholds(t)
+    saes = t.unstack()
+    thetas = estimate_thresholds(t, saes)
     chosen = theta_estimator(t)
     dirs = []
-    for sae, cfg, est in zip(t.saes, t.cfgs, thetas):
+    for sae, cfg, est in zip(saes, t.cfgs, thetas):
         if est is not None and cfg.arch == "batchtopk":
             sae.theta.fill_(est[chosen])
         elif est is not None:
@@ -48,9 +48,9 @@ def finish(t: Trainer) -> list[Path]:
                 sae.log_threshold.add_(math.log(est["threshold_factor"]))
         dirs.append(t.sae_dir(cfg))
     if t.rank == 0:
-        val, l0s = heldout_pass(t, thetas) if t.split.heldout_chunks else (None, [None] * len(t.saes))
-        for sae, cfg, d, est, l0 in zip(t.saes, t.cfgs, dirs, thetas, l0s):
-            meta = metadata(t, cfg, chosen)
+        val, l0s = heldout_pass(t, saes, thetas) if t.split.heldout_chunks else (None, [None] * len(saes))
+        for sae, cfg, d, est, l0 in zip(saes, t.cfgs, dirs, thetas, l0s):
+            meta = metadata(t, cfg, sae, chosen)
             if est is not None:
                 meta["theta_estimates" if cfg.arch == "batchtopk" else "target_l0_calibration"] = est
             if l0 is not None:
@@ -67,14 +67,14 @@ def finish(t: Trainer) -> list[Path]:
     return dirs
 
 
-def estimate_thresholds(t: Trainer) -> list[dict[str, float] | None]:
+def estimate_thresholds(t: Trainer, saes: list[SAE]) -> list[dict[str, float] | None]:
     """Thresholds from the final weights: every BatchTopK SAE's θ estimates (theta.py) over the training
     batches that follow the last step (theta_tokens tokens, at the training batch size) and, with a
     calibration part, over its rows (`unseen`, the same batch size); for a JumpReLU with a target L0 the
     factor on its thresholds that lands it there, over the calibration part if there is one, else those
     training batches."""
     todo = [i for i, c in enumerate(t.cfgs) if sets_threshold(c)]
-    out: list[dict[str, float] | None] = [None] * len(t.saes)
+    out: list[dict[str, float] | None] = [None] * len(saes)
     if not todo:
         return out
     n = max(1, math.ceil(t.s.theta_tokens / t.s.batch_size))
@@ -86,7 +86,7 @@ def estimate_thresholds(t: Trainer) -> list[dict[str, float] | None]:
         rows = t.rows.take(t.s.theta_tokens, part="calibration")
         unseen = [x.to(t.device) for x in rows.split(t.s.batch_size)]
     for i in todo:
-        sae, cfg = t.saes[i], t.cfgs[i]
+        sae, cfg = saes[i], t.cfgs[i]
         with torch.no_grad(), autocast(t.device):
             def pre(x, sae=sae):
                 return sae.pre(sae.normalize(x)[0])
@@ -105,7 +105,7 @@ def estimate_thresholds(t: Trainer) -> list[dict[str, float] | None]:
 
 
 @torch.no_grad()
-def heldout_pass(t: Trainer, thetas: list[dict[str, float] | None], val_rows: int = VAL_ROWS
+def heldout_pass(t: Trainer, saes: list[SAE], thetas: list[dict[str, float] | None], val_rows: int = VAL_ROWS
                  ) -> tuple[torch.Tensor, list[dict[str, Any] | None]]:
     """One read of the held-out rows evaluation reads: their first val_rows rows (the validation NMSE),
     and the inference-mode L0 of every SAE whose L0 is not fixed by construction (BatchTopK's θ, also at
@@ -130,25 +130,25 @@ def heldout_pass(t: Trainer, thetas: list[dict[str, float] | None], val_rows: in
         x = x.to(t.device)
         rows.append(len(x))
         for i in todo:
-            sae = t.saes[i]
+            sae = saes[i]
             with autocast(t.device):
                 pre = sae.pre(sae.normalize(x)[0])
                 counts = sae.code(pre, sae.modes[0]).counts
                 for name in at.get(i, {}):
                     at[i][name] += float((pre > max(thetas[i][name], 0.0)).sum())
             sums[i].append(float(counts.sum()))
-    out: list[dict[str, Any] | None] = [None] * len(t.saes)
+    out: list[dict[str, Any] | None] = [None] * len(saes)
     for i in todo:
         per_chunk = [s / n for s, n in zip(sums[i], rows)]
         spread = statistics.stdev(per_chunk) / math.sqrt(len(per_chunk)) if len(per_chunk) > 1 else 0.0
         out[i] = {"mean": sum(sums[i]) / sum(rows), "standard_error": spread, "per_chunk": per_chunk,
-                  "rows": sum(rows), "mode": t.saes[i].modes[0]}
+                  "rows": sum(rows), "mode": saes[i].modes[0]}
         if i in at:
             out[i]["at_estimates"] = {name: v / sum(rows) for name, v in at[i].items()}
     return torch.cat(val)[:val_rows].to(t.device), out
 
 
-def metadata(t: Trainer, cfg: SAEConfig, chosen: str) -> dict[str, Any]:
+def metadata(t: Trainer, cfg: SAEConfig, sae: SAE, chosen: str) -> dict[str, Any]:
     """An SAE's cfg.json metadata: what SAELens-based tools read, where its data came from (the rows it
     saw, the batches), its recipe as data, and how its θ was set."""
     a = t.cache.attrs
@@ -178,7 +178,7 @@ def metadata(t: Trainer, cfg: SAEConfig, chosen: str) -> dict[str, Any]:
         "lr": cfg.lr if cfg.lr is not None else s.lr, "betas": list(cfg.betas or s.betas),
         "seed": s.seed, "replicate": cfg.replicate, "world_size": t.world,
         "global_input_scale": t.scale,
-        "theta": float(t.saes[t.cfgs.index(cfg)].theta) if bt else None,
+        "theta": float(sae.theta) if bt else None,
         "theta_estimator": chosen if bt else None,
         "theta_estimate": theta_doc[chosen] if bt else None,
     }
