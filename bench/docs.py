@@ -87,6 +87,31 @@ def _seeds(n: int) -> str:
     return "one seed" if n == 1 else f"{n} seeds (mean)"
 
 
+def equal_lr(recs: list[dict], tie: float = 0.01) -> str:
+    """A sentence on the peers run at our learning rate: how far each lands from ours on the same batches
+    (NMSE); where every one is within `tie`, it says the lead at default learning rates is the lr's."""
+    by = _peer_rows(recs)
+    parts, gaps = [], []
+    for impl in (i for i in _impls(recs) if " at our lr" in i):
+        diffs = []
+        for arch, mode, label in (("batchtopk", "batch", "BatchTopK"), ("topk", "topk", "TopK")):
+            peer, ours = by.get((impl, arch), {}).get(mode), by.get(("ours", arch), {}).get(mode)
+            if peer and ours:
+                gaps.append(peer["value"] / ours["value"] - 1)
+                diffs.append(f"{label} {peer['value']:.4f} against our {ours['value']:.4f} ({pct(gaps[-1])})")
+        if diffs:
+            parts.append(f"{impl.split(' at our lr')[0]}'s " + ", ".join(diffs))
+    if not parts:
+        return ""
+    return ("At our learning rate: " + "; ".join(parts) + "."
+            + (f" Within {tie:.0%}, the recipes tie: the lead at default learning rates is the learning rate's, "
+               "not the trainer's." if all(abs(g) <= tie for g in gaps) else "") + "\n")
+
+
+def _para(text: str) -> str:
+    return f"\n{text}" if text else ""
+
+
 def render_peers(path: str, root: Path = ROOT) -> str:
     recs = load(path, root)
     by = _peer_rows(recs)
@@ -102,7 +127,7 @@ def render_peers(path: str, root: Path = ROOT) -> str:
                      f"{dead(batch)} / {dead(top)}"])
     return (table(["implementation", "lr", "BatchTopK NMSE, batch mode", "threshold mode (its L0)", "TopK NMSE",
                    "standardised MSE (BatchTopK / TopK)", "latents silent on the held-out rows (BatchTopK / TopK)"],
-                  rows) + f"\n{_budget(recs)}; `{path}`.\n")
+                  rows) + f"\n{_budget(recs)}; `{path}`.\n" + _para(equal_lr(recs)))
 
 
 # ---------------------------------------------------------------- make paper (report summary.json)
@@ -245,7 +270,7 @@ def render_headline(_: str = "", root: Path = ROOT) -> str:
     out = ("**Against peers, on exactly the same batches** (`make peers`; lower NMSE is better). Each peer "
            "runs at its own default learning rate and at ours, so a recipe is told apart from its lr:\n\n"
            + table(["implementation", "lr", "BatchTopK NMSE (batch mode)", "TopK NMSE"], peer_rows)
-           + f"\n{_budget(recs)}.\n\n")
+           + f"\n{_budget(recs)}.\n" + _para(equal_lr(recs)) + "\n")
     rows, gs = _groups(PAPER, root)
     topk = {(g.first["d_sae"], g.first["k"]): g for g in _main(gs) if g.arch == "topk"}
     from batchtopk.evaluate.report import paired_differences

@@ -96,6 +96,9 @@ def test_tables_render_from_json_and_only_between_markers(fixture_root):
     assert paper[5].startswith(f"{rel:+.1%}")
     # the pairs table: mean ± sd of the three paired differences
     assert pair[3].startswith(f"{diffs.mean():+.4f} ± {diffs.std(ddof=1):.4f}")
+    # the generated sentence on equal learning rates: a tie within 1%
+    assert ("At our learning rate: dictionary_learning 0.1.0's BatchTopK 0.2002 against our 0.2000 (+0.1%), "
+            "TopK 0.2101 against our 0.2100 (+0.0%). Within 1%, the recipes tie") in text
     # the peers table keeps threshold mode with its L0
     assert rows_of(text, "ours |")[1][3] == "0.1990 (8.1)"  # [0] is the headline's row
     assert rows_of(text, "batchtopk: --norm token")[0][1:] == ["0.1900", "batchtopk: defaults", "-5.0%"]
@@ -105,6 +108,20 @@ def test_tables_render_from_json_and_only_between_markers(fixture_root):
     recs[0]["value"] = 0.1990
     (fixture_root / "docs" / "bench" / "peers.json").write_text(json.dumps(recs))
     assert docs.render_all(fixture_root, files=("README.md",), write=False) == ["README.md"]
+
+
+def test_equal_lr_sentence_claims_a_tie_only_within_the_tolerance():
+    recs = peers_fixture()
+    assert "the recipes tie" in docs.equal_lr(recs)
+    recs[6]["value"] = 0.2100  # dictionary_learning's BatchTopK at our lr: 5% behind ours
+    text = docs.equal_lr(recs)
+    assert "BatchTopK 0.2100 against our 0.2000 (+5.0%)" in text and "tie" not in text
+    assert docs.equal_lr([r for r in recs if "at our lr" not in r["settings"]["implementation"]]) == ""
+
+
+def test_committed_docs_are_rendered_from_the_committed_json():
+    """README.md and docs/*.md hold exactly what `make docs` renders: no table is edited by hand or stale."""
+    assert docs.render_all(write=False) == [], "run `make docs`"
 
 
 def test_unknown_table_and_missing_json_are_one_line_errors(fixture_root):
