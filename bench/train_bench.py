@@ -27,11 +27,11 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
     auxiliary loss), flat top-k over the whole batch."""
     cfg = sae.cfg
     pre = sae.encoder_input(x) @ sae.W_enc + sae.b_enc  # x - b_dec for a centred encoder
-    if cfg.arch == "batchtopk":
-        acts = pre.relu()
-        flat = acts.flatten()
-        idx = flat.topk(x.shape[0] * cfg.k).indices
-        f = torch.zeros_like(flat).scatter(0, idx, flat[idx]).view_as(acts)
+    if cfg.arch == "batchtopk":  # over the batch, or over each group of `span` tokens
+        span = cfg.span or x.shape[0]
+        acts = pre.relu().reshape(-1, span * pre.shape[1])
+        idx = acts.topk(span * cfg.k, dim=1).indices
+        f = torch.zeros_like(acts).scatter(1, idx, acts.gather(1, idx)).view_as(pre)
     elif cfg.arch == "topk":
         v, i = pre.relu().topk(cfg.k, dim=1)
         f = torch.zeros_like(pre).scatter(1, i, v)
@@ -56,8 +56,14 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
             loss = loss + unit * cfg.preact_coeff * (sae.threshold - pre).relu().sum(-1).mean()
     if cfg.arch in ("batchtopk", "topk") and dead is not None and bool(dead.any()):
         a = pre[:, dead].relu()
-        v, i = a.topk(min(cfg.aux_k, int(dead.sum())), dim=1)
-        aux = torch.zeros_like(a).scatter(1, i, v) @ sae.W_dec[dead]
+        if cfg.aux_batch:  # the batch's top n·aux_k
+            flat = a.flatten()
+            i = flat.topk(min(x.shape[0] * cfg.aux_k, flat.numel())).indices
+            kept = torch.zeros_like(flat).scatter(0, i, flat[i]).view_as(a)
+        else:
+            v, i = a.topk(min(cfg.aux_k, int(dead.sum())), dim=1)
+            kept = torch.zeros_like(a).scatter(1, i, v)
+        aux = kept @ sae.W_dec[dead]
         residual = (x - x_hat).detach()
         scale = mse(residual - residual.mean(0)).clamp_min(1e-12) if cfg.aux_norm else 1.0
         loss = loss + cfg.aux_coeff * mse(aux - residual) / scale

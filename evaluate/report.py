@@ -282,6 +282,41 @@ def paired_differences(gs: list[Group]) -> list[dict[str, Any]]:
     return out
 
 
+SWAP_COLUMNS = (("topk", None, None), ("topk", "batchtopk", "batch"), ("topk", "batchtopk", "threshold"),
+                ("batchtopk", None, None), ("batchtopk", "topk", "topk"))
+
+
+def swapped_table(gs: list[Group]) -> list[str]:
+    """Markdown lines: each (size, k, recipe) whose BatchTopK and TopK SAEs were also scored with the other's
+    activation (`--encode-as`), NMSE / CE degradation, each swapped score's paired change from the SAE's own
+    NMSE (mean ± std over seeds). Empty when none was."""
+    by = {(g.first["d_sae"], g.first["k"], g.recipe, g.arch): g for g in gs
+          if g.arch in ("batchtopk", "topk") and all(r.get("encoded_as") for r in g.rows)}
+    keys = sorted({key[:3] for key in by if key[:3] + ("topk",) in by and key[:3] + ("batchtopk",) in by})
+    if not keys:
+        return []
+    lines = ["| dict | k | seeds | TopK | TopK as BatchTopK, batch | TopK as BatchTopK, θ (its L0) | BatchTopK, θ | "
+             "BatchTopK as TopK |", "|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        cells = []
+        for arch, as_arch, mode in SWAP_COLUMNS:
+            g = by[key + (arch,)]
+            own = [value(r, "nmse", "threshold") for r in g.rows]
+            if as_arch is None:
+                ce = statistics.fmean(value(r, "ce_degradation", "threshold") for r in g.rows)
+                cells.append(f"{statistics.fmean(own):.4f} / {ce:.3f}")
+                continue
+            got = [r["encoded_as"][as_arch]["modes"][mode] for r in g.rows]
+            rel = [m["nmse"] / o - 1 for m, o in zip(got, own)]
+            spread = f" ± {statistics.stdev(rel):.1%}" if len(rel) > 1 else ""
+            l0 = f", L0 {statistics.fmean(m['l0'] for m in got):.1f}" if mode == "threshold" else ""
+            cells.append(f"{statistics.fmean(m['nmse'] for m in got):.4f} ({statistics.fmean(rel):+.1%}{spread}{l0})"
+                         f" / {statistics.fmean(m['ce_degradation'] for m in got):.3f}")
+        n = len(by[key + ("topk",)].rows)
+        lines.append(f"| {key[0]} | {key[1]} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _pm(t: tuple[float, float, float] | None, n: int) -> str:
     if t is None:
         return "–"
@@ -367,6 +402,13 @@ def write_report(pipeline: str, dirs: list[str], out: str | None = None) -> Path
                          f"{g.fmt('ce_degradation', 'threshold')} | {g.fmt('l0', 'threshold', 3)} | {ratio:.3f} | "
                          f"{_heldout_ratio(g)} |")
         lines += _estimator_table(bt)
+    swapped = swapped_table(gs)
+    if swapped:
+        lines += ["", "## Swapped activations", "",
+                  "Each SAE scored with the other architecture's activation at the same k (`--encode-as`): TopK SAEs "
+                  "with BatchTopK's batch top-(n·k) and with a θ estimated for them as BatchTopK's is (on the "
+                  "calibration sequences), BatchTopK SAEs with k per token. NMSE (its change from the SAE's own, "
+                  "paired over seeds) / CE degradation.", "", *swapped]
     lines += ["", "## Every SAE", "",
               "| SAE | arch | k | dict | seed | " + " | ".join(TABLE_KEYS) + " |",
               "|" + "---|" * (5 + len(TABLE_KEYS))]
@@ -395,6 +437,10 @@ def summary_row(r: dict[str, Any]) -> dict[str, Any]:
     keep = {k: r[k] for k in SUMMARY_KEYS if k in r}
     keep["modes"] = {m: {k: v[k] for k in (*TABLE_KEYS, "standardized_mse") if k in v}
                      for m, v in r.get("modes", {}).items()}
+    if r.get("encoded_as"):
+        keep["encoded_as"] = {a: {k: v for k, v in e.items() if k != "modes"}
+                              | {"modes": {m: {k: v[k] for k in (*TABLE_KEYS, "standardized_mse") if k in v}
+                                           for m, v in e["modes"].items()}} for a, e in r["encoded_as"].items()}
     if keep.get("heldout_l0"):
         keep["heldout_l0"] = {k: v for k, v in keep["heldout_l0"].items() if k != "per_chunk"}
     return keep

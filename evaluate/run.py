@@ -18,7 +18,9 @@ from batchtopk.cache.split import Rows, Split, heldout_sequences
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.pipelines import DATA_DIR
 from batchtopk.harvest import models
-from batchtopk.train.sae import SAE, load_sae
+from batchtopk.train.sae import SAE, SWAPPABLE, autocast, load_sae, with_activation
+from batchtopk.train.settings import TrainSettings
+from batchtopk.train.theta import estimate_theta
 
 from .metrics import CE, DEFINITIONS, Recon, token_ce, token_kl
 from .settings import EvalSettings
@@ -34,6 +36,30 @@ def sae_reconstructor(sae: SAE, mode: str) -> Reconstructor:
         x_hat, code = sae.reconstruct(x, mode)
         return x_hat, code.counts, code.fired()
     return run
+
+
+def swapped(sae: SAE, arch: str, cache: Cache, md: dict, device: str) -> tuple[SAE, dict]:
+    """The SAE with `arch`'s activation (--encode-as), and what was set for it: a TopK SAE encoded as
+    BatchTopK gets the θ its own weights imply, estimated as the trainer estimates BatchTopK's (`unseen`:
+    the pooled estimate over its calibration sequences, at its training batch size)."""
+    alt = with_activation(sae, arch).to(device)
+    if arch != "batchtopk":
+        return alt, {}
+    rows = Rows.from_metadata(cache, md)
+    if not rows.split.calibrate:
+        raise PipelineError(f"--encode-as batchtopk estimates a θ for a {sae.cfg.arch} SAE on its calibration "
+                            f"sequences, and the run of {md.get('pipeline')}/{sae.cfg.name} set none aside (train "
+                            "with --theta-estimator unseen and a held-out part)")
+    xs = [x.to(device) for x in rows.take(TrainSettings.theta_tokens, "calibration").split(int(md["batch_size"]))]
+    with torch.no_grad(), autocast(device):
+        theta = estimate_theta(xs, lambda x: alt.pre(alt.normalize(x)[0]), alt.cfg.k)["pooled"]
+    alt.theta.fill_(theta)
+    return alt, {"theta": theta, "theta_estimator": "unseen", "theta_rows": sum(len(x) for x in xs)}
+
+
+def swapped_modes(arch: str, alt: SAE) -> dict[str, str]:
+    """metrics.json's name of each mode of an SAE encoded as `arch` -> the mode SAE.code takes."""
+    return {"topk": "threshold"} if arch == "topk" else {m: m for m in alt.modes}
 
 
 @torch.inference_mode()
@@ -190,6 +216,16 @@ def evaluate(s: EvalSettings) -> list[Path]:
         mean = torch.as_tensor(cache.train_stats(site, s.include_bos)["mean"], dtype=torch.float32)
         recons = {(str(d), mode): (sae_reconstructor(sae, mode), sae.cfg.d_sae)
                   for d, sae, _ in items for mode in sae.modes}
+        encoded_as: dict[str, dict] = defaultdict(dict)  # SAE dir -> arch -> (what was set, mode names)
+        for d, sae, meta in items:
+            for arch in s.encode_as:
+                if arch == sae.cfg.arch or sae.cfg.arch not in SWAPPABLE:
+                    continue
+                alt, info = swapped(sae, arch, cache, meta["metadata"], device)
+                names = swapped_modes(arch, alt)
+                encoded_as[str(d)][arch] = (info, list(names))
+                for name, mode in names.items():
+                    recons[(str(d), f"as {arch} {name}")] = (sae_reconstructor(alt, mode), sae.cfg.d_sae)
         results = evaluate_site(model, site, [b.to(device) for b in batches], recons, mean.to(device),
                                 rows.drop_token, max_norm=rows.max_norm)
         for d, sae, meta in items:
@@ -212,6 +248,10 @@ def evaluate(s: EvalSettings) -> list[Path]:
                    "include_outliers": s.include_outliers, "outlier_norm_above": rows.max_norm,
                    "eval_tokens": sum(b.numel() for b in batches), "eval_source": source,
                    "training_tokens": md.get("training_tokens"), "lr": md.get("lr"), "definitions": DEFINITIONS}
+            if encoded_as.get(str(d)):  # scored with another architecture's activation (--encode-as)
+                out["encoded_as"] = {arch: info | {"modes": {name: results[(str(d), f"as {arch} {name}")]
+                                                             for name in names}}
+                                     for arch, (info, names) in encoded_as[str(d)].items()}
             (d / METRICS_FILE).write_text(json.dumps(out, indent=2))
             written.append(d / METRICS_FILE)
     return written

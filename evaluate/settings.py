@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from batchtopk.core.errors import PipelineError
 from batchtopk.core.options import ADVANCED, setting
 
 BOS_HELP = "Also {} BOS positions (their residual is huge and constant)."
@@ -20,6 +21,19 @@ class EvalSettings:
     include_outliers: bool = setting(False, OUTLIERS_HELP.format("splice and score"))
     device: str | None = setting(None, "cuda or cpu (default: CUDA when present).")
     dataset: str | None = setting(None, "Evaluate on this corpus instead of the cache's held-out part.")
+    encode_as: tuple[str, ...] = setting((), "Also score each BatchTopK or TopK SAE with the other's activation "
+                                         "(batchtopk, topk, or both comma-separated): a TopK SAE as BatchTopK (batch "
+                                         "top-(n·k), and JumpReLU with a θ estimated for it), a BatchTopK SAE as "
+                                         "TopK (k per token).", parse=lambda v: tuple(a for a in v.split(",") if a),
+                                         metavar="ARCHS")
+
+    def __post_init__(self) -> None:
+        from batchtopk.train.sae import SWAPPABLE
+
+        bad = [a for a in self.encode_as if a not in SWAPPABLE]
+        if bad:
+            raise PipelineError(f"--encode-as {','.join(bad)}: not an architecture whose activation another SAE "
+                                f"can be scored with; allowed: {', '.join(SWAPPABLE)}")
 
 
 @dataclass

@@ -124,6 +124,32 @@ def test_committed_docs_are_rendered_from_the_committed_json():
     assert docs.render_all(write=False) == [], "run `make docs`"
 
 
+def test_swapped_activations_table(fixture_root):
+    """Each SAE's own NMSE / CE beside the other architecture's activation, the change paired over seeds."""
+    rows = summary_fixture()
+    for r in rows:
+        if r["architecture"] == "topk":
+            r["encoded_as"] = {"batchtopk": {"theta": 1.0, "modes": {
+                "batch": {"nmse": r["nmse"] * 1.10, "ce_degradation": 0.5, "l0": 8.0},
+                "threshold": {"nmse": r["nmse"] * 1.20, "ce_degradation": 0.6, "l0": 8.3}}}}
+        elif r["architecture"] == "batchtopk":
+            r["encoded_as"] = {"topk": {"modes": {"topk": {"nmse": r["nmse"] * (1.3 + r["replicate"] / 100),
+                                                           "ce_degradation": 0.7, "l0": 8.0}}}}
+    (fixture_root / "docs" / "paper" / "summary.json").write_text(json.dumps(rows))
+    [row] = rows_of(docs.render_swapped("docs/paper/summary.json", fixture_root), "512 | 8 | 3")
+    own_topk = np.mean([0.210, 0.211, 0.213])
+    assert row[3] == f"{own_topk:.4f} / 0.320"
+    assert row[4] == f"{own_topk * 1.1:.4f} (+10.0% ± 0.0%) / 0.500"
+    assert row[5] == f"{own_topk * 1.2:.4f} (+20.0% ± 0.0%, L0 8.3) / 0.600"
+    assert row[6] == f"{np.mean([0.200, 0.202, 0.201]):.4f} / 0.300"
+    assert row[7].startswith("0.2633 (+31.0% ± 1.0%)")
+    from batchtopk.core.errors import PipelineError
+
+    (fixture_root / "docs" / "paper" / "summary.json").write_text(json.dumps(summary_fixture()))
+    with pytest.raises(PipelineError, match="no SAE scored with another architecture's activation"):
+        docs.render_swapped("docs/paper/summary.json", fixture_root)
+
+
 def test_unknown_table_and_missing_json_are_one_line_errors(fixture_root):
     from batchtopk.core.errors import PipelineError
 

@@ -244,3 +244,72 @@ def test_interleaved_heldout_part_is_what_evaluation_reads(pipeline_run, tmp_pat
     evaluate(EvalSettings(saes=[str(inter), str(dirs[0])], tokens=256, device="cpu"))
     src = json.loads((inter / "metrics.json").read_text())["eval_source"]
     assert (src["heldout_sequences"], src["heldout_every"]) == ([first, first + 57], 8)
+
+
+def test_with_activation_shares_weights_and_selects_by_the_other_rule(pipeline_run):
+    from batchtopk.train.sae import SAE, SAEConfig, with_activation
+
+    _, dirs, _ = pipeline_run
+    bt, tk = load_sae(dirs[0])[0], load_sae(dirs[1])[0]
+    x = torch.randn(300, 64) * 3
+    as_topk = with_activation(bt, "topk")
+    assert as_topk.W_enc is bt.W_enc and as_topk.cfg.arch == "topk" and as_topk.cfg.k == 4
+    pre = bt.pre(bt.normalize(x)[0])
+    f = as_topk.encode(x)
+    assert ((f > 0).sum(1) == (pre > 0).sum(1).clamp(max=4)).all()  # k per token, where k are positive
+    torch.testing.assert_close(f.max(1).values, pre.relu().max(1).values)
+    as_bt = with_activation(tk, "batchtopk")
+    assert float(as_bt.theta) == 0.0  # no θ until one is estimated for it
+    g = as_bt.encode(x, "batch")
+    assert int((g > 0).sum()) == 300 * 4 and float(tk.theta) == 0.0
+    # the other rule, not the SAE's own: TopK's per-token counts vary under batch selection
+    assert (g > 0).sum(1).float().std() > 0
+    with pytest.raises(PipelineError, match="a jumprelu SAE cannot be encoded as topk: only batchtopk and topk"):
+        with_activation(SAE(SAEConfig(arch="jumprelu", d_in=8, d_sae=16)), "topk")
+
+
+def test_encode_as_scores_each_sae_with_the_others_activation(pipeline_run, tmp_path):
+    import shutil
+
+    from batchtopk.cache.split import Rows
+
+    loc, dirs, _ = pipeline_run
+    saes = [tmp_path / d.name for d in dirs]
+    for src, dst in zip(dirs, saes):
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("metrics.json"))
+    evaluate(EvalSettings(saes=[str(d) for d in saes], tokens=512, device="cpu"))
+    plain = [json.loads((d / "metrics.json").read_text()) for d in saes]
+    r = CliRunner().invoke(eval_cli, [x for d in saes for x in ("--sae", str(d))]
+                           + ["--tokens", "512", "--device", "cpu", "--encode-as", "batchtopk,topk"])
+    assert r.exit_code == 0, r.output
+    bt, tk = (json.loads((d / "metrics.json").read_text()) for d in saes)
+    # the SAEs' own modes are untouched; each gets the other's activation only
+    assert bt["modes"] == plain[0]["modes"] and tk["modes"] == plain[1]["modes"]
+    assert list(bt["encoded_as"]) == ["topk"] and list(tk["encoded_as"]) == ["batchtopk"]
+    assert bt["encoded_as"]["topk"]["modes"]["topk"]["l0"] == pytest.approx(4.0)
+    swapped = tk["encoded_as"]["batchtopk"]
+    assert set(swapped["modes"]) == {"threshold", "batch"} and swapped["modes"]["batch"]["l0"] == pytest.approx(4.0)
+    # θ: the pooled estimate over the TopK SAE's calibration rows, by brute force
+    sae, meta = load_sae(saes[1])
+    cal = Rows.from_metadata(Cache.open(loc), meta["metadata"]).take(65536, "calibration")
+    with torch.no_grad():
+        pre = sae.pre(sae.normalize(cal)[0]).relu().flatten().sort(descending=True).values
+    assert swapped["theta_rows"] == len(cal) and swapped["theta"] == pytest.approx(float(pre[len(cal) * 4 - 1]))
+    assert swapped["modes"]["threshold"]["l0"] == pytest.approx(4.0, rel=0.25)
+    # the report's table, and summary.json keeps what the docs' table is rendered from
+    from batchtopk.evaluate.report import write_report
+
+    report = write_report("tiny", [str(d) for d in saes], str(tmp_path / "rep")).read_text()
+    [row] = [line for line in report.splitlines() if line.startswith("| 128 | 4 | 1 |")]
+    assert f"{tk['nmse']:.4f} / " in row and f"{swapped['modes']['batch']['nmse']:.4f} (" in row
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert summary[1]["encoded_as"]["batchtopk"]["theta"] == swapped["theta"]
+    # a run that set no calibration sequences aside: one line saying what is missing
+    cfg = json.loads((saes[1] / "cfg.json").read_text())
+    for key in ("calibration_sequences", "calibration_every"):
+        cfg["metadata"].pop(key, None)
+    (saes[1] / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(PipelineError, match="estimates a θ for a topk SAE on its calibration sequences"):
+        evaluate(EvalSettings(saes=[str(saes[1])], tokens=512, device="cpu", encode_as=("batchtopk",)))
+    with pytest.raises(PipelineError, match="--encode-as relu: .* allowed: batchtopk, topk"):
+        EvalSettings(saes=[], encode_as=("relu",))

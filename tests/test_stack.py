@@ -41,6 +41,53 @@ def test_batch_topk_is_exact_with_fixed_shape(case, candidates):
         assert int((idx[0] // 300 == 3).sum()) == 300  # the hot token got all its latents
 
 
+@pytest.mark.parametrize("case", ["random", "ties"])
+def test_span_selection_is_batch_topk_within_each_group(case):
+    """Span s: the s·k largest of each group of s consecutive tokens; span 1 keeps each token's top k
+    (TopK's constraint), span n is the whole batch's selection."""
+    from batchtopk.train.sparsity import span_topk, topk_rows
+
+    torch.manual_seed(3)
+    pre = torch.randn(2, 64, 300) if case == "random" else torch.randint(-3, 4, (2, 64, 300)).float()
+    idx = span_topk(pre, 8, 16)
+    assert idx.shape == (2, 64 * 8) and (idx[:, 1:] > idx[:, :-1]).all()
+    for s in range(2):
+        rows = idx[s] // 300
+        for g in range(4):
+            mine = idx[s][(rows >= 16 * g) & (rows < 16 * (g + 1))]
+            assert len(mine) == 16 * 8  # exactly span·k pairs in each group
+            torch.testing.assert_close(pre[s].flatten()[mine].sort(descending=True).values,
+                                       brute_top(pre[s, 16 * g:16 * (g + 1)], 16 * 8), rtol=0, atol=0)
+    if case == "random":
+        assert torch.equal(span_topk(pre, 8, 1), topk_rows(pre, 8).sort(dim=1).values)
+        assert torch.equal(span_topk(pre, 8, 64), batch_topk(pre, 8))
+
+
+def test_span_and_aux_batch_settings_say_what_is_allowed(tmp_path):
+    with pytest.raises(PipelineError, match="span=16: a BatchTopK setting.*this SAE is topk"):
+        SAEConfig("topk", D, M, k=4, span=16)
+    with pytest.raises(PipelineError, match="span=0: a BatchTopK setting, a positive number"):
+        SAEConfig("batchtopk", D, M, k=4, span=0)
+    with pytest.raises(PipelineError, match="aux_batch applies to batchtopk and topk SAEs .*not relu"):
+        SAEConfig("relu", D, M, aux_batch=True)
+    assert SAEConfig("batchtopk", D, M, k=4, span=16).name == "batchtopk_k4_m96_span-16"
+    assert SAEConfig("topk", D, M, k=4, aux_batch=True).name == "topk_k4_m96_aux_batch-1"
+    assert StackKey.of(SAEConfig("batchtopk", D, M, k=4, span=16)) != StackKey.of(SAEConfig("batchtopk", D, M, k=4))
+    from batchtopk.cache.format import write_cache
+    from batchtopk.train.settings import TrainSettings
+    from batchtopk.train.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    tokens = np.ones((16, 16), dtype=np.int32)
+    tokens[:, 0] = 0  # BOS, left out of training
+    cache = write_cache(str(tmp_path / "c"), tokens, {"blocks.0.hook_resid_pre": rng.standard_normal(
+        (256, D)).astype(np.float32)}, dtype="float32", chunk_seqs=4).location
+    with pytest.raises(PipelineError, match=r"batchtopk_k4_m96_span-48: span=48 must divide the 64 tokens each "
+                                            r"process steps on .* allowed: a divisor of 64"):
+        Trainer(TrainSettings(cache=cache, out=str(tmp_path / "r"), batch_size=64, tokens=128, device="cpu",
+                              saes=[{"arch": "batchtopk", "d_sae": M, "k": 4, "span": 48}], val_fraction=0.25))
+
+
 def test_the_cpus_hinted_selection_is_exact_or_says_so():
     """The CPU's shortcut: the n·k largest entries at or above a hint, exact when between n·k and
     2·n·k - 1 entries pass (ok), flagged otherwise; a stack that uses it falls back to the exact selection."""
@@ -70,7 +117,10 @@ def test_the_cpus_hinted_selection_is_exact_or_says_so():
 @pytest.mark.parametrize("arch,kw", [("batchtopk", {"k": 4}), ("topk", {"k": 4}), ("jumprelu", {"target_l0": 5.0}),
                                      ("jumprelu", {"preact_coeff": 1e-3}),
                                      ("relu", {}), ("batchtopk", {"k": 4, "center": True, "norm": "token"}),
-                                     ("topk", {"k": 4, "aux_norm": True, "mse": "mean"})])
+                                     ("topk", {"k": 4, "aux_norm": True, "mse": "mean"}),
+                                     ("batchtopk", {"k": 4, "span": 16}), ("batchtopk", {"k": 4, "span": 1}),
+                                     ("batchtopk", {"k": 4, "aux_batch": True, "aux_k": 32}),
+                                     ("topk", {"k": 4, "aux_batch": True, "aux_k": 32})])
 def test_losses_and_gradients_equal_the_dense_reference(arch, kw):
     """Each SAE of a stack gets the losses and gradients of the textbook dense implementation, with a
     different set of dead latents per SAE (fewer than the auxiliary pool: the exact regime)."""
@@ -220,3 +270,35 @@ def test_an_impossible_member_of_a_sweep_is_named():
         sweep_from({}, {"arch": "topk,batchtopk", "k": "4,200", "dict": str(M)}, D)
     with pytest.raises(PipelineError, match=r"sweep entry arch=batchtopk, k=4, dict=96, lr=-1\.0: lr=-1\.0 must be"):
         sweep_from({}, {"arch": "batchtopk", "k": "4", "dict": str(M), "lr": "-1"}, D)
+
+
+def test_span_and_aux_batch_keep_the_step_fixed_shape_and_whole():
+    """A span and the batch-level auxiliary loss add no host read and no graph break; the batch-level loss
+    is another loss than the per-token one."""
+    import torch._dynamo
+
+    from batchtopk.train.stack import StackTrainer
+
+    torch.manual_seed(4)
+    saes = [SAE(SAEConfig("batchtopk", D, M, k=4, span=16, aux_batch=True, aux_k=8, replicate=r)) for r in range(2)]
+    st = StackTrainer(SAEStack(saes, 1e-3, (0.9, 0.99)), total_steps=100, theta_from=80)
+    st.state.since_fired[:, :40] = 10 ** 9
+    x, t = torch.randn(64, D), torch.zeros((), dtype=torch.long)
+    st.step(x, t)
+    with OpCounter() as c:
+        st.step(x, t + 1)
+    assert c.host_reads == {}
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        torch.compile(lambda x, t: st._step(x, t, keep=False), fullgraph=True, backend="eager")(x, t + 2)
+    torch._dynamo.reset()
+    per_token = SAEStack([SAE(SAEConfig("batchtopk", D, M, k=4, span=16, aux_k=8, replicate=r)) for r in range(2)],
+                         1e-3, (0.9, 0.99))
+    with torch.no_grad():  # every pre-activation positive: a token has more than aux_k live dead-latent values
+        st.stack.b_enc += 10.0
+    per_token.load_state_dict(st.stack.state_dict())
+    since = torch.zeros(2, M, dtype=torch.long)
+    since[:, :40] = 10 ** 9
+    a = st.stack.losses(x, since, st.stack.coeff)[0]["aux"]
+    b = per_token.losses(x, since, st.stack.coeff)[0]["aux"]
+    assert (a > 0).all() and (b > 0).all() and not torch.allclose(a, b)

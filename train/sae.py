@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,12 @@ class SAEConfig:
     aux_coeff: float = setting(1 / 8, "... scaled by this.", group=RECIPE, cli=False)
     aux_norm: bool = setting(False, "Divide the aux loss by the residual's variance (dictionary_learning, OpenAI): "
                              "true or false.", group=RECIPE)
+    aux_batch: bool = setting(False, "(Batch)TopK: the auxiliary loss keeps the n·aux_k largest dead-latent "
+                              "pre-activations of the batch instead of each token's top aux_k: true or false.",
+                              group=RECIPE, cli=False)
+    span: int | None = setting(None, "BatchTopK: tokens per selection, the span·k largest within each group of span "
+                               "tokens of a batch (1: TopK's constraint; default: the whole batch).", group=RECIPE,
+                               cli=False)
     dead_tokens: int | None = setting(None, "Tokens without firing after which a latent counts as dead (default: "
                                       f"{DEAD_TOKENS_DEFAULT}, TopK {DEAD_TOKENS['topk']}).", group=RECIPE)
     # optimiser (None: the run's setting)
@@ -125,6 +131,11 @@ class SAEConfig:
                 raise PipelineError(f"{name}={getattr(self, name)} must be positive (or none)")
         if self.betas is not None and not all(0 <= b < 1 for b in self.betas):
             raise PipelineError(f"betas={self.betas} must each lie in [0, 1)")
+        if self.span is not None and (self.arch != "batchtopk" or self.span < 1):
+            raise PipelineError(f"span={self.span}: a BatchTopK setting, a positive number of tokens per selection "
+                                f"(this SAE is {self.arch}; leave span unset for the whole batch)")
+        if self.aux_batch and self.arch not in ("batchtopk", "topk"):
+            raise PipelineError(f"aux_batch applies to batchtopk and topk SAEs (their auxiliary loss), not {self.arch}")
         if self.aux_k < 1 or self.aux_coeff < 0:
             raise PipelineError(f"aux_k={self.aux_k} must be at least 1 and aux_coeff={self.aux_coeff} at least 0")
 
@@ -351,6 +362,25 @@ class SAE(nn.Module):
             q = 1.0 - min(1.0, self.cfg.jumprelu_init_l0 / self.cfg.d_sae)
             theta = torch.quantile(self.pre(x).float(), q, dim=0).clamp_min(1e-3)
             self.log_threshold.copy_(theta.log())
+
+
+SWAPPABLE = ("batchtopk", "topk")  # architectures whose activation another SAE can be scored with (--encode-as)
+
+
+def with_activation(sae: SAE, arch: str) -> SAE:
+    """The same weights selecting latents with another architecture's activation at the same k (the
+    BatchTopK authors' swapped-activations check, evaluation's --encode-as): a TopK SAE as BatchTopK (batch
+    top-(n·k), or JumpReLU with the θ the caller sets), a BatchTopK SAE as TopK (k per token). The
+    parameters are shared, not copied."""
+    if sae.cfg.arch not in SWAPPABLE or arch not in SWAPPABLE:
+        raise PipelineError(f"a {sae.cfg.arch} SAE cannot be encoded as {arch}: only {' and '.join(SWAPPABLE)} "
+                            "SAEs swap activations (both select by k)")
+    other = SAE(replace(sae.cfg, arch=arch, dead_tokens=None))
+    for name, param in sae.named_parameters():
+        setattr(other, name, param)
+    other.input_scale = sae.input_scale.clone()
+    other.theta = (sae.theta if arch == sae.cfg.arch else torch.zeros_like(sae.theta)).clone()
+    return other
 
 
 # ---------------------------------------------------------------- SAELens on-disk format

@@ -160,6 +160,17 @@ def batch_topk(pre: torch.Tensor, k: int, candidates: int | None = None) -> torc
     return pool_i.gather(1, top).sort(dim=1).values
 
 
+def span_topk(pre: torch.Tensor, k: int, span: int) -> torch.Tensor:
+    """Flat indices [S, n·k] (sorted) of the span·k largest entries of each group of `span` consecutive tokens
+    of each pre[s] [n, m] (n a multiple of span): BatchTopK's selection over spans shorter than the batch.
+    Span 1 is TopK's per-token constraint; span n is batch_topk."""
+    S, n, m = pre.shape
+    groups = n // span
+    idx = batch_topk(pre.reshape(S * groups, span, m), k)                    # flat within each group
+    start = torch.arange(groups, device=pre.device).repeat(S)[:, None] * (span * m)
+    return (idx + start).reshape(S, n * k)
+
+
 def batch_topk_hinted(pre: torch.Tensor, k: int, hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A shortcut to batch_topk for the CPU: the entries of each pre[s] at or above hint[s] (a little below
     the previous batch's n·k-th value) are the candidates, at most 2·n·k of them (fixed shape), and the n·k

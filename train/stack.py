@@ -13,9 +13,9 @@ Where the one-SAE code made a data-dependent choice, the stack makes a fixed-sha
 
 - BatchTopK keeps exactly n·k pairs per SAE (value 0 where fewer than n·k pre-activations are
   positive), found by an exact selection of fixed shape (`batch_topk`).
-- The auxiliary loss picks each token's top aux_k dead latents from a pool of the 2·aux_k dead latents
-  most active in the batch: exactly the one-SAE loss whenever at most 2·aux_k latents are dead, and a
-  fixed [n, 2·aux_k] block of work whatever their number.
+- The auxiliary loss picks each token's top aux_k dead latents (with aux_batch: the batch's top n·aux_k)
+  from a pool of the 2·aux_k dead latents most active in the batch: exactly the one-SAE loss whenever at
+  most 2·aux_k latents are dead, and a fixed [n, 2·aux_k] block of work whatever their number.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from .sparsity import (
     count,
     decode_pairs,
     jumprelu,
+    span_topk,
     step,
     topk_rows,
 )
@@ -56,6 +57,8 @@ class StackKey:
     center: bool
     mse: str
     aux_norm: bool
+    aux_batch: bool       # (Batch)TopK: the auxiliary loss selects across the batch
+    span: int | None      # BatchTopK: tokens per selection (None: the whole batch)
     target: bool          # JumpReLU: a target-L0 penalty (or a plain L0 one)
     preact: bool          # JumpReLU: with Anthropic's pre-activation loss
 
@@ -63,7 +66,8 @@ class StackKey:
     def of(cls, c: SAEConfig) -> StackKey:
         sparse = c.arch in ("batchtopk", "topk")
         return cls(c.arch, c.d_in, c.d_sae, c.k if sparse else None, c.aux_k if sparse else 0, c.norm, c.center,
-                   c.mse, c.aux_norm if sparse else False, c.target_l0 is not None, c.preact_coeff > 0)
+                   c.mse, c.aux_norm if sparse else False, c.aux_batch, c.span, c.target_l0 is not None,
+                   c.preact_coeff > 0)
 
 
 def stack_configs(cfgs: list[SAEConfig], size: int | None = None) -> list[list[int]]:
@@ -229,7 +233,11 @@ class SAEStack(nn.Module):
         return out, x_in, x_hat.detach(), code
 
     def _batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
-        """The n·k largest pre-activations of each SAE (exact; see `hinted`)."""
+        """The n·k largest pre-activations of each SAE (exact; see `hinted`), or with a span the span·k largest
+        of each group of span tokens."""
+        span = self.key.span
+        if span is not None and span < pre.shape[1]:
+            return span_topk(pre, self.key.k, span)
         if self.hinted:
             idx, ok = batch_topk_hinted(pre, self.key.k, self.hint)
             if not bool(ok.all()):  # the hint missed (the first batch, or a jump): the exact path
@@ -241,8 +249,9 @@ class SAEStack(nn.Module):
 
     def _aux(self, pre: torch.Tensor, x_enc: torch.Tensor, shift: torch.Tensor | None, since_fired: torch.Tensor,
              residual: torch.Tensor) -> torch.Tensor:
-        """Gao et al.'s auxiliary loss: the residual fitted with each token's top aux_k dead latents, times
-        aux_coeff (0 where none is dead); optionally over the residual's variance.
+        """Gao et al.'s auxiliary loss: the residual fitted with each token's top aux_k dead latents (with
+        aux_batch, the BatchTopK authors' open idea: the top n·aux_k dead-latent pre-activations of the whole
+        batch), times aux_coeff (0 where none is dead); optionally over the residual's variance.
 
         In a fixed shape: the pool is the AUX_POOL·aux_k dead latents with the largest pre-activation
         anywhere in the batch, and each token takes its top aux_k of those (one dense [n, pool] block).
@@ -254,7 +263,12 @@ class SAEStack(nn.Module):
             cols = score.topk(min(m, AUX_POOL * self.key.aux_k), dim=1, sorted=False).indices  # [S, D]
             block = pre.gather(2, cols[:, None, :].expand(S, n, cols.shape[1]))
             block.masked_fill_(~dead.gather(1, cols)[:, None, :], float("-inf"))
-            if cols.shape[1] > self.key.aux_k:  # each token's top aux_k of the pool
+            if self.key.aux_batch and cols.shape[1] > self.key.aux_k:  # the batch's top n·aux_k of the pool
+                flat = block.view(S, -1)
+                top = flat.topk(n * self.key.aux_k, dim=1, sorted=False).indices
+                keep = torch.zeros(flat.shape, dtype=torch.bool, device=block.device).scatter_(1, top, True)
+                block.masked_fill_(~keep.view(block.shape), float("-inf"))
+            elif cols.shape[1] > self.key.aux_k:  # each token's top aux_k of the pool
                 top = block.topk(self.key.aux_k, dim=2, sorted=False).indices
                 keep = torch.zeros(block.shape, dtype=torch.bool, device=block.device).scatter_(2, top, True)
                 block.masked_fill_(~keep, float("-inf"))

@@ -63,6 +63,12 @@ class Trainer:
         # raw activations: each SAE brings them into its own input space (SAE.normalize)
         self.stream = ActivationStream(self.rows, s.batch_size, 1.0, seed=s.seed, parts=parts, my_parts=mine,
                                        shuffle_mb=s.shuffle_mb, device=self.device)
+        per_step = self.stream.local * len(mine)  # the tokens one selection of this process sees
+        for c in self.cfgs:
+            if c.span is not None and per_step % c.span:
+                raise PipelineError(f"{c.name}: span={c.span} must divide the {per_step} tokens each process steps on "
+                                    f"(batch size {s.batch_size} over {parts} part(s)); allowed: a divisor of "
+                                    f"{per_step}")
         self.tokens = s.tokens if s.tokens is not None else self.stream.epoch_tokens
         self.total_steps = max(1, math.ceil(self.tokens / s.batch_size))
         self.out = Path(s.out)
