@@ -9,7 +9,8 @@ A table lives between two markers in a markdown file; everything between them is
     <!-- /table -->
 
 Kinds: headline (README), peers FILE, paper FILE, pairs FILE, jumprelu FILE, estimators FILE,
-change FILE FILE, ablation FILE, records FILE, options COMMAND, swapped FILE. FILE is relative to the repository root.
+change FILE FILE, ablation FILE, records FILE, options COMMAND, swapped FILE, variants FILE. FILE is
+relative to the repository root.
 """
 from __future__ import annotations
 
@@ -195,6 +196,19 @@ def render_swapped(path: str, root: Path = ROOT) -> str:
             f"over seeds) / CE degradation; `{path}`.\n")
 
 
+def render_variants(path: str, root: Path = ROOT) -> str:
+    from batchtopk.evaluate.report import variant_table
+
+    rows, gs = _groups(path, root)
+    lines = variant_table(gs)
+    if not lines:
+        raise PipelineError(f"{path} has no configuration that changes a setting from a default one")
+    first = rows[0]
+    return ("\n".join(lines) + f"\n\n{first['model']} `{first['site']}`, {first['training_tokens']:,} training tokens, "
+            f"{first['eval_tokens']:,} held-out evaluation tokens, inference mode (θ); Δ: mean ± std over seeds of "
+            f"the paired relative change; `{path}`.\n")
+
+
 def render_jumprelu(path: str, root: Path = ROOT) -> str:
     _, gs = _groups(path, root)
     bt = {g.first["k"]: g for g in _main(gs) if g.arch == "batchtopk" and g.first["d_sae"] == _jr_size(gs)}
@@ -365,7 +379,8 @@ def _default(f: dataclasses.Field) -> str:
 RENDERERS: dict[str, Callable[..., str]] = {
     "headline": render_headline, "peers": render_peers, "paper": render_paper, "pairs": render_pairs,
     "jumprelu": render_jumprelu, "estimators": render_estimators, "ablation": render_ablation,
-    "records": render_records, "options": render_options, "change": render_change, "swapped": render_swapped}
+    "records": render_records, "options": render_options, "change": render_change, "swapped": render_swapped,
+    "variants": render_variants}
 
 
 def rendered(text: str, where: str = "", root: Path = ROOT) -> str:

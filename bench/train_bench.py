@@ -12,7 +12,7 @@ import torch
 
 from batchtopk.cache.format import Cache, synthetic_tokens, write_cache
 from batchtopk.cache.split import Rows, Split
-from batchtopk.train.sae import SAE, SAEConfig
+from batchtopk.train.sae import K_ARCHS, SAE, SAEConfig
 from batchtopk.train.sparsity import batch_topk, jumprelu, step
 from batchtopk.train.stream import ActivationStream
 
@@ -32,6 +32,8 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
         acts = pre.relu().reshape(-1, span * pre.shape[1])
         idx = acts.topk(span * cfg.k, dim=1).indices
         f = torch.zeros_like(acts).scatter(1, idx, acts.gather(1, idx)).view_as(pre)
+    elif cfg.arch == "quantile":  # above its threshold (the stack's, here the SAE's θ)
+        f = pre.relu() * (pre > sae.theta)
     elif cfg.arch == "topk":
         v, i = pre.relu().topk(cfg.k, dim=1)
         f = torch.zeros_like(pre).scatter(1, i, v)
@@ -54,7 +56,7 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
         loss = loss + unit * cfg.l0_coeff * (l0 if cfg.target_l0 is None else (l0 / cfg.target_l0 - 1) ** 2)
         if cfg.preact_coeff:  # as the SAE does: the dense baseline's step pays for it only when it is on
             loss = loss + unit * cfg.preact_coeff * (sae.threshold - pre).relu().sum(-1).mean()
-    if cfg.arch in ("batchtopk", "topk") and dead is not None and bool(dead.any()):
+    if cfg.arch in K_ARCHS and dead is not None and bool(dead.any()):
         a = pre[:, dead].relu()
         if cfg.aux_batch:  # the batch's top n·aux_k
             flat = a.flatten()

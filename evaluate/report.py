@@ -25,7 +25,8 @@ from batchtopk.train.sae import load_config, recipe_label  # noqa: E402
 
 from .run import METRICS_FILE  # noqa: E402
 
-COLORS = {"batchtopk": "tab:blue", "topk": "tab:orange", "jumprelu": "tab:green", "relu": "tab:red"}
+COLORS = {"batchtopk": "tab:blue", "topk": "tab:orange", "quantile": "tab:purple", "jumprelu": "tab:green",
+          "relu": "tab:red"}
 TABLE_KEYS = ("nmse", "explained_variance", "cosine_sim", "l0", "dead_fraction", "ce_clean", "ce_spliced",
               "ce_degradation", "ce_loss_recovered", "kl_div", "ce_zero_ablated", "ce_mean_ablated")
 
@@ -122,7 +123,7 @@ def groups_of(rows: list[dict]) -> list[Group]:
     by: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by[r["config"]].append(r)
-    order = {"batchtopk": 0, "topk": 1, "jumprelu": 2, "relu": 3}
+    order = {"batchtopk": 0, "topk": 1, "quantile": 2, "jumprelu": 3, "relu": 4}
     gs = [Group(c, sorted(rs, key=lambda r: r["replicate"])) for c, rs in by.items()]
     return sorted(gs, key=lambda g: (order[g.arch], g.first["d_sae"], g.first.get("k") or 0,
                                      g.first.get("target_l0") or g.first.get("l0_coeff") or 0, g.config))
@@ -282,6 +283,38 @@ def paired_differences(gs: list[Group]) -> list[dict[str, Any]]:
     return out
 
 
+def variant_table(gs: list[Group]) -> list[str]:
+    """Markdown lines: each configuration that changes one thing from a default one of the same size and k
+    (a recipe setting such as span or aux_batch, or the quantile architecture against BatchTopK), paired seed
+    by seed with it: NMSE and CE degradation in the inference mode, L0, dead latents. Empty when none does."""
+    base = {(g.arch, g.first["d_sae"], g.first.get("k")): g for g in gs if not g.recipe}
+    lines = []
+    for g in gs:
+        ref = base.get(("batchtopk" if g.arch == "quantile" else g.arch, g.first["d_sae"], g.first.get("k")))
+        if ref is None or ref is g or g.arch not in ("batchtopk", "topk", "quantile"):
+            continue
+        by_rep = {r["replicate"]: r for r in ref.rows}
+        pairs = [(r, by_rep[r["replicate"]]) for r in g.rows if r["replicate"] in by_rep]
+        if not pairs:
+            continue
+        cells = []
+        for key in ("nmse", "ce_degradation"):
+            rel = [value(a, key, "threshold") / value(b, key, "threshold") - 1 for a, b in pairs]
+            spread = f" ± {statistics.stdev(rel):.1%}" if len(rel) > 1 else ""
+            cells += [f"{statistics.fmean(value(a, key, 'threshold') for a, _ in pairs):.4f}",
+                      f"{statistics.fmean(rel):+.1%}{spread}"]
+        dead = [(value(a, "dead_fraction", "threshold"), value(b, "dead_fraction", "threshold")) for a, b in pairs]
+        change = g.recipe or g.arch
+        lines.append(f"| {change} | {ref.config} | {g.first['d_sae']} | {g.first.get('k')} | {len(pairs)} | "
+                     + " | ".join(cells)
+                     + f" | {statistics.fmean(value(a, 'l0', 'threshold') for a, _ in pairs):.2f} | "
+                     f"{statistics.fmean(d for d, _ in dead):.1%} / {statistics.fmean(d for _, d in dead):.1%} |")
+    if not lines:
+        return []
+    return ["| change | against | dict | k | pairs | NMSE | Δ NMSE (paired) | CE degradation | Δ CE degradation | L0 | "
+            "dead (it / against) |", "|---|---|---|---|---|---|---|---|---|---|---|", *lines]
+
+
 SWAP_COLUMNS = (("topk", None, None), ("topk", "batchtopk", "batch"), ("topk", "batchtopk", "threshold"),
                 ("batchtopk", None, None), ("batchtopk", "topk", "topk"))
 
@@ -401,7 +434,13 @@ def write_report(pipeline: str, dirs: list[str], out: str | None = None) -> Path
                          f"{g.fmt('nmse', 'threshold')} | {g.fmt('ce_degradation', 'batch')} | "
                          f"{g.fmt('ce_degradation', 'threshold')} | {g.fmt('l0', 'threshold', 3)} | {ratio:.3f} | "
                          f"{_heldout_ratio(g)} |")
-        lines += _estimator_table(bt)
+        lines += _estimator_table(bt + [g for g in gs if g.arch == "quantile"])
+    variants = variant_table(gs)
+    if variants:
+        lines += ["", "## Changes from the defaults, pair by pair", "",
+                  "Each configuration that changes one setting (or BatchTopK's selection for the quantile "
+                  "threshold) against the default one of the same size and k, same seed (same initial weights and "
+                  "batches); inference mode; ± is the std of the paired relative change over seeds.", "", *variants]
     swapped = swapped_table(gs)
     if swapped:
         lines += ["", "## Swapped activations", "",

@@ -150,6 +150,25 @@ def test_swapped_activations_table(fixture_root):
         docs.render_swapped("docs/paper/summary.json", fixture_root)
 
 
+def test_variants_table_pairs_each_change_with_its_default(fixture_root):
+    rows = summary_fixture()
+    for rep, (b, q) in enumerate(((0.210, 0.205), (0.212, 0.207), (0.211, 0.206))):
+        rows.append(metrics("batchtopk", 8, 512, rep, b, 0.33, config="batchtopk_k8_m512_span-16",
+                            recipe={"span": 16}, name=f"span{rep}"))
+        rows.append(metrics("quantile", 8, 512, rep, q, 0.29, name=f"q{rep}"))
+    (fixture_root / "docs" / "paper" / "summary.json").write_text(json.dumps(rows))
+    text = docs.render_variants("docs/paper/summary.json", fixture_root)
+    [span] = rows_of(text, "span-16")
+    [quantile] = rows_of(text, "quantile")
+    own = [0.200, 0.202, 0.201]  # the default BatchTopK's NMSE, seed by seed
+    rel = np.array([0.210, 0.212, 0.211]) / own - 1
+    assert span[1:5] == ["batchtopk_k8_m512", "512", "8", "3"]
+    assert span[5] == "0.2110" and span[6] == f"{rel.mean():+.1%} ± {rel.std(ddof=1):.1%}"
+    assert quantile[1] == "batchtopk_k8_m512" and quantile[5] == "0.2060"
+    assert quantile[8].startswith(f"{0.29 / 0.3 - 1:+.1%}") and quantile[10] == "1.0% / 1.0%"
+    assert not rows_of(text, "batchtopk_k8_m512 |")  # a default configuration is no change
+
+
 def test_unknown_table_and_missing_json_are_one_line_errors(fixture_root):
     from batchtopk.core.errors import PipelineError
 

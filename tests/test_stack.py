@@ -68,7 +68,7 @@ def test_span_and_aux_batch_settings_say_what_is_allowed(tmp_path):
         SAEConfig("topk", D, M, k=4, span=16)
     with pytest.raises(PipelineError, match="span=0: a BatchTopK setting, a positive number"):
         SAEConfig("batchtopk", D, M, k=4, span=0)
-    with pytest.raises(PipelineError, match="aux_batch applies to batchtopk and topk SAEs .*not relu"):
+    with pytest.raises(PipelineError, match="aux_batch applies to batchtopk, topk, quantile SAEs .*not relu"):
         SAEConfig("relu", D, M, aux_batch=True)
     assert SAEConfig("batchtopk", D, M, k=4, span=16).name == "batchtopk_k4_m96_span-16"
     assert SAEConfig("topk", D, M, k=4, aux_batch=True).name == "topk_k4_m96_aux_batch-1"
@@ -120,7 +120,7 @@ def test_the_cpus_hinted_selection_is_exact_or_says_so():
                                      ("topk", {"k": 4, "aux_norm": True, "mse": "mean"}),
                                      ("batchtopk", {"k": 4, "span": 16}), ("batchtopk", {"k": 4, "span": 1}),
                                      ("batchtopk", {"k": 4, "aux_batch": True, "aux_k": 32}),
-                                     ("topk", {"k": 4, "aux_batch": True, "aux_k": 32})])
+                                     ("topk", {"k": 4, "aux_batch": True, "aux_k": 32}), ("quantile", {"k": 4})])
 def test_losses_and_gradients_equal_the_dense_reference(arch, kw):
     """Each SAE of a stack gets the losses and gradients of the textbook dense implementation, with a
     different set of dead latents per SAE (fewer than the auxiliary pool: the exact regime)."""
@@ -131,13 +131,18 @@ def test_losses_and_gradients_equal_the_dense_reference(arch, kw):
         s.input_scale.fill_(0.7)
         s.init_from_data(s.normalize(x)[0])
     stack = SAEStack(saes, 1e-3, (0.9, 0.99))
+    if arch == "quantile":  # a threshold each SAE's 1.5·n·k-th largest pre-activation (inside its capacity, 2·n·k)
+        with torch.no_grad():
+            for i, s in enumerate(saes):
+                s.theta.fill_(s.pre(s.normalize(x)[0]).flatten().sort(descending=True).values[int(1.5 * 64 * 4)])
+                stack.threshold[i] = s.theta
     since = torch.zeros(3, M, dtype=torch.long)
     since[0, :20] = since[1, :60] = 10 ** 6
     out, *_ = stack.losses(x, since, stack.coeff)
     out["loss"].sum().backward()
     for i, s in enumerate(saes):
         dead = since[i] >= s.cfg.dead_tokens
-        ref = dense_losses(s, s.normalize(x)[0], dead if arch in ("batchtopk", "topk") else None)
+        ref = dense_losses(s, s.normalize(x)[0], dead if arch in ("batchtopk", "topk", "quantile") else None)
         assert float(out["loss"][i]) == pytest.approx(float(ref), rel=1e-5)
         ref.backward()
         for name, p in s.named_parameters():

@@ -13,7 +13,7 @@ import torch
 from batchtopk.core import distributed
 from batchtopk.harvest.models import hub_name
 
-from .sae import NMSE, SAE, SAEConfig, autocast, save_sae, standardized_mse
+from .sae import NMSE, SAE, THETA_ARCHS, SAEConfig, autocast, save_sae, standardized_mse
 from .theta import estimate_theta, target_shift
 
 if TYPE_CHECKING:
@@ -24,9 +24,9 @@ VAL_ROWS = 8192  # held-out rows of the validation NMSE in each SAE's metadata
 
 
 def sets_threshold(c: SAEConfig) -> bool:
-    """Whether an SAE has a threshold set from its final weights: BatchTopK's θ, or the factor on a
-    target-L0 JumpReLU's thresholds."""
-    return c.arch == "batchtopk" or (c.arch == "jumprelu" and c.target_l0 is not None)
+    """Whether an SAE has a threshold set from its final weights: BatchTopK's (and a quantile SAE's) θ, or
+    the factor on a target-L0 JumpReLU's thresholds."""
+    return c.arch in THETA_ARCHS or (c.arch == "jumprelu" and c.target_l0 is not None)
 
 
 def theta_estimator(t: Trainer) -> str:
@@ -41,7 +41,7 @@ def finish(t: Trainer) -> list[Path]:
     chosen = theta_estimator(t)
     dirs = []
     for sae, cfg, est in zip(saes, t.cfgs, thetas):
-        if est is not None and cfg.arch == "batchtopk":
+        if est is not None and cfg.arch in THETA_ARCHS:
             sae.theta.fill_(est[chosen])
         elif est is not None:
             with torch.no_grad():
@@ -52,7 +52,7 @@ def finish(t: Trainer) -> list[Path]:
         for sae, cfg, d, est, l0 in zip(saes, t.cfgs, dirs, thetas, l0s):
             meta = metadata(t, cfg, sae, chosen)
             if est is not None:
-                meta["theta_estimates" if cfg.arch == "batchtopk" else "target_l0_calibration"] = est
+                meta["theta_estimates" if cfg.arch in THETA_ARCHS else "target_l0_calibration"] = est
             if l0 is not None:
                 meta["heldout_l0"] = l0
             with torch.no_grad():
@@ -90,7 +90,7 @@ def estimate_thresholds(t: Trainer, saes: list[SAE]) -> list[dict[str, float] | 
         with torch.no_grad(), autocast(t.device):
             def pre(x, sae=sae):
                 return sae.pre(sae.normalize(x)[0])
-            if cfg.arch == "batchtopk":
+            if cfg.arch in THETA_ARCHS:
                 est = estimate_theta(xs, pre, cfg.k)
                 if unseen:
                     est["unseen"] = estimate_theta(unseen, pre, cfg.k)["pooled"]
@@ -112,10 +112,10 @@ def heldout_pass(t: Trainer, saes: list[SAE], thetas: list[dict[str, float] | No
     each of its other θ estimates; JumpReLU's thresholds) over whole chunks, up to HELDOUT_L0_ROWS,
     chunk by chunk: held-out text differs from chunk to chunk, and the spread over chunks says how far
     a difference from k (or the target) is more than that."""
-    todo = [i for i, c in enumerate(t.cfgs) if c.arch in ("batchtopk", "jumprelu")]
+    todo = [i for i, c in enumerate(t.cfgs) if c.arch in (*THETA_ARCHS, "jumprelu")]
     sums: dict[int, list[float]] = {i: [] for i in todo}
     at: dict[int, dict[str, float]] = {i: dict.fromkeys(thetas[i], 0.0) for i in todo
-                                       if t.cfgs[i].arch == "batchtopk" and thetas[i]}
+                                       if t.cfgs[i].arch in THETA_ARCHS and thetas[i]}
     rows: list[int] = []  # per chunk the L0 check saw
     val: list[torch.Tensor] = []
     for x in t.rows.chunks("heldout"):
@@ -161,9 +161,11 @@ def metadata(t: Trainer, cfg: SAEConfig, sae: SAE, chosen: str) -> dict[str, Any
                            "tokens, final weights",
                  "mean": f"the mean smallest kept activation of batches of {s.batch_size} over "
                          f"{s.theta_tokens} training tokens, final weights (eq. 7)",
-                 "running": f"the mean smallest kept activation over the last {s.theta_window:.0%} of "
+                 "running": "the training threshold at the last step (each step moved it toward the batch's "
+                            "(1 - k/m) quantile of pre-activations)" if cfg.arch == "quantile" else
+                            f"the mean smallest kept activation over the last {s.theta_window:.0%} of "
                             "training batches, weights of each step"}
-    bt = cfg.arch == "batchtopk"
+    bt = cfg.arch in THETA_ARCHS
     return {
         # what SAELens-based tools (SAEBench, Neuronpedia uploads) read: the model by its hub id
         "model_name": hub_name(a["model"]), "hook_name": t.site, "context_size": a["ctx_len"],

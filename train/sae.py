@@ -1,10 +1,13 @@
-"""Sparse autoencoders: one base (W_enc, b_enc, W_dec, b_dec), four ways to pick latents.
+"""Sparse autoencoders: one base (W_enc, b_enc, W_dec, b_dec), five ways to pick latents.
 
     x_in = norm(x) [- b_dec]   pre = x_in W_enc + b_enc   f = sigma(pre)   x_hat = denorm(f W_dec + b_dec)
 
 batchtopk  keep the n*k largest relu(pre) across the batch; at inference JumpReLU(theta)
            with one global theta (the expected smallest kept activation, the paper's eq. 7)
 topk       keep the k largest relu(pre) per token
+quantile   keep relu(pre) above a threshold that follows the batches' (1 - k/m) quantile of pre (a moving
+           average of the n*k-th largest: the BatchTopK authors' running-quantile idea); at inference
+           JumpReLU(theta) with one global theta, estimated as BatchTopK's
 jumprelu   pre * H(pre - theta_i), per-latent thresholds, straight-through gradients, L0 penalty
 relu       relu(pre), L1 penalty (decoder rows unit norm)
 
@@ -32,7 +35,10 @@ from batchtopk.core.options import RECIPE, setting
 
 from .sparsity import Code, batch_topk_code, jumprelu, sparse_decode, topk_code
 
-ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
+ARCHS = ("batchtopk", "topk", "quantile", "jumprelu", "relu")
+K_ARCHS = ("batchtopk", "topk", "quantile")  # those with k latents per token (on average)
+THETA_ARCHS = ("batchtopk", "quantile")      # those with one global θ at inference
+QUANTILE_CAPACITY = 2  # a quantile SAE's training step keeps at most this many times n·k pairs (fixed shape)
 NORMS = ("global", "token")
 B_DEC_INITS = ("mean", "geometric_median", "zero")
 MSE_REDUCTIONS = ("mean", "sum")
@@ -87,6 +93,8 @@ class SAEConfig:
     aux_batch: bool = setting(False, "(Batch)TopK: the auxiliary loss keeps the n·aux_k largest dead-latent "
                               "pre-activations of the batch instead of each token's top aux_k: true or false.",
                               group=RECIPE, cli=False)
+    quantile_rate: float = setting(0.05, "Quantile: each step moves the threshold this fraction of the way to the "
+                                   "batch's (1 - k/m) quantile of pre-activations.", group=RECIPE, cli=False)
     span: int | None = setting(None, "BatchTopK: tokens per selection, the span·k largest within each group of span "
                                "tokens of a batch (1: TopK's constraint; default: the whole batch).", group=RECIPE,
                                cli=False)
@@ -106,7 +114,7 @@ class SAEConfig:
             raise PipelineError(f"unknown architecture {self.arch!r}; allowed: {', '.join(ARCHS)}")
         if self.d_sae < 1:
             raise PipelineError(f"dictionary size {self.d_sae} must be at least 1")
-        if self.arch in ("batchtopk", "topk"):
+        if self.arch in K_ARCHS:
             if self.k is None or not 0 < self.k <= self.d_sae:
                 raise PipelineError(f"k={self.k} must satisfy 0 < k <= dictionary size ({self.d_sae})")
         for name, value, allowed in (("norm", self.norm, NORMS), ("b_dec_init", self.b_dec_init, B_DEC_INITS),
@@ -134,15 +142,18 @@ class SAEConfig:
         if self.span is not None and (self.arch != "batchtopk" or self.span < 1):
             raise PipelineError(f"span={self.span}: a BatchTopK setting, a positive number of tokens per selection "
                                 f"(this SAE is {self.arch}; leave span unset for the whole batch)")
-        if self.aux_batch and self.arch not in ("batchtopk", "topk"):
-            raise PipelineError(f"aux_batch applies to batchtopk and topk SAEs (their auxiliary loss), not {self.arch}")
+        if self.aux_batch and self.arch not in K_ARCHS:
+            raise PipelineError(f"aux_batch applies to {', '.join(K_ARCHS)} SAEs (their auxiliary loss), "
+                                f"not {self.arch}")
+        if not 0 < self.quantile_rate <= 1:
+            raise PipelineError(f"quantile_rate={self.quantile_rate} must lie in (0, 1]")
         if self.aux_k < 1 or self.aux_coeff < 0:
             raise PipelineError(f"aux_k={self.aux_k} must be at least 1 and aux_coeff={self.aux_coeff} at least 0")
 
     @property
     def name(self) -> str:
         """A directory name: the architecture's identity, then every other setting that is not the default."""
-        if self.arch in ("batchtopk", "topk"):
+        if self.arch in K_ARCHS:
             base = f"{self.arch}_k{self.k}_m{self.d_sae}"
         elif self.arch == "jumprelu":
             target = f"t{self.target_l0:g}_" if self.target_l0 is not None else ""
@@ -318,9 +329,9 @@ class SAE(nn.Module):
         """Select latents. mode: 'train'/'batch' (batchtopk over the batch) or 'threshold' (inference).
         (Training itself runs on stacks: train/stack.py.)"""
         a = self.cfg.arch
-        if a == "batchtopk":
-            if mode == "threshold":
-                return Code.from_dense(pre * (pre > self.theta.clamp_min(0)))
+        if a in THETA_ARCHS and mode == "threshold":
+            return Code.from_dense(pre * (pre > self.theta.clamp_min(0)))
+        if a in THETA_ARCHS:
             return batch_topk_code(pre, self.cfg.k)
         if a == "topk":
             return topk_code(pre, self.cfg.k)
@@ -403,8 +414,9 @@ def save_sae(sae: SAE, directory: Path, metadata: dict[str, Any]) -> None:
     W_dec = (sae.W_dec.detach().float() / s).contiguous()
     b_dec = (sae.b_dec.detach().float() / s).contiguous()
     tensors = {"W_enc": W_enc, "b_enc": sae.b_enc.detach().float().contiguous(), "W_dec": W_dec, "b_dec": b_dec}
-    export = {"batchtopk": "jumprelu", "topk": "topk", "jumprelu": "jumprelu", "relu": "standard"}[cfg.arch]
-    if cfg.arch == "batchtopk":
+    export = {"batchtopk": "jumprelu", "topk": "topk", "quantile": "jumprelu", "jumprelu": "jumprelu",
+              "relu": "standard"}[cfg.arch]
+    if cfg.arch in THETA_ARCHS:
         tensors["threshold"] = torch.full((cfg.d_sae,), float(sae.theta))
     elif cfg.arch == "jumprelu":
         tensors["threshold"] = sae.threshold.detach().float().contiguous()
@@ -474,7 +486,7 @@ def load_sae(directory: str | Path, device: str = "cpu") -> tuple[SAE, dict[str,
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(sae, name).copy_(tensors[name])
-        if cfg.arch == "batchtopk":
+        if cfg.arch in THETA_ARCHS:
             sae.theta.fill_(float(tensors["threshold"][0]))
         elif cfg.arch == "jumprelu":
             sae.log_threshold.copy_(tensors["threshold"].clamp_min(1e-30).log())

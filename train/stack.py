@@ -27,7 +27,7 @@ from torch import nn
 
 from batchtopk.core import distributed
 
-from .sae import DENSE_DECODE_ABOVE, NMSE, SAE, SAEConfig, autocast, standardize
+from .sae import DENSE_DECODE_ABOVE, K_ARCHS, NMSE, QUANTILE_CAPACITY, SAE, SAEConfig, autocast, standardize
 from .sparsity import (
     KeptPre,
     MaskedBlock,
@@ -64,7 +64,7 @@ class StackKey:
 
     @classmethod
     def of(cls, c: SAEConfig) -> StackKey:
-        sparse = c.arch in ("batchtopk", "topk")
+        sparse = c.arch in K_ARCHS
         return cls(c.arch, c.d_in, c.d_sae, c.k if sparse else None, c.aux_k if sparse else 0, c.norm, c.center,
                    c.mse, c.aux_norm if sparse else False, c.aux_batch, c.span, c.target_l0 is not None,
                    c.preact_coeff > 0)
@@ -122,6 +122,10 @@ class SAEStack(nn.Module):
         self.register_buffer("warmup", per_sae([c.warmup for c in cfgs]))
         self.register_buffer("decay", per_sae([c.decay for c in cfgs]))
         self.register_buffer("sparsity_warmup", per_sae([c.sparsity_warmup for c in cfgs]))
+        # quantile: the threshold (-inf until the first batch sets it) and the last batch's n·k-th largest value
+        self.register_buffer("quantile_rate", per_sae([c.quantile_rate for c in cfgs]))
+        self.register_buffer("threshold", torch.full((len(cfgs),), float("-inf"), device=dev))
+        self.register_buffer("batch_quantile", torch.zeros(len(cfgs), device=dev), persistent=False)
         # BatchTopK on the CPU, uncompiled: selection starts from a little below the last batch's n·k-th value
         # (batch_topk_hinted), checked on the host; a GPU's step takes the exact fixed-shape path throughout
         self.hinted = False
@@ -138,6 +142,8 @@ class SAEStack(nn.Module):
                 getattr(sae, name).copy_(getattr(self, name)[i])
             if self.key.arch == "jumprelu":
                 sae.log_threshold.copy_(self.log_threshold[i])
+            if self.key.arch == "quantile":  # its training threshold (finish sets the inference θ)
+                sae.theta.fill_(float(self.threshold[i].clamp_min(0)))
         return sae
 
     @torch.no_grad()
@@ -194,15 +200,19 @@ class SAEStack(nn.Module):
         x_enc = x_in - self.b_dec[:, None, :] if key.center else x_in
         n = x.shape[0]
         out: dict[str, torch.Tensor] = {}
-        if key.arch in ("batchtopk", "topk"):
+        if key.arch in K_ARCHS:
             shift = self.b_dec if key.center else None
             xe = x_enc.detach()
             with torch.no_grad():
                 pre = torch.baddbmm(self.b_enc[:, None, :], xe, self.W_enc)
-                idx = self._batch_topk(pre) if key.arch == "batchtopk" else topk_rows(pre, key.k)
+                idx = (self._batch_topk(pre) if key.arch == "batchtopk" else topk_rows(pre, key.k)
+                       if key.arch == "topk" else self._quantile_pairs(pre))
             # relu: a pair keeps value 0 where fewer than n·k (TopK: k) pre-activations are positive
             vals = KeptPre.apply(pre, xe, self.W_enc, self.b_enc, shift, idx).relu()
-            if key.k > DENSE_DECODE_ABOVE * key.d_sae:
+            if key.arch == "quantile":  # the pairs above the threshold (the first batch: its own quantile)
+                theta = torch.where(torch.isfinite(self.threshold), self.threshold, self.batch_quantile)
+                vals = vals * (vals.detach() > theta[:, None])
+            if idx.shape[1] > DENSE_DECODE_ABOVE * key.d_sae * n:
                 dense = torch.zeros(pre.shape, dtype=vals.dtype, device=vals.device)
                 dense = dense.view(self.size, -1).scatter(1, idx, vals).view(pre.shape)
                 x_hat = torch.bmm(dense, self.W_dec) + self.b_dec[:, None, :]
@@ -246,6 +256,24 @@ class SAEStack(nn.Module):
             self.hint.copy_(kth - 0.05 * kth.abs())
             return idx
         return batch_topk(pre, self.key.k)
+
+    def _quantile_pairs(self, pre: torch.Tensor) -> torch.Tensor:
+        """A quantile SAE's candidate pairs: the QUANTILE_CAPACITY·n·k largest pre-activations (exact, fixed
+        shape; those above the threshold are kept, all of them unless more than that pass it). Notes the
+        batch's n·k-th largest value, the (1 - k/m) quantile the threshold follows."""
+        S, n, _ = pre.shape
+        idx = batch_topk(pre, QUANTILE_CAPACITY * self.key.k)
+        top = pre.reshape(S, -1).gather(1, idx)
+        self.batch_quantile.copy_(top.topk(n * self.key.k, dim=1, sorted=False).values.amin(1))
+        return idx
+
+    @torch.no_grad()
+    def follow_quantile(self, world: int = 1) -> None:
+        """Move each quantile SAE's threshold quantile_rate of the way to the last batch's quantile (averaged
+        over ranks); the first batch sets it."""
+        q = distributed.all_reduce_(self.batch_quantile.clone()) / world
+        t = self.threshold
+        t.copy_(torch.where(torch.isfinite(t), t + self.quantile_rate * (q - t), q))
 
     def _aux(self, pre: torch.Tensor, x_enc: torch.Tensor, shift: torch.Tensor | None, since_fired: torch.Tensor,
              residual: torch.Tensor) -> torch.Tensor:
@@ -415,6 +443,8 @@ class StackTrainer:
         self.opt.step(stack, f)  # clipping, then Adam
         stack.normalize_decoder()
         with torch.no_grad():
+            if stack.key.arch == "quantile":
+                stack.follow_quantile(self.world)
             fired, nnz = self._fired(code)
             distributed.all_reduce_(fired)
             st.since_fired.copy_(torch.where(fired > 0, 0, st.since_fired + n * self.world))
@@ -457,7 +487,10 @@ class StackTrainer:
         return metrics
 
     def running_theta(self, i: int) -> float:
-        """SAE i's running θ: the mean smallest kept activation over the steps since theta_from."""
+        """SAE i's running θ: BatchTopK's mean smallest kept activation over the steps since theta_from, a
+        quantile SAE's training threshold."""
+        if self.stack.key.arch == "quantile":
+            return float(self.stack.threshold[i])
         return float(self.state.theta_sum[i]) / max(1.0, float(self.state.theta_n[i]))
 
     def first_bad(self) -> tuple[int, int, float] | None:

@@ -18,7 +18,7 @@ from typing import Any
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.options import declared, option_name, setting
 
-from .sae import ARCHS, SAEConfig
+from .sae import ARCHS, K_ARCHS, SAEConfig
 
 ALIASES = {"init_l0": "jumprelu_init_l0"}
 
@@ -30,8 +30,8 @@ class Grid:
     dict: str = setting("4x", "Dictionary size(s): integers, or multiples of d_model like 8x.", metavar="SIZES")
     seeds: int = setting(1, "Seeds (replicates 0..n-1) of every SAE, trained in the same pass.", metavar="N")
 ONLY_FOR = {
-    "k": ("batchtopk", "topk"), "aux_k": ("batchtopk", "topk"), "aux_coeff": ("batchtopk", "topk"),
-    "aux_norm": ("batchtopk", "topk"), "dead_tokens": ("batchtopk", "topk"),
+    "k": K_ARCHS, "aux_k": K_ARCHS, "aux_coeff": K_ARCHS, "aux_norm": K_ARCHS, "aux_batch": K_ARCHS,
+    "dead_tokens": K_ARCHS, "span": ("batchtopk",), "quantile_rate": ("quantile",),
     "l0_coeff": ("jumprelu",), "target_l0": ("jumprelu",), "jumprelu_init_l0": ("jumprelu",),
     "threshold_lr": ("jumprelu",), "bandwidth": ("jumprelu",), "preact_coeff": ("jumprelu",),
     "l1_coeff": ("relu",), "sparsity_warmup": ("jumprelu", "relu"),
@@ -120,7 +120,7 @@ def expand(grid: dict[str, Any], d_in: int) -> list[dict[str, Any]]:
     out = []
     for arch in archs:
         mine = [k for k in keys if arch in ONLY_FOR.get(k, ARCHS)]
-        if arch in ("batchtopk", "topk") and "k" not in mine:
+        if arch in K_ARCHS and "k" not in mine:
             mine.append("k")
         lists = [_values(k, grid[k]) if k in grid else [32] for k in mine]
         for m, combo in itertools.product(sizes, itertools.product(*lists)):
