@@ -25,7 +25,7 @@ from batchtopk.cache.split import Rows, Split, heldout_sequences
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.pipelines import DATA_DIR
 from batchtopk.harvest import models
-from batchtopk.train.sae import SAE, load_sae
+from batchtopk.train.sae import SAE, THETA_ARCHS, load_sae
 
 from .latents import LatentStats
 from .settings import BrowseSettings
@@ -293,7 +293,7 @@ def build(s: BrowseSettings) -> Path:
     index = {
         "sae": Path(s.sae).name, "architecture": sae.cfg.arch, "k": sae.cfg.k, "d_sae": m,
         "model": cache.attrs["model"], "site": site, "cache_id": cache.attrs["cache_id"],
-        "tokens": stats.n_tokens, "mode": "threshold (θ)" if sae.cfg.arch == "batchtopk" else sae.cfg.arch,
+        "tokens": stats.n_tokens, "mode": "threshold (θ)" if sae.cfg.arch in THETA_ARCHS else sae.cfg.arch,
         "bos": "included" if s.include_bos else "left out", "part": "whole cache" if s.whole_cache else "held-out",
         "freq": [_r(f / stats.n_tokens, 4) for f in fired],
         "mean": [_r(float(stats.total[i]) / fired[i], 4) if fired[i] else 0 for i in range(m)],
