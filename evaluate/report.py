@@ -44,10 +44,27 @@ def load_metrics(dirs: list[str]) -> list[dict[str, Any]]:
             if "include_bos" not in r:  # ... and before one spelling for BOS and outliers
                 r["include_bos"] = not r.get("exclude_bos", True)
                 r["outlier_norm_above"] = r.get("exclude_outliers_norm_above")
+            r["dead_in_training"] = dead_in_training(Path(d), r["d_sae"])
             rows.append(r)
     if not rows:
         raise PipelineError("no evaluated SAEs (metrics.json) found; run `make eval` first")
     return rows
+
+
+def dead_in_training(d: Path, d_sae: int) -> dict[str, float] | None:
+    """The fraction of latents dead (by the training window) halfway through training and at its last logged
+    step, from the SAE's train_log.jsonl (None without one)."""
+    from batchtopk.train.trainer import LOG_FILE
+
+    p = d / LOG_FILE
+    if not p.exists():
+        return None
+    log = [json.loads(line) for line in p.read_text().splitlines() if '"dead"' in line]
+    if not log:
+        return None
+    half = min(log, key=lambda e: abs(e["step"] - log[-1]["step"] / 2))
+    return {"half": half["dead"] / d_sae, "half_step": half["step"], "end": log[-1]["dead"] / d_sae,
+            "end_step": log[-1]["step"]}
 
 
 def value(row: dict, metric: str, mode: str | None = None) -> float:
@@ -304,15 +321,21 @@ def variant_table(gs: list[Group]) -> list[str]:
             cells += [f"{statistics.fmean(value(a, key, 'threshold') for a, _ in pairs):.4f}",
                       f"{statistics.fmean(rel):+.1%}{spread}"]
         dead = [(value(a, "dead_fraction", "threshold"), value(b, "dead_fraction", "threshold")) for a, b in pairs]
+        training = [(a.get("dead_in_training"), b.get("dead_in_training")) for a, b in pairs]
+        mid = ("–" if not all(x and y for x, y in training) else
+               f"{statistics.fmean(x['half'] for x, _ in training):.1%} / "
+               f"{statistics.fmean(y['half'] for _, y in training):.1%}")
+        final = f"{statistics.fmean(d for d, _ in dead):.1%} / {statistics.fmean(d for _, d in dead):.1%}"
         change = g.recipe or g.arch
         lines.append(f"| {change} | {ref.config} | {g.first['d_sae']} | {g.first.get('k')} | {len(pairs)} | "
                      + " | ".join(cells)
                      + f" | {statistics.fmean(value(a, 'l0', 'threshold') for a, _ in pairs):.2f} | "
-                     f"{statistics.fmean(d for d, _ in dead):.1%} / {statistics.fmean(d for _, d in dead):.1%} |")
+                     f"{mid} | {final} |")
     if not lines:
         return []
     return ["| change | against | dict | k | pairs | NMSE | Δ NMSE (paired) | CE degradation | Δ CE degradation | L0 | "
-            "dead (it / against) |", "|---|---|---|---|---|---|---|---|---|---|---|", *lines]
+            "dead halfway through training (it / against) | dead on the evaluation tokens (it / against) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|", *lines]
 
 
 SWAP_COLUMNS = (("topk", None, None), ("topk", "batchtopk", "batch"), ("topk", "batchtopk", "threshold"),
@@ -468,7 +491,7 @@ SUMMARY_FILE = "summary.json"
 SUMMARY_KEYS = ("name", "config", "architecture", "k", "d_sae", "replicate", "recipe", "l0_coeff", "target_l0",
                 "l1_coeff", "theta_estimator", "heldout_l0", "training_tokens", "eval_tokens", "eval_source", "model",
                 "site", "pipeline", "cache_id", "include_bos", "outlier_norm_above", "mode", "lr", *TABLE_KEYS,
-                "standardized_mse", "n_tokens")
+                "standardized_mse", "n_tokens", "dead_in_training")
 
 
 def summary_row(r: dict[str, Any]) -> dict[str, Any]:

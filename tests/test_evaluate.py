@@ -304,6 +304,10 @@ def test_encode_as_scores_each_sae_with_the_others_activation(pipeline_run, tmp_
     assert f"{tk['nmse']:.4f} / " in row and f"{swapped['modes']['batch']['nmse']:.4f} (" in row
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert summary[1]["encoded_as"]["batchtopk"]["theta"] == swapped["theta"]
+    log = [json.loads(line) for line in (saes[0] / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [10, 20, 30]  # halfway: step 15, of which step 10 is the first closest
+    assert summary[0]["dead_in_training"] == {"half": log[0]["dead"] / 128, "half_step": 10,
+                                              "end": log[-1]["dead"] / 128, "end_step": log[-1]["step"]}
     # a run that set no calibration sequences aside: one line saying what is missing
     cfg = json.loads((saes[1] / "cfg.json").read_text())
     for key in ("calibration_sequences", "calibration_every"):
