@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from batchtopk.train.sae import SAE, SAEConfig
+from batchtopk.train.sae import K_ARCHS, SAE, SAEConfig
 from batchtopk.train.stack import SAEStack, StackTrainer
 
 from .records import Record, device_name
@@ -59,7 +59,7 @@ def stack_trainer(arch: str, size: int, d: int, m: int, k: int, dead_fraction: f
                   device: str = "cpu", compile: bool = False) -> StackTrainer:
     """A stack of `size` replicates with a quarter of their latents dead (so the auxiliary loss runs)."""
     torch.manual_seed(0)
-    saes = [SAE(SAEConfig(arch, d, m, k=k if arch in ("batchtopk", "topk") else None, replicate=r,
+    saes = [SAE(SAEConfig(arch, d, m, k=k if arch in K_ARCHS else None, replicate=r,
                           jumprelu_init_l0=k, target_l0=k if arch == "jumprelu" else None)).to(device)
             for r in range(size)]
     st = StackTrainer(SAEStack(saes, 1e-3, (0.9, 0.99)), total_steps=1000, theta_from=800, compile=compile)

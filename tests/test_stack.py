@@ -220,7 +220,7 @@ def test_no_host_read_and_no_growth_with_the_stack():
     assert c.host_reads == {"aten._local_scalar_dense": 1, "aten.nonzero": 1}
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "quantile"])
 def test_the_step_is_one_graph(arch):
     """torch.compile(fullgraph=True) takes the whole step, backward and optimiser included (the eager
     backend: the graph capture, without code generation)."""
