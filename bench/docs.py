@@ -294,8 +294,11 @@ def render_headline(_: str = "", root: Path = ROOT) -> str:
         bt, tk = by.get((impl, "batchtopk"), {}), by.get((impl, "topk"), {})
         peer_rows.append([impl, _lr(bt or tk), f"{bt['batch']['value']:.4f}" if "batch" in bt else "–",
                           f"{tk['topk']['value']:.4f}" if "topk" in tk else "–"])
+    at_ours = any(" at our lr" in i for i in _impls(recs))
     out = ("**Against peers, on exactly the same batches** (`make peers`; lower NMSE is better). Each peer "
-           "runs at its own default learning rate and at ours, so a recipe is told apart from its lr:\n\n"
+           + ("runs at its own default learning rate and at ours, so a recipe is told apart from its lr:\n\n"
+              if at_ours else "runs at its own default learning rate (this file has no run at ours: the rows "
+              "compare recipes and learning rates together):\n\n")
            + table(["implementation", "lr", "BatchTopK NMSE (batch mode)", "TopK NMSE"], peer_rows)
            + f"\n{_budget(recs)}.\n" + _para(equal_lr(recs)) + "\n")
     rows, gs = _groups(PAPER, root)

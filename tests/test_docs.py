@@ -110,8 +110,13 @@ def test_tables_render_from_json_and_only_between_markers(fixture_root):
     assert docs.render_all(fixture_root, files=("README.md",), write=False) == ["README.md"]
 
 
-def test_equal_lr_sentence_claims_a_tie_only_within_the_tolerance():
+def test_equal_lr_sentence_claims_a_tie_only_within_the_tolerance(fixture_root):
     recs = peers_fixture()
+    assert "and at ours, so a recipe is told apart" in docs.render_headline(root=fixture_root)
+    (fixture_root / "docs" / "bench" / "peers.json").write_text(json.dumps(
+        [r for r in recs if "at our lr" not in r["settings"]["implementation"]]))
+    head = docs.render_headline(root=fixture_root)  # without runs at our lr, no claim that there are
+    assert "this file has no run at ours" in head and "and at ours" not in head and "At our learning rate" not in head
     assert "the recipes tie" in docs.equal_lr(recs)
     recs[6]["value"] = 0.2100  # dictionary_learning's BatchTopK at our lr: 5% behind ours
     text = docs.equal_lr(recs)
