@@ -128,7 +128,9 @@ def render_peers(path: str, root: Path = ROOT) -> str:
                      f"{dead(batch)} / {dead(top)}"])
     return (table(["implementation", "lr", "BatchTopK NMSE, batch mode", "threshold mode (its L0)", "TopK NMSE",
                    "standardised MSE (BatchTopK / TopK)", "latents silent on the held-out rows (BatchTopK / TopK)"],
-                  rows) + f"\n{_budget(recs)}; `{path}`.\n" + _para(equal_lr(recs)))
+                  rows) + f"\n{_budget(recs)}; `{path}`"
+            + ("" if any(" at our lr" in i for i in _impls(recs)) else " (no peer run at our learning rate in it)")
+            + ".\n" + _para(equal_lr(recs)))
 
 
 # ---------------------------------------------------------------- make paper (report summary.json)
