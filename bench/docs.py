@@ -185,30 +185,30 @@ def render_pairs(path: str, root: Path = ROOT) -> str:
         "difference in brackets); negative: BatchTopK is better.\n")
 
 
+def _report_table(path: str, root: Path, lines_of: Callable[[list], list[str]], missing: str, note: str) -> str:
+    """One of the report's tables (evaluate/report.py) rendered from a summary.json, with its caption."""
+    rows, gs = _groups(path, root)
+    lines = lines_of(gs)
+    if not lines:
+        raise PipelineError(f"{path} has no {missing}")
+    first = rows[0]
+    return ("\n".join(lines) + f"\n\n{first['model']} `{first['site']}`, {first['training_tokens']:,} training tokens, "
+            f"{first['eval_tokens']:,} held-out evaluation tokens; {note}; `{path}`.\n")
+
+
 def render_swapped(path: str, root: Path = ROOT) -> str:
     from batchtopk.evaluate.report import swapped_table
 
-    rows, gs = _groups(path, root)
-    lines = swapped_table(gs)
-    if not lines:
-        raise PipelineError(f"{path} has no SAE scored with another architecture's activation (evaluate --encode-as)")
-    first = rows[0]
-    return ("\n".join(lines) + f"\n\n{first['model']} `{first['site']}`, {first['training_tokens']:,} training tokens, "
-            f"{first['eval_tokens']:,} held-out evaluation tokens; NMSE (change from the SAE's own activation, paired "
-            f"over seeds) / CE degradation; `{path}`.\n")
+    return _report_table(path, root, swapped_table,
+                         "SAE scored with another architecture's activation (evaluate --encode-as)",
+                         "NMSE (change from the SAE's own activation, paired over seeds) / CE degradation")
 
 
 def render_variants(path: str, root: Path = ROOT) -> str:
     from batchtopk.evaluate.report import variant_table
 
-    rows, gs = _groups(path, root)
-    lines = variant_table(gs)
-    if not lines:
-        raise PipelineError(f"{path} has no configuration that changes a setting from a default one")
-    first = rows[0]
-    return ("\n".join(lines) + f"\n\n{first['model']} `{first['site']}`, {first['training_tokens']:,} training tokens, "
-            f"{first['eval_tokens']:,} held-out evaluation tokens, inference mode (θ); Δ: mean ± std over seeds of "
-            f"the paired relative change; `{path}`.\n")
+    return _report_table(path, root, variant_table, "configuration that changes a setting from a default one",
+                         "inference mode (θ); Δ: mean ± std over seeds of the paired relative change")
 
 
 def render_jumprelu(path: str, root: Path = ROOT) -> str:
