@@ -75,6 +75,7 @@ def test_train_says_when_the_latest_cache_is_gone(tmp_path, monkeypatch):
 def test_pointers_are_whole_under_concurrent_writers(tmp_path, monkeypatch):
     """Two commands writing the same pointer at once: a reader always sees one of them whole."""
     import threading
+    import time
 
     from batchtopk.core import latest, pipelines
 
@@ -89,12 +90,14 @@ def test_pointers_are_whole_under_concurrent_writers(tmp_path, monkeypatch):
     threads = [threading.Thread(target=write, args=(t,)) for t in ("a", "b")]
     for th in threads:
         th.start()
-    try:
-        for _ in range(300):
+    try:  # read until 300 pointers were seen (the writers may not have written yet at first)
+        reads, deadline = 0, time.monotonic() + 60
+        while reads < 300 and time.monotonic() < deadline:
             ptr = latest.read("p", "train")
             if ptr is not None:
                 assert ptr["saes"] == [ptr["run"]] * 200
                 seen.add(ptr["run"])
+                reads += 1
     finally:
         stop.set()
         for th in threads:
