@@ -1,6 +1,7 @@
 """Training throughput per architecture against a plain dense PyTorch implementation of the same math."""
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
     auxiliary loss), flat top-k over the whole batch."""
     cfg = sae.cfg
     pre = sae.encoder_input(x) @ sae.W_enc + sae.b_enc  # x - b_dec for a centred encoder
-    if cfg.arch == "batchtopk":  # over the batch, or over each group of `span` tokens
+    if cfg.arch in ("batchtopk", "matryoshka"):  # over the batch, or over each group of `span` tokens
         span = cfg.span or x.shape[0]
         acts = pre.relu().reshape(-1, span * pre.shape[1])
         idx = acts.topk(span * cfg.k, dim=1).indices
@@ -39,6 +40,9 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
         f = torch.zeros_like(pre).scatter(1, i, v)
     elif cfg.arch == "jumprelu":
         f = jumprelu(pre, sae.threshold, sae.eps)
+    elif cfg.arch == "gated":  # gate times magnitude: H(pre) relu(x W_enc exp(r_mag) + b_mag)
+        xw = sae.encoder_input(x) @ sae.W_enc
+        f = (pre > 0).float() * (xw * sae.r_mag.exp() + sae.b_mag).relu()
     else:
         f = pre.relu()
     x_hat = f @ sae.W_dec + sae.b_dec
@@ -49,8 +53,15 @@ def dense_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None) ->
         return err.pow(2).sum(-1).mean() if per_token else err.pow(2).mean()
 
     loss = mse(x_hat - x)
+    if cfg.arch == "matryoshka":  # every proper prefix of the dictionary reconstructs x as well
+        for end in itertools.accumulate(cfg.group_sizes[:-1]):
+            loss = loss + mse(f[:, :end] @ sae.W_dec[:end] + sae.b_dec - x)
     if cfg.arch == "relu":
         loss = loss + unit * cfg.l1_coeff * f.abs().sum(-1).mean()
+    if cfg.arch == "gated":  # L1 on the gate, and the gate's reconstruction through the frozen decoder
+        gate = pre.relu()
+        loss = loss + unit * cfg.l1_coeff * gate.sum(-1).mean()
+        loss = loss + mse(gate @ sae.W_dec.detach() + sae.b_dec.detach() - x)
     if cfg.arch == "jumprelu":
         l0 = step(pre, sae.threshold, sae.eps).sum(-1).mean()
         loss = loss + unit * cfg.l0_coeff * (l0 if cfg.target_l0 is None else (l0 / cfg.target_l0 - 1) ** 2)

@@ -21,12 +21,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from batchtopk.core.errors import PipelineError  # noqa: E402
 from batchtopk.core.pipelines import DATA_DIR  # noqa: E402
-from batchtopk.train.sae import load_config, recipe_label  # noqa: E402
+from batchtopk.train.sae import ARCHS, load_config, recipe_label  # noqa: E402
 
 from .run import METRICS_FILE  # noqa: E402
 
-COLORS = {"batchtopk": "tab:blue", "topk": "tab:orange", "quantile": "tab:purple", "jumprelu": "tab:green",
-          "relu": "tab:red"}
+COLORS = {"batchtopk": "tab:blue", "topk": "tab:orange", "quantile": "tab:purple", "matryoshka": "tab:cyan",
+          "jumprelu": "tab:green", "relu": "tab:red", "gated": "tab:brown"}
 TABLE_KEYS = ("nmse", "explained_variance", "cosine_sim", "l0", "dead_fraction", "ce_clean", "ce_spliced",
               "ce_degradation", "ce_loss_recovered", "kl_div", "ce_zero_ablated", "ce_mean_ablated")
 
@@ -140,7 +140,7 @@ def groups_of(rows: list[dict]) -> list[Group]:
     by: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by[r["config"]].append(r)
-    order = {"batchtopk": 0, "topk": 1, "quantile": 2, "jumprelu": 3, "relu": 4}
+    order = {a: i for i, a in enumerate(ARCHS)}
     gs = [Group(c, sorted(rs, key=lambda r: r["replicate"])) for c, rs in by.items()]
     return sorted(gs, key=lambda g: (order[g.arch], g.first["d_sae"], g.first.get("k") or 0,
                                      g.first.get("target_l0") or g.first.get("l0_coeff") or 0, g.config))

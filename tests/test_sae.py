@@ -56,7 +56,7 @@ def test_batch_and_threshold_modes_agree_when_theta_from_that_batch():
 @pytest.mark.parametrize("arch", ["batchtopk", "topk", "relu"])
 def test_sparse_and_dense_decoders_agree(arch):
     torch.manual_seed(4)
-    sae = SAE(SAEConfig(arch, d_in=24, d_sae=96, k=5))
+    sae = SAE(SAEConfig(arch, d_in=24, d_sae=96, k=None if arch == "relu" else 5))
     x = torch.randn(40, 24)
     code = sae.code(sae.pre(x), "train")
     grads = []
@@ -119,7 +119,14 @@ def test_bad_configs():
     from batchtopk.core.errors import PipelineError
 
     for kw, msg in [(dict(arch="topk", k=0), "0 < k"), (dict(arch="topk", k=99), "0 < k"),
-                    (dict(arch="batchtopk", k=4, d_sae=0), "at least 1"), (dict(arch="gated", k=4), "unknown")]:
+                    (dict(arch="batchtopk", k=4, d_sae=0), "at least 1"), (dict(arch="bogus", k=4), "unknown"),
+                    (dict(arch="gated", k=4), r"k=4 is a setting of batchtopk, topk, quantile, matryoshka SAEs, not "
+                                              r"of gated \(whose sparsity comes from its coefficient\)"),
+                    (dict(arch="matryoshka", k=4, groups=(4, 4, 4)), r"groups=4/4/4: Matryoshka groups are latent "
+                     r"counts summing to the dictionary size \(16\) or fractions summing to 1"),
+                    (dict(arch="matryoshka", k=4, groups=(0.01, 0.99)), "leave a group of 16 latents empty"),
+                    (dict(arch="batchtopk", k=4, groups=(0.5, 0.5)), "groups is a Matryoshka setting, not one of "
+                                                                      "batchtopk")]:
         kw = {"d_in": 8, "d_sae": 16} | kw
         with pytest.raises(PipelineError, match=msg):
             SAEConfig(**kw)

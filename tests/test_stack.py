@@ -8,7 +8,7 @@ import torch
 from batchtopk.bench.ops import OpCounter, count_step, stack_trainer
 from batchtopk.bench.train_bench import dense_losses
 from batchtopk.core.errors import PipelineError
-from batchtopk.train.sae import SAE, SAEConfig, load_sae
+from batchtopk.train.sae import K_ARCHS, SAE, SAEConfig, load_sae
 from batchtopk.train.stack import SAEStack, StackKey, batch_topk, stack_configs
 
 D, M = 16, 96
@@ -68,7 +68,7 @@ def test_span_and_aux_batch_settings_say_what_is_allowed(tmp_path):
         SAEConfig("topk", D, M, k=4, span=16)
     with pytest.raises(PipelineError, match="span=0: a BatchTopK setting, a positive number"):
         SAEConfig("batchtopk", D, M, k=4, span=0)
-    with pytest.raises(PipelineError, match="aux_batch applies to batchtopk, topk, quantile SAEs .*not relu"):
+    with pytest.raises(PipelineError, match="aux_batch applies to batchtopk, topk, quantile, matryoshka SAEs .*not relu"):
         SAEConfig("relu", D, M, aux_batch=True)
     assert SAEConfig("batchtopk", D, M, k=4, span=16).name == "batchtopk_k4_m96_span-16"
     assert SAEConfig("topk", D, M, k=4, aux_batch=True).name == "topk_k4_m96_aux_batch-1"
@@ -120,7 +120,10 @@ def test_the_cpus_hinted_selection_is_exact_or_says_so():
                                      ("topk", {"k": 4, "aux_norm": True, "mse": "mean"}),
                                      ("batchtopk", {"k": 4, "span": 16}), ("batchtopk", {"k": 4, "span": 1}),
                                      ("batchtopk", {"k": 4, "aux_batch": True, "aux_k": 32}),
-                                     ("topk", {"k": 4, "aux_batch": True, "aux_k": 32}), ("quantile", {"k": 4})])
+                                     ("topk", {"k": 4, "aux_batch": True, "aux_k": 32}), ("quantile", {"k": 4}),
+                                     ("matryoshka", {"k": 4}), ("matryoshka", {"k": 4, "groups": (8, 24, 64)}),
+                                     ("matryoshka", {"k": 8, "center": True}),  # the dense decoding of the prefixes
+                                     ("gated", {"l1_coeff": 0.05}), ("gated", {"center": True, "norm": "token"})])
 def test_losses_and_gradients_equal_the_dense_reference(arch, kw):
     """Each SAE of a stack gets the losses and gradients of the textbook dense implementation, with a
     different set of dead latents per SAE (fewer than the auxiliary pool: the exact regime)."""
@@ -142,7 +145,7 @@ def test_losses_and_gradients_equal_the_dense_reference(arch, kw):
     out["loss"].sum().backward()
     for i, s in enumerate(saes):
         dead = since[i] >= s.cfg.dead_tokens
-        ref = dense_losses(s, s.normalize(x)[0], dead if arch in ("batchtopk", "topk", "quantile") else None)
+        ref = dense_losses(s, s.normalize(x)[0], dead if arch in K_ARCHS else None)
         assert float(out["loss"][i]) == pytest.approx(float(ref), rel=1e-5)
         ref.backward()
         for name, p in s.named_parameters():
@@ -205,7 +208,7 @@ def test_a_stack_of_n_trains_like_n_alone(tmp_path):
 def test_no_host_read_and_no_growth_with_the_stack():
     """A non-log step reads nothing back from the device and has no data-dependent shape, and a stack of
     8 dispatches exactly the ops of a stack of 1."""
-    for arch in ("batchtopk", "topk", "jumprelu", "relu"):
+    for arch in ("batchtopk", "topk", "jumprelu", "relu", "matryoshka", "gated"):
         one, eight = count_step(arch, 1), count_step(arch, 8)
         assert sum(one.host_reads.values()) == 0 == sum(eight.host_reads.values()), (arch, one.host_reads)
         assert one.ops == eight.ops and one.total > 100, arch
@@ -220,7 +223,7 @@ def test_no_host_read_and_no_growth_with_the_stack():
     assert c.host_reads == {"aten._local_scalar_dense": 1, "aten.nonzero": 1}
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "topk", "quantile"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "quantile", "matryoshka", "gated"])
 def test_the_step_is_one_graph(arch):
     """torch.compile(fullgraph=True) takes the whole step, backward and optimiser included (the eager
     backend: the graph capture, without code generation)."""

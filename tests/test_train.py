@@ -70,6 +70,36 @@ def test_recovers_known_dictionary(synthetic_cache, tmp_path, arch):
         assert est["running"] == pytest.approx(est["unseen"], rel=0.1)
 
 
+def test_matryoshka_prefixes_reconstruct_on_their_own(synthetic_cache, tmp_path):
+    """Matryoshka BatchTopK: one group is BatchTopK exactly; with the default groups, the first quarter and half
+    of the dictionary reconstruct far better alone than a BatchTopK SAE's, at a cost to the whole, and θ keeps
+    k latents per held-out token."""
+    cache, _ = synthetic_cache
+    sweep = [{"arch": "batchtopk", "d_sae": 128, "k": 3}, {"arch": "matryoshka", "d_sae": 128, "k": 3},
+             {"arch": "matryoshka", "d_sae": 128, "k": 3, "groups": (1.0,)}]
+    dirs = Trainer(settings(cache, tmp_path / "m", saes=sweep, tokens=512 * 200)).run()
+    (bt, _), (mat, meta), (one, _) = [load_sae(d) for d in dirs]
+    for name, p in bt.state_dict().items():
+        torch.testing.assert_close(p, one.state_dict()[name], rtol=0, atol=0, msg=name)
+
+    from batchtopk.cache.format import Cache
+    from batchtopk.cache.split import Rows
+    from batchtopk.train.sae import nmse
+    x = Rows.from_metadata(Cache.open(cache), meta["metadata"]).take(4096)
+
+    def prefix_nmse(sae, end):
+        f = sae.encode(x)
+        return nmse(x, f[:, :end] @ sae.W_dec[:end] + sae.b_dec)
+
+    assert mat.cfg.group_sizes == (8, 8, 16, 32, 64)
+    # (here every feature is as frequent as any other: the prefixes cannot hold the frequent ones, and the
+    # whole pays more than on real activations)
+    assert prefix_nmse(mat, 32) < 0.6 * prefix_nmse(bt, 32) and prefix_nmse(mat, 64) < 0.6 * prefix_nmse(bt, 64)
+    assert nmse(x, bt(x)) < nmse(x, mat(x)) < 0.25
+    assert abs(meta["metadata"]["heldout_l0"]["mean"] / 3 - 1) < 0.02
+    assert meta["architecture"] == "jumprelu" and meta["metadata"]["theta"] > 0
+
+
 def test_resume_equals_uninterrupted(synthetic_cache, tmp_path, monkeypatch):
     cache, _ = synthetic_cache
     sweep = [{"arch": "batchtopk", "d_sae": 64, "k": 3}, {"arch": "topk", "d_sae": 64, "k": 3},
@@ -103,7 +133,8 @@ def test_saelens_loads_and_encodes_the_same(synthetic_cache, tmp_path):
              # the reference code's choices: each token standardised, the encoder reading x - b_dec
              {"arch": "batchtopk", "d_sae": 64, "k": 3, "norm": "token", "center": True},
              {"arch": "topk", "d_sae": 64, "k": 3, "norm": "token"}, {"arch": "relu", "d_sae": 64, "center": True},
-             {"arch": "quantile", "d_sae": 64, "k": 3}]
+             {"arch": "quantile", "d_sae": 64, "k": 3}, {"arch": "matryoshka", "d_sae": 64, "k": 3},
+             {"arch": "gated", "d_sae": 64, "l1_coeff": 0.003}, {"arch": "gated", "d_sae": 64, "center": True}]
     dirs = Trainer(settings(cache, tmp_path / "r", saes=sweep, tokens=512 * 6)).run()
     x = torch.randn(50, 32) * 3.0 + torch.linspace(-2, 2, 32)  # raw (unnormalised) activations
     for d in dirs:
@@ -116,7 +147,10 @@ def test_saelens_loads_and_encodes_the_same(synthetic_cache, tmp_path):
         torch.testing.assert_close(theirs.encode(x), ours.encode(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours(x), rtol=1e-4, atol=1e-4)
         assert meta["architecture"] == {"batchtopk": "jumprelu", "topk": "topk", "jumprelu": "jumprelu",
-                                        "relu": "standard", "quantile": "jumprelu"}[meta["metadata"]["architecture"]]
+                                        "relu": "standard", "quantile": "jumprelu", "matryoshka": "jumprelu",
+                                        "gated": "gated"}[meta["metadata"]["architecture"]]
+        if ours.cfg.arch == "gated":  # trained: its magnitude path is not the gate's
+            assert float(ours.r_mag.abs().max()) > 1e-3 and float(ours.b_mag.abs().max()) > 1e-3
         assert meta["normalize_activations"] == ("layer_norm" if ours.cfg.norm == "token" else "none")
         assert meta["apply_b_dec_to_input"] == ours.cfg.center
         # the saved SAE reconstructs the held-out rows exactly as the trained one did before saving
@@ -144,7 +178,13 @@ def test_bad_input(synthetic_cache, tmp_path):
     assert "0 < k" in error_of(run_cli(*common, "--k", "0", "--dict", "64", "--out", str(tmp_path / "a")))
     assert "0 < k" in error_of(run_cli(*common, "--k", "65", "--dict", "64", "--out", str(tmp_path / "a")))
     assert "at least 1" in error_of(run_cli(*common, "--dict", "0", "--out", str(tmp_path / "a")))
-    assert "unknown architecture" in error_of(run_cli(*common, "--arch", "gated", "--out", str(tmp_path / "a")))
+    assert "unknown architecture" in error_of(run_cli(*common, "--arch", "gatd", "--out", str(tmp_path / "a")))
+    assert error_of(run_cli(*common, "--arch", "gated", "--k", "32", "--out", str(tmp_path / "a"))) == (
+        "error: k is a setting of batchtopk, topk, quantile, matryoshka SAEs; this run trains gated (drop k, or "
+        "choose an architecture that has it)")
+    assert "groups=0.5/0.25: Matryoshka groups are latent counts summing to the dictionary size (64) or fractions " \
+        "summing to 1" in error_of(run_cli(*common, "--arch", "matryoshka", "--k", "3", "--dict", "64", "--set",
+                                           "groups=0.5/0.25", "--out", str(tmp_path / "a")))
     assert "no cache at" in error_of(run_cli("--cache", str(tmp_path / "nope"), "--out", str(tmp_path / "a")))
     assert "no site blocks.9.hook_resid_pre" in error_of(run_cli(*common, "--site", "blocks.9.hook_resid_pre",
                                                                  "--out", str(tmp_path / "a")))

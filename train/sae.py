@@ -1,4 +1,4 @@
-"""Sparse autoencoders: one base (W_enc, b_enc, W_dec, b_dec), five ways to pick latents.
+"""Sparse autoencoders: one base (W_enc, b_enc, W_dec, b_dec), seven ways to pick latents.
 
     x_in = norm(x) [- b_dec]   pre = x_in W_enc + b_enc   f = sigma(pre)   x_hat = denorm(f W_dec + b_dec)
 
@@ -8,8 +8,13 @@ topk       keep the k largest relu(pre) per token
 quantile   keep relu(pre) above a threshold that follows the batches' (1 - k/m) quantile of pre (a moving
            average of the n*k-th largest: the BatchTopK authors' running-quantile idea); at inference
            JumpReLU(theta) with one global theta, estimated as BatchTopK's
+matryoshka BatchTopK's selection and θ, trained so that each prefix of the dictionary (nested groups of
+           latents) reconstructs x on its own: the loss sums the prefixes' MSEs (Bussmann et al. 2025)
 jumprelu   pre * H(pre - theta_i), per-latent thresholds, straight-through gradients, L0 penalty
 relu       relu(pre), L1 penalty (decoder rows unit norm)
+gated      H(pre) * relu((pre - b_enc) * exp(r_mag) + b_mag): a gate (b_enc is its bias) and a magnitude path
+           sharing W_enc; L1 on relu(pre) and the gate's reconstruction through the frozen decoder
+           (Rajamanoharan et al. 2024; decoder rows unit norm)
 
 `norm` is how activations reach the SAE: `global` multiplies every token by one scale (folded
 into the saved weights), `token` standardises each token (subtract its mean, divide by its
@@ -33,11 +38,16 @@ from torch import nn
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.options import RECIPE, setting
 
-from .sparsity import Code, batch_topk_code, jumprelu, sparse_decode, topk_code
+from .sparsity import Code, batch_topk_code, gated, jumprelu, sparse_decode, topk_code
 
-ARCHS = ("batchtopk", "topk", "quantile", "jumprelu", "relu")
-K_ARCHS = ("batchtopk", "topk", "quantile")  # those with k latents per token (on average)
-THETA_ARCHS = ("batchtopk", "quantile")      # those with one global θ at inference
+ARCHS = ("batchtopk", "topk", "quantile", "matryoshka", "jumprelu", "relu", "gated")
+K_ARCHS = ("batchtopk", "topk", "quantile", "matryoshka")  # those with k latents per token (on average)
+THETA_ARCHS = ("batchtopk", "quantile", "matryoshka")      # those with one global θ at inference
+BATCH_ARCHS = ("batchtopk", "matryoshka")  # those training on the batch's n·k largest (and scored so too)
+L1_ARCHS = ("relu", "gated")               # those with an L1 penalty
+# Matryoshka's default groups, as fractions of the dictionary: its authors' spacing (prefixes of 1/16, 1/8, 1/4,
+# 1/2 and all of it; bartbussmann/matryoshka_sae)
+MATRYOSHKA_GROUPS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 QUANTILE_CAPACITY = 2  # a quantile SAE's training step keeps at most this many times n·k pairs (fixed shape)
 NORMS = ("global", "token")
 B_DEC_INITS = ("mean", "geometric_median", "zero")
@@ -71,7 +81,7 @@ class SAEConfig:
     # losses
     mse: str = setting("sum", f"MSE reduction(s): {', '.join(MSE_REDUCTIONS)} (summed over dimensions and averaged "
                        "over tokens, or averaged over elements).", group=RECIPE)
-    l1_coeff: float = setting(0.01, "ReLU: L1 penalty(s) (in units of the per-element MSE).")
+    l1_coeff: float = setting(0.01, "ReLU and Gated: L1 penalty(s) (in units of the per-element MSE).")
     l0_coeff: float = setting(0.005, "JumpReLU: L0 penalty(s), or the weight of the target-L0 penalty.")
     target_l0: float | None = setting(None, "JumpReLU: penalise (L0/target - 1)^2 (times --l0-coeff) so that L0 "
                                       "lands here.")
@@ -95,6 +105,10 @@ class SAEConfig:
                               group=RECIPE, cli=False)
     quantile_rate: float = setting(0.05, "Quantile: each step moves the threshold this fraction of the way to the "
                                    "batch's (1 - k/m) quantile of pre-activations.", group=RECIPE, cli=False)
+    groups: tuple[float, ...] | None = setting(
+        None, "Matryoshka: the nested groups, as latents summing to the dictionary size or fractions summing to 1, "
+        "separated by / (default: 1/16, 1/16, 1/8, 1/4 and 1/2 of the dictionary, its authors' spacing).",
+        group=RECIPE, cli=False)
     span: int | None = setting(None, "BatchTopK: tokens per selection, the span·k largest within each group of span "
                                "tokens of a batch (1: TopK's constraint; default: the whole batch).", group=RECIPE,
                                cli=False)
@@ -117,6 +131,15 @@ class SAEConfig:
         if self.arch in K_ARCHS:
             if self.k is None or not 0 < self.k <= self.d_sae:
                 raise PipelineError(f"k={self.k} must satisfy 0 < k <= dictionary size ({self.d_sae})")
+        elif self.k is not None:
+            raise PipelineError(f"k={self.k} is a setting of {', '.join(K_ARCHS)} SAEs, not of {self.arch} (whose "
+                                "sparsity comes from its coefficient)")
+        if self.groups is not None:
+            self.groups = tuple(float(g) for g in self.groups)
+            if self.arch != "matryoshka":
+                raise PipelineError(f"groups is a Matryoshka setting, not one of {self.arch}")
+        if self.arch == "matryoshka":
+            self.group_sizes  # noqa: B018  (checks the groups)
         for name, value, allowed in (("norm", self.norm, NORMS), ("b_dec_init", self.b_dec_init, B_DEC_INITS),
                                      ("mse", self.mse, MSE_REDUCTIONS)):
             if value not in allowed:
@@ -139,7 +162,7 @@ class SAEConfig:
                 raise PipelineError(f"{name}={getattr(self, name)} must be positive (or none)")
         if self.betas is not None and not all(0 <= b < 1 for b in self.betas):
             raise PipelineError(f"betas={self.betas} must each lie in [0, 1)")
-        if self.span is not None and (self.arch != "batchtopk" or self.span < 1):
+        if self.span is not None and (self.arch not in BATCH_ARCHS or self.span < 1):
             raise PipelineError(f"span={self.span}: a BatchTopK setting, a positive number of tokens per selection "
                                 f"(this SAE is {self.arch}; leave span unset for the whole batch)")
         if self.aux_batch and self.arch not in K_ARCHS:
@@ -151,6 +174,23 @@ class SAEConfig:
             raise PipelineError(f"aux_k={self.aux_k} must be at least 1 and aux_coeff={self.aux_coeff} at least 0")
 
     @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """A Matryoshka SAE's groups in latents (fractions: each rounded down, the last one taking the rest)."""
+        g, m = self.groups or MATRYOSHKA_GROUPS, self.d_sae
+        if all(v == int(v) for v in g) and sum(g) == m:
+            sizes = tuple(int(v) for v in g)
+        elif all(0 < v <= 1 for v in g) and abs(sum(g) - 1) < 1e-6:
+            sizes = tuple(int(v * m) for v in g[:-1])
+            sizes += (m - sum(sizes),)
+        else:
+            raise PipelineError(f"groups={'/'.join(f'{v:g}' for v in g)}: Matryoshka groups are latent counts summing "
+                                f"to the dictionary size ({m}) or fractions summing to 1")
+        if min(sizes) < 1:
+            raise PipelineError(f"groups={'/'.join(f'{v:g}' for v in g)} leave a group of {m} latents empty; each "
+                                "group needs at least one latent")
+        return sizes
+
+    @property
     def name(self) -> str:
         """A directory name: the architecture's identity, then every other setting that is not the default."""
         if self.arch in K_ARCHS:
@@ -159,7 +199,7 @@ class SAEConfig:
             target = f"t{self.target_l0:g}_" if self.target_l0 is not None else ""
             base = f"jumprelu_{target}l{self.l0_coeff:g}_i{self.jumprelu_init_l0:g}_m{self.d_sae}"
         else:
-            base = f"relu_l{self.l1_coeff:g}_m{self.d_sae}"
+            base = f"{self.arch}_l{self.l1_coeff:g}_m{self.d_sae}"
         label = recipe_label(self.changed(keep_replicate=True))
         return f"{base}_{label}" if label else base
 
@@ -286,6 +326,9 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d))
         if cfg.arch == "jumprelu":
             self.log_threshold = nn.Parameter(torch.full((m,), math.log(0.001)))
+        if cfg.arch == "gated":  # the magnitude path: W_enc scaled per latent by exp(r_mag), its own bias
+            self.r_mag = nn.Parameter(torch.zeros(m))
+            self.b_mag = nn.Parameter(torch.zeros(m))
         # batchtopk: the global inference threshold (estimated after training)
         self.register_buffer("theta", torch.zeros(()))
         # global norm: raw activations are multiplied by this before encoding (1 once saved: folded in)
@@ -314,7 +357,7 @@ class SAE(nn.Module):
     @property
     def modes(self) -> tuple[str, ...]:
         """Inference modes to measure: BatchTopK both ways (threshold first, its inference mode)."""
-        return ("threshold", "batch") if self.cfg.arch == "batchtopk" else ("threshold",)
+        return ("threshold", "batch") if self.cfg.arch in BATCH_ARCHS else ("threshold",)
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -337,6 +380,8 @@ class SAE(nn.Module):
             return topk_code(pre, self.cfg.k)
         if a == "jumprelu":
             return Code.from_dense(jumprelu(pre, self.threshold, self.eps))
+        if a == "gated":
+            return Code.from_dense(gated(pre, self.b_enc, self.r_mag, self.b_mag))
         return Code.from_dense(pre.relu())
 
     def decode_code(self, code: Code) -> torch.Tensor:
@@ -396,6 +441,8 @@ def with_activation(sae: SAE, arch: str) -> SAE:
 
 # ---------------------------------------------------------------- SAELens on-disk format
 WEIGHTS_FILE = "sae_weights.safetensors"
+EXPORT = {"batchtopk": "jumprelu", "topk": "topk", "quantile": "jumprelu", "matryoshka": "jumprelu",
+          "jumprelu": "jumprelu", "relu": "standard", "gated": "gated"}  # each architecture's SAELens one
 CFG_FILE = "cfg.json"
 
 
@@ -404,8 +451,9 @@ def save_sae(sae: SAE, directory: Path, metadata: dict[str, Any]) -> None:
 
     A global input scale s is folded in: W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s
     (pre-activations, and so thresholds, are unchanged). Token standardisation is SAELens's
-    `layer_norm`. BatchTopK is exported as SAELens's `jumprelu` with theta in every latent; ReLU
-    as `standard`; a centred encoder sets `apply_b_dec_to_input`.
+    `layer_norm`. BatchTopK (and quantile, Matryoshka) is exported as SAELens's `jumprelu` with theta in
+    every latent; ReLU as `standard`; Gated as `gated` (b_enc is its b_gate); a centred encoder sets
+    `apply_b_dec_to_input`.
     """
     cfg = sae.cfg
     directory.mkdir(parents=True, exist_ok=True)
@@ -413,9 +461,13 @@ def save_sae(sae: SAE, directory: Path, metadata: dict[str, Any]) -> None:
     W_enc = (sae.W_enc.detach().float() * s).contiguous()
     W_dec = (sae.W_dec.detach().float() / s).contiguous()
     b_dec = (sae.b_dec.detach().float() / s).contiguous()
-    tensors = {"W_enc": W_enc, "b_enc": sae.b_enc.detach().float().contiguous(), "W_dec": W_dec, "b_dec": b_dec}
-    export = {"batchtopk": "jumprelu", "topk": "topk", "quantile": "jumprelu", "jumprelu": "jumprelu",
-              "relu": "standard"}[cfg.arch]
+    b_enc = sae.b_enc.detach().float().contiguous()
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    export = EXPORT[cfg.arch]
+    if cfg.arch == "gated":
+        del tensors["b_enc"]
+        tensors |= {"b_gate": b_enc, "r_mag": sae.r_mag.detach().float().contiguous(),
+                    "b_mag": sae.b_mag.detach().float().contiguous()}
     if cfg.arch in THETA_ARCHS:
         tensors["threshold"] = torch.full((cfg.d_sae,), float(sae.theta))
     elif cfg.arch == "jumprelu":
@@ -474,8 +526,12 @@ def load_sae(directory: str | Path, device: str = "cpu") -> tuple[SAE, dict[str,
         if want is not None and hashlib.blake2b(blob, digest_size=16).hexdigest() != want:
             raise ValueError(f"its bytes do not match the digest in {CFG_FILE}")
         tensors = {k: v.to(device) for k, v in safetensors_load(blob).items()}
+        if cfg.arch == "gated":
+            tensors["b_enc"] = tensors.pop("b_gate")
         shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
                   "b_dec": (cfg.d_in,)}
+        if cfg.arch == "gated":
+            shapes |= {"r_mag": (cfg.d_sae,), "b_mag": (cfg.d_sae,)}
         bad = [n for n, shape in shapes.items() if tuple(tensors[n].shape) != shape]
         if bad:
             raise ValueError(f"{', '.join(bad)} not of the shape cfg.json gives")
@@ -490,4 +546,7 @@ def load_sae(directory: str | Path, device: str = "cpu") -> tuple[SAE, dict[str,
             sae.theta.fill_(float(tensors["threshold"][0]))
         elif cfg.arch == "jumprelu":
             sae.log_threshold.copy_(tensors["threshold"].clamp_min(1e-30).log())
+        elif cfg.arch == "gated":
+            sae.r_mag.copy_(tensors["r_mag"])
+            sae.b_mag.copy_(tensors["b_mag"])
     return sae.eval(), meta

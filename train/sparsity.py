@@ -304,6 +304,14 @@ class _Step(torch.autograd.Function):
         return None, (-(1.0 / eps) * _rect((z - theta) / eps) * g).sum_to_size(theta.shape), None
 
 
+def gated(pre: torch.Tensor, b_gate: torch.Tensor, r_mag: torch.Tensor, b_mag: torch.Tensor) -> torch.Tensor:
+    """A Gated SAE's latents from its gate's pre-activations pre = x W_enc + b_gate: H(pre) times
+    relu(x W_enc · exp(r_mag) + b_mag) (the magnitude path shares W_enc). Works on [n, m] and [S, n, m]
+    (parameters [m] or [S, 1, m])."""
+    mag = (pre - b_gate) * r_mag.exp() + b_mag
+    return (pre > 0).to(pre.dtype) * mag.relu()
+
+
 def jumprelu(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
     return _JumpReLU.apply(z, theta, bandwidth)
 

@@ -19,6 +19,7 @@ Where the one-SAE code made a data-dependent choice, the stack makes a fixed-sha
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,18 @@ from torch import nn
 
 from batchtopk.core import distributed
 
-from .sae import DENSE_DECODE_ABOVE, K_ARCHS, NMSE, QUANTILE_CAPACITY, SAE, SAEConfig, autocast, standardize
+from .sae import (
+    BATCH_ARCHS,
+    DENSE_DECODE_ABOVE,
+    K_ARCHS,
+    L1_ARCHS,
+    NMSE,
+    QUANTILE_CAPACITY,
+    SAE,
+    SAEConfig,
+    autocast,
+    standardize,
+)
 from .sparsity import (
     KeptPre,
     MaskedBlock,
@@ -35,6 +47,7 @@ from .sparsity import (
     batch_topk_hinted,
     count,
     decode_pairs,
+    gated,
     jumprelu,
     span_topk,
     step,
@@ -59,6 +72,7 @@ class StackKey:
     aux_norm: bool
     aux_batch: bool       # (Batch)TopK: the auxiliary loss selects across the batch
     span: int | None      # BatchTopK: tokens per selection (None: the whole batch)
+    groups: tuple[int, ...] | None  # Matryoshka: its groups' sizes
     target: bool          # JumpReLU: a target-L0 penalty (or a plain L0 one)
     preact: bool          # JumpReLU: with Anthropic's pre-activation loss
 
@@ -66,8 +80,8 @@ class StackKey:
     def of(cls, c: SAEConfig) -> StackKey:
         sparse = c.arch in K_ARCHS
         return cls(c.arch, c.d_in, c.d_sae, c.k if sparse else None, c.aux_k if sparse else 0, c.norm, c.center,
-                   c.mse, c.aux_norm if sparse else False, c.aux_batch, c.span, c.target_l0 is not None,
-                   c.preact_coeff > 0)
+                   c.mse, c.aux_norm if sparse else False, c.aux_batch, c.span,
+                   c.group_sizes if c.arch == "matryoshka" else None, c.target_l0 is not None, c.preact_coeff > 0)
 
 
 def stack_configs(cfgs: list[SAEConfig], size: int | None = None) -> list[list[int]]:
@@ -99,6 +113,9 @@ class SAEStack(nn.Module):
         self.b_dec = nn.Parameter(stack("b_dec").clone())
         if self.key.arch == "jumprelu":
             self.log_threshold = nn.Parameter(stack("log_threshold").clone())
+        if self.key.arch == "gated":
+            self.r_mag = nn.Parameter(stack("r_mag").clone())
+            self.b_mag = nn.Parameter(stack("b_mag").clone())
         self.register_buffer("input_scale", stack("input_scale").clone())
         dev = self.W_enc.device
 
@@ -114,7 +131,7 @@ class SAEStack(nn.Module):
         self.register_buffer("grad_clip", per_sae([c.grad_clip if c.grad_clip else inf for c in cfgs]))
         self.register_buffer("aux_coeff", per_sae([c.aux_coeff for c in cfgs]))
         self.register_buffer("dead_tokens", per_sae([c.dead_tokens for c in cfgs], torch.long))
-        base = {"jumprelu": [c.l0_coeff for c in cfgs], "relu": [c.l1_coeff for c in cfgs]}
+        base = {"jumprelu": [c.l0_coeff for c in cfgs]} | {a: [c.l1_coeff for c in cfgs] for a in L1_ARCHS}
         self.register_buffer("coeff", per_sae(base.get(self.key.arch, [0.0] * len(cfgs))))
         self.register_buffer("target_l0", per_sae([c.target_l0 or 1.0 for c in cfgs]))
         self.register_buffer("preact_coeff", per_sae([c.preact_coeff for c in cfgs]))
@@ -142,6 +159,9 @@ class SAEStack(nn.Module):
                 getattr(sae, name).copy_(getattr(self, name)[i])
             if self.key.arch == "jumprelu":
                 sae.log_threshold.copy_(self.log_threshold[i])
+            if self.key.arch == "gated":
+                sae.r_mag.copy_(self.r_mag[i])
+                sae.b_mag.copy_(self.b_mag[i])
             if self.key.arch == "quantile":  # its training threshold (finish sets the inference θ)
                 sae.theta.fill_(float(self.threshold[i].clamp_min(0)))
         return sae
@@ -171,7 +191,7 @@ class SAEStack(nn.Module):
         return f.clamp(0.0, 1.0).float()
 
     def sparsity_coeff(self, step: torch.Tensor, total: int) -> torch.Tensor:
-        """Each SAE's L0 (JumpReLU) or L1 (ReLU) coefficient at a (device) step, ramped up from 0 over the
+        """Each SAE's L0 (JumpReLU) or L1 (ReLU, Gated) coefficient at a (device) step, ramped up from 0 over the
         first `sparsity_warmup` of training."""
         w = self.sparsity_warmup.double()
         ramp = torch.clamp((step.double() + 1) / (w * total), max=1.0)
@@ -205,13 +225,14 @@ class SAEStack(nn.Module):
             xe = x_enc.detach()
             with torch.no_grad():
                 pre = torch.baddbmm(self.b_enc[:, None, :], xe, self.W_enc)
-                idx = (self._batch_topk(pre) if key.arch == "batchtopk" else topk_rows(pre, key.k)
+                idx = (self._batch_topk(pre) if key.arch in BATCH_ARCHS else topk_rows(pre, key.k)
                        if key.arch == "topk" else self._quantile_pairs(pre))
             # relu: a pair keeps value 0 where fewer than n·k (TopK: k) pre-activations are positive
             vals = KeptPre.apply(pre, xe, self.W_enc, self.b_enc, shift, idx).relu()
             if key.arch == "quantile":  # the pairs above the threshold (the first batch: its own quantile)
                 theta = torch.where(torch.isfinite(self.threshold), self.threshold, self.batch_quantile)
                 vals = vals * (vals.detach() > theta[:, None])
+            dense = None
             if idx.shape[1] > DENSE_DECODE_ABOVE * key.d_sae * n:
                 dense = torch.zeros(pre.shape, dtype=vals.dtype, device=vals.device)
                 dense = dense.view(self.size, -1).scatter(1, idx, vals).view(pre.shape)
@@ -220,11 +241,19 @@ class SAEStack(nn.Module):
                 x_hat = decode_pairs(idx, vals, self.W_dec, n) + self.b_dec[:, None, :]
             code = (idx, vals)
             out["mse"] = self._mse(x_hat - x_in)
+            if key.groups is not None:
+                out["prefix_mse"] = self._prefix_mse(idx, vals, dense, x_in)
             out["aux"] = self._aux(pre, xe, shift, since_fired, (x_in - x_hat).detach())
         else:
             pre = torch.baddbmm(self.b_enc[:, None, :], x_enc, self.W_enc)
             unit = key.d_in if key.mse == "sum" else 1  # coefficients weigh against the per-element MSE
-            if key.arch == "jumprelu":
+            if key.arch == "gated":  # the gate's own reconstruction through the frozen decoder fits x too
+                f = gated(pre, self.b_enc[:, None, :], self.r_mag[:, None, :], self.b_mag[:, None, :])
+                gate = pre.relu()
+                out["sparsity"] = unit * coeff * gate.sum(-1).mean(-1)
+                x_gate = torch.bmm(gate, self.W_dec.detach()) + self.b_dec.detach()[:, None, :]
+                out["aux"] = self._mse(x_gate - x_in)
+            elif key.arch == "jumprelu":
                 theta = self.log_threshold.exp()[:, None, :]
                 eps = self.eps[:, None, None]
                 f = jumprelu(pre, theta, eps)
@@ -241,6 +270,20 @@ class SAEStack(nn.Module):
             out["mse"] = self._mse(x_hat - x_in)
         out["loss"] = sum(out.values())
         return out, x_in, x_hat.detach(), code
+
+    def _prefix_mse(self, idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor | None,
+                    x_in: torch.Tensor) -> torch.Tensor:
+        """Matryoshka: the summed MSEs of the reconstructions by each proper prefix of the dictionary (its first
+        group, its first two, ...; the whole dictionary's is `mse`), from the same kept pairs (or dense code)."""
+        m, n = self.key.d_sae, x_in.shape[1]
+        total = torch.zeros(self.size, device=x_in.device)
+        for end in itertools.accumulate(self.key.groups[:-1]):
+            if dense is not None:
+                part = torch.bmm(dense[..., :end], self.W_dec[:, :end])
+            else:
+                part = decode_pairs(idx, vals * (idx % m < end), self.W_dec, n)
+            total = total + self._mse(part + self.b_dec[:, None, :] - x_in)
+        return total
 
     def _batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
         """The n·k largest pre-activations of each SAE (exact; see `hinted`), or with a span the span·k largest
@@ -448,7 +491,7 @@ class StackTrainer:
             fired, nnz = self._fired(code)
             distributed.all_reduce_(fired)
             st.since_fired.copy_(torch.where(fired > 0, 0, st.since_fired + n * self.world))
-            if stack.key.arch == "batchtopk":  # the running θ over the last steps: each batch's smallest kept value
+            if stack.key.arch in BATCH_ARCHS:  # the running θ over the last steps: each batch's smallest kept value
                 vals = code[1]
                 mn = torch.where(vals > 0, vals, torch.inf).amin(1).double()
                 use = (step_t >= self.theta_from) & torch.isfinite(mn)
@@ -479,7 +522,7 @@ class StackTrainer:
             mi = {k: float(v) for k, v in zip(names, agg[:, i])}
             mi.update(nmse=err.value, l0=float(agg[-1, i]) / (n * self.world),
                       dead=int((st.since_fired[i] >= stack.dead_tokens[i]).sum()), lr_factor=float(f[i]))
-            if stack.key.arch in ("jumprelu", "relu"):
+            if stack.key.arch in ("jumprelu", *L1_ARCHS):
                 mi["sparsity_coeff"] = float(coeff[i])
             if float(st.theta_n[i]):
                 mi["theta_running"] = float(st.theta_sum[i] / st.theta_n[i])

@@ -18,7 +18,7 @@ from typing import Any
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.options import declared, option_name, setting
 
-from .sae import ARCHS, K_ARCHS, SAEConfig
+from .sae import ARCHS, BATCH_ARCHS, K_ARCHS, L1_ARCHS, SAEConfig
 
 ALIASES = {"init_l0": "jumprelu_init_l0"}
 
@@ -31,10 +31,10 @@ class Grid:
     seeds: int = setting(1, "Seeds (replicates 0..n-1) of every SAE, trained in the same pass.", metavar="N")
 ONLY_FOR = {
     "k": K_ARCHS, "aux_k": K_ARCHS, "aux_coeff": K_ARCHS, "aux_norm": K_ARCHS, "aux_batch": K_ARCHS,
-    "dead_tokens": K_ARCHS, "span": ("batchtopk",), "quantile_rate": ("quantile",),
+    "dead_tokens": K_ARCHS, "span": BATCH_ARCHS, "quantile_rate": ("quantile",), "groups": ("matryoshka",),
     "l0_coeff": ("jumprelu",), "target_l0": ("jumprelu",), "jumprelu_init_l0": ("jumprelu",),
     "threshold_lr": ("jumprelu",), "bandwidth": ("jumprelu",), "preact_coeff": ("jumprelu",),
-    "l1_coeff": ("relu",), "sparsity_warmup": ("jumprelu", "relu"),
+    "l1_coeff": L1_ARCHS, "sparsity_warmup": ("jumprelu", *L1_ARCHS),
 }
 FIELDS = {f.name: f for f in fields(SAEConfig)}
 GRID_KEYS = tuple(k for k in FIELDS if k not in ("arch", "d_in", "d_sae")) + ("arch", "dict", "seeds", *ALIASES)
@@ -82,7 +82,7 @@ def _coerce(key: str, v: Any) -> Any:
             raise ValueError(v)
         if kind.startswith("tuple"):
             parts = v if isinstance(v, (list, tuple)) else str(v).replace(":", "/").split("/")
-            if len(parts) != 2:
+            if key == "betas" and len(parts) != 2:
                 raise ValueError(v)
             return tuple(float(p) for p in parts)
         if kind.startswith("int"):
@@ -95,8 +95,9 @@ def _coerce(key: str, v: Any) -> Any:
 
 
 def _values(key: str, value: Any) -> list:
-    """A grid entry -> its list of values (betas: a pair is one value, a list of pairs a grid)."""
-    if key == "betas" and isinstance(value, (list, tuple)) and value and not isinstance(value[0], (list, tuple, str)):
+    """A grid entry -> its list of values (betas, groups: a list of numbers is one value, a list of lists a grid)."""
+    if key in ("betas", "groups") and isinstance(value, (list, tuple)) and value and not isinstance(
+            value[0], (list, tuple, str)):
         return [_coerce(key, value)]
     vals = _split(value) if not isinstance(value, bool) else [value]
     return [_coerce(key, v) for v in vals]
@@ -145,6 +146,12 @@ def sweep_from(train: dict[str, Any], cli: dict[str, Any], d_in: int) -> list[di
         grids = [common | g | recipe for g in train["sweep"]]
     else:
         grids = [common | {k: train[k] for k in SELECTION if k in train} | select | recipe]
+    archs = {a for g in grids for a in _split(g.get("arch", "batchtopk"))}
+    for key in given:  # a setting the command line gives that none of the run's SAEs has
+        allowed = ONLY_FOR.get(ALIASES.get(key, key), ARCHS)
+        if archs <= set(ARCHS) and not archs & set(allowed):
+            raise PipelineError(f"{key} is a setting of {', '.join(allowed)} SAEs; this run trains "
+                                f"{', '.join(sorted(archs))} (drop {key}, or choose an architecture that has it)")
     saes = [c for g in grids for c in expand(g, d_in)]
     for c in saes:
         try:
