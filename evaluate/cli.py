@@ -9,7 +9,7 @@ from batchtopk.core import pipelines
 from batchtopk.core.errors import PipelineError, one_line_errors
 from batchtopk.core.options import Command, Group, build, options
 
-from .settings import BrowseSettings, EvalSettings
+from .settings import AbsorptionSettings, BrowseSettings, EvalSettings
 
 PIPELINE = click.option("--pipeline", help="Named settings from pipelines.yaml (default: its `default`).")
 SAES = click.option("--sae", "sae_dirs", multiple=True,
@@ -76,6 +76,25 @@ def browse(pipeline: str | None, sae_dirs: tuple[str, ...], **given) -> None:
         click.echo(str(sites[-1]))
     if len(sites) > 1:  # last line: one page linking them all
         click.echo(str(write_overview(sites, pipelines.DATA_DIR / "browse" / name, name)))
+
+
+@main.command(cls=Command)
+@PIPELINE
+@SAES
+@options(AbsorptionSettings)
+@one_line_errors
+def absorption(pipeline: str | None, sae_dirs: tuple[str, ...], **given) -> None:
+    """Feature absorption by SAEBench's first-letter method (offline: the model and the SAE only).
+
+    Writes absorption.json beside each SAE (the absorption rates, the probe's own accuracy and whether it can be
+    trusted on this model and layer) and prints their paths.
+    """
+    from .absorption import measure
+
+    name, _ = pipelines.get(pipeline)
+    s = build(AbsorptionSettings, given)
+    for path in measure(list(sae_dirs) or latest_saes(name, "absorption"), s.words, s.device):
+        click.echo(str(path))
 
 
 def latest_saes(pipeline: str, command: str) -> list[str]:

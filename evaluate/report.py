@@ -45,10 +45,42 @@ def load_metrics(dirs: list[str]) -> list[dict[str, Any]]:
                 r["include_bos"] = not r.get("exclude_bos", True)
                 r["outlier_norm_above"] = r.get("exclude_outliers_norm_above")
             r["dead_in_training"] = dead_in_training(Path(d), r["d_sae"])
+            r |= absorption_of(Path(d))
             rows.append(r)
     if not rows:
         raise PipelineError("no evaluated SAEs (metrics.json) found; run `make eval` first")
     return rows
+
+
+def absorption_of(d: Path) -> dict[str, Any]:
+    """The SAE's absorption.json (`python -m evaluate absorption`) in brief, when it has one."""
+    from .absorption import ABSORPTION_FILE
+
+    p = d / ABSORPTION_FILE
+    if not p.exists():
+        return {}
+    a = json.loads(p.read_text())
+    return {"absorption_fraction": a["mean_absorption_fraction"], "full_absorption": a["mean_full_absorption"],
+            "absorption": {"letters": a["letters"], "trusted": a["trusted"],
+                           "probe_accuracy": a["probe"]["probe_accuracy"], "words": a["probe"]["words"],
+                           "mean_main_latents": a["mean_main_latents"]}}
+
+
+def absorption_table(gs: list[Group]) -> list[str]:
+    """Absorption by configuration, with the probe's own accuracy and whether it can be trusted."""
+    gs = [g for g in gs if all(r.get("absorption") for r in g.rows)]
+    if not gs:
+        return []
+    lines = ["| configuration | arch | k | dict | seeds | absorption fraction | full absorption | main latents per "
+             "letter | letters scored | probe accuracy | trusted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in gs:
+        a = g.first["absorption"]
+        main = statistics.fmean(r["absorption"]["mean_main_latents"] or 0 for r in g.rows)
+        lines.append(f"| {g.config} | {g.arch} | {g.first.get('k') or '–'} | {g.first['d_sae']} | {len(g.rows)} | "
+                     f"{g.fmt('absorption_fraction', digits=3)} | {g.fmt('full_absorption', digits=3)} | {main:.2f} | "
+                     f"{min(r['absorption']['letters'] for r in g.rows)} | {a['probe_accuracy']:.3f} | "
+                     f"{'yes' if all(r['absorption']['trusted'] for r in g.rows) else 'no'} |")
+    return lines
 
 
 def dead_in_training(d: Path, d_sae: int) -> dict[str, float] | None:
@@ -70,7 +102,8 @@ def dead_in_training(d: Path, d_sae: int) -> dict[str, float] | None:
 def value(row: dict, metric: str, mode: str | None = None) -> float:
     """A metric of one SAE (in a mode of BatchTopK's when given); NaN where it was not measured."""
     src = row["modes"][mode] if mode and mode in row.get("modes", {}) else row
-    return float(src.get(metric, float("nan")))
+    v = src.get(metric)
+    return float("nan") if v is None else float(v)
 
 
 @dataclass
@@ -471,6 +504,13 @@ def write_report(pipeline: str, dirs: list[str], out: str | None = None) -> Path
                   "with BatchTopK's batch top-(n·k) and with a θ estimated for them as BatchTopK's is (on the "
                   "calibration sequences), BatchTopK SAEs with k per token. NMSE (its change from the SAE's own, "
                   "paired over seeds) / CE degradation.", "", *swapped]
+    absorbed = absorption_table(gs)
+    if absorbed:
+        lines += ["", "## Feature absorption (first letters)", "",
+                  "SAEBench's first-letter method (`python -m evaluate absorption`): the share of a word's "
+                  "first-letter feature carried by latents other than the letter's main ones, and how often one latent "
+                  "carries it all; letters whose probe reaches F1 0.6 on held-out words are scored, and the "
+                  "measurement is trusted only with 20 of them. Lower is better.", "", *absorbed]
     lines += ["", "## Every SAE", "",
               "| SAE | arch | k | dict | seed | " + " | ".join(TABLE_KEYS) + " |",
               "|" + "---|" * (5 + len(TABLE_KEYS))]
@@ -491,7 +531,8 @@ SUMMARY_FILE = "summary.json"
 SUMMARY_KEYS = ("name", "config", "architecture", "k", "d_sae", "replicate", "recipe", "l0_coeff", "target_l0",
                 "l1_coeff", "theta_estimator", "heldout_l0", "training_tokens", "eval_tokens", "eval_source", "model",
                 "site", "pipeline", "cache_id", "include_bos", "outlier_norm_above", "mode", "lr", *TABLE_KEYS,
-                "standardized_mse", "n_tokens", "dead_in_training")
+                "standardized_mse", "n_tokens", "dead_in_training", "absorption_fraction", "full_absorption",
+                "absorption")
 
 
 def summary_row(r: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from batchtopk.cache.split import Rows, Split, heldout_sequences
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.pipelines import DATA_DIR
 from batchtopk.harvest import models
-from batchtopk.train.sae import SAE, SWAPPABLE, autocast, load_sae, with_activation
+from batchtopk.train.sae import L1_ARCHS, SAE, SWAPPABLE, autocast, load_sae, with_activation
 from batchtopk.train.settings import TrainSettings
 from batchtopk.train.theta import estimate_theta
 
@@ -236,7 +236,7 @@ def evaluate(s: EvalSettings) -> list[Path]:
             out = {"architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae,
                    "l0_coeff": cfg.l0_coeff if cfg.arch == "jumprelu" else None,
                    "target_l0": cfg.target_l0 if cfg.arch == "jumprelu" else None,
-                   "l1_coeff": cfg.l1_coeff if cfg.arch == "relu" else None,
+                   "l1_coeff": cfg.l1_coeff if cfg.arch in L1_ARCHS else None,
                    # the SAE's settings without its replicate: replicates of one config share it
                    "config": replace(cfg, replicate=0).name, "replicate": cfg.replicate,
                    "recipe": cfg.changed(),  # the settings beyond the name's that differ from the defaults

@@ -47,3 +47,15 @@ class BrowseSettings:
     batch_tokens: int = setting(4096, cli=False)
     device: str | None = setting(None, "cuda or cpu (default: CUDA when present).")
     pipeline: str | None = setting(None, cli=False)
+
+
+@dataclass
+class AbsorptionSettings:
+    words: int = setting(4000, "Whole-word tokens of the vocabulary to probe (a fifth of them held out).")
+    device: str | None = setting(None, "cuda or cpu (default: CUDA when present).")
+
+    def __post_init__(self) -> None:
+        from .absorption import MIN_WORDS
+
+        if self.words < MIN_WORDS:
+            raise PipelineError(f"--words {self.words}: the first-letter probe needs at least {MIN_WORDS} words")
