@@ -17,7 +17,7 @@ EVAL_ARGS    = $(COMMON) $(call flag,SAE,sae) $(call flag,TOKENS,tokens)
 # NPROC=n runs a stage under torchrun (gloo on CPU, NCCL on GPUs).
 launch = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC) -m batchtopk.$(1),$(PY) -m batchtopk.$(1))
 
-.PHONY: setup test test-fast docs demo harvest train eval report browse bench peers push pull paper pipeline-run clean
+.PHONY: setup test test-fast docs demo harvest train eval report browse absorption bench peers push pull paper pipeline-run clean
 setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -51,6 +51,9 @@ report: setup
 # A static latent browser per SAE (opens from disk); prints each index.html.
 browse: setup
 	$(PY) -m batchtopk.evaluate browse $(EVAL_ARGS)
+
+absorption: setup
+	$(PY) -m batchtopk.evaluate absorption $(COMMON) $(call flag,SAE,sae)
 
 # The whole pipeline on the embedded default: SmolLM2-135M on WikiText-2.
 demo: setup

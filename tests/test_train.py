@@ -325,6 +325,8 @@ def test_run_id_counts_every_sae_field_with_its_default():
     assert len({rid(), rid(dead_tokens=1), rid(aux_coeff=0.5), rid(aux_k=8)}) == 4
     saes = TrainSettings(cache="c", saes=[{"arch": "topk", "k": 4, "d_sae": 64}], out="o").identity()["saes"]
     assert saes[0]["dead_tokens"] == 8192 and "d_in" not in saes[0]
+    # a field added later (declared identity=IF_SET: Matryoshka's groups) leaves the earlier runs' ids as they were
+    assert rid() == rid(groups=None) == "topk_k4_m64-c69b65a542" and "groups" not in saes[0]
 
 
 def test_dead_latent_window_defaults_by_architecture():

@@ -36,7 +36,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from batchtopk.core.errors import PipelineError
-from batchtopk.core.options import RECIPE, setting
+from batchtopk.core.options import IF_SET, RECIPE, setting
 
 from .sparsity import Code, batch_topk_code, gated, jumprelu, sparse_decode, topk_code
 
@@ -64,7 +64,8 @@ LN_EPS = 1e-5              # token standardisation: (x - mean) / (std + eps), as
 @dataclass
 class SAEConfig:
     """Architecture and training recipe of one SAE. Every field is a sweep key (pipelines.yaml grids,
-    `--set KEY=VALUES`); those with an option of their own are listed by `python -m train --help`."""
+    `--set KEY=VALUES`); those with an option of their own are listed by `python -m train --help`. A field
+    added later is declared identity=IF_SET, so that the runs trained before it keep their identity."""
 
     arch: str = setting(help=f"Architecture(s), comma-separated: {', '.join(ARCHS)}.", metavar="ARCHS")
     d_in: int = setting(cli=False)
@@ -108,7 +109,7 @@ class SAEConfig:
     groups: tuple[float, ...] | None = setting(
         None, "Matryoshka: the nested groups, as latents summing to the dictionary size or fractions summing to 1, "
         "separated by / (default: 1/16, 1/16, 1/8, 1/4 and 1/2 of the dictionary, its authors' spacing).",
-        group=RECIPE, cli=False)
+        group=RECIPE, cli=False, identity=IF_SET)
     span: int | None = setting(None, "BatchTopK: tokens per selection, the span·k largest within each group of span "
                                "tokens of a batch (1: TopK's constraint; default: the whole batch).", group=RECIPE,
                                cli=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from batchtopk.cache.split import HELDOUT_LAYOUTS
@@ -66,8 +66,11 @@ class TrainSettings:
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run. Each SAE counts with every field of its configuration,
-        defaults included, so a change of defaults makes a new run."""
-        saes = [{k: v for k, v in asdict(SAEConfig(d_in=1, **c)).items() if k != "d_in"} for c in self.saes]
+        defaults included, so a change of defaults makes a new run; fields added later (identity=IF_SET)
+        count only when set, so that adding one leaves the runs before it as they were."""
+        later = {f.name: f.default for f in fields(SAEConfig) if f.metadata.get("identity") == IF_SET}
+        saes = [{k: v for k, v in asdict(SAEConfig(d_in=1, **c)).items()
+                 if k != "d_in" and not (k in later and v == later[k])} for c in self.saes]
         return {"cache_id": None, "saes": saes, **identity(self)}
 
 
