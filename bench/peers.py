@@ -5,15 +5,21 @@ global input scale: mean norm sqrt(d)) for the same number of steps, and every S
 the same held-out rows. Peers run with their own defaults; step-count defaults written for long
 runs (warm-up, threshold start) are scaled to this budget and recorded in each record's settings.
 
-- dictionary_learning 0.1.0 (PyPI): its BatchTopKTrainer, TopKTrainer and JumpReluTrainer, loaded
-  by file path from a private install under data/peers/ (never imported into the product).
-- SAELens (a test dependency): its BatchTopK / TopK / JumpReLU training SAEs driven by its own
-  SAETrainer (Adam 0.9/0.999, gradient norm clipped at 1, its dead-latent window).
+- dictionary_learning 0.1.0 (PyPI): its BatchTopKTrainer, TopKTrainer, JumpReluTrainer,
+  MatryoshkaBatchTopKTrainer and GatedSAETrainer, loaded by file path from a private install under
+  data/peers/ (never imported into the product).
+- SAELens (a test dependency): its BatchTopK / TopK / JumpReLU / Matryoshka BatchTopK training SAEs
+  driven by its own SAETrainer (Adam 0.9/0.999, gradient norm clipped at 1, its dead-latent window).
+
+Matryoshka runs with our default groups in every implementation. Gated has no k: each implementation
+trains it at every L1 coefficient of GATED_L1 and its NMSE is read at L0 = k, interpolated (log-log)
+between the two coefficients whose L0 bracket k.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import math
 import statistics
 import subprocess
@@ -31,7 +37,7 @@ from batchtopk.cache.format import Cache
 from batchtopk.cache.split import Rows, Split
 from batchtopk.core.pipelines import DATA_DIR
 from batchtopk.train.recipe import JUMPRELU_TARGET_RECIPE
-from batchtopk.train.sae import NMSE, load_sae, standardized_mse
+from batchtopk.train.sae import BATCH_ARCHS, MATRYOSHKA_GROUPS, NMSE, SAEConfig, load_sae, standardized_mse
 from batchtopk.train.settings import TrainSettings
 from batchtopk.train.stream import ActivationStream
 from batchtopk.train.trainer import Trainer
@@ -115,6 +121,24 @@ def score(rec: Reconstruct, x: torch.Tensor, batch_size: int, scale: float,
     return out
 
 
+def at_l0(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Scores of runs at several sparsity coefficients (one seed) read at L0 = target: NMSE and the
+    standardised MSE interpolated linearly in log L0 / log NMSE between the two runs whose L0 bracket the
+    target, the other scores from the nearer of them; NaN where no two runs bracket it."""
+    runs = sorted(runs, key=lambda r: r["l0"])
+    for lo, hi in zip(runs, runs[1:]):
+        if lo["l0"] <= target <= hi["l0"] and lo["l0"] > 0:
+            w = (math.log(target) - math.log(lo["l0"])) / max(1e-12, math.log(hi["l0"]) - math.log(lo["l0"]))
+            near = lo if w <= 0.5 else hi
+            out = dict(near) | {"l0": float(target), "l0_bracket": [lo["l0"], hi["l0"]],
+                                "coeff_bracket": [lo["coeff"], hi["coeff"]]}
+            for key in ("nmse", "standardized_mse"):
+                out[key] = math.exp((1 - w) * math.log(lo[key]) + w * math.log(hi[key]))
+            return out
+    return dict(runs[0]) | {"nmse": math.nan, "standardized_mse": math.nan, "l0": float(target),
+                            "l0_bracket": [r["l0"] for r in runs], "coeff_bracket": None}
+
+
 def _dense_rec(encode: Callable[[torch.Tensor], torch.Tensor],
                decode: Callable[[torch.Tensor], torch.Tensor]) -> Reconstruct:
     def rec(x):
@@ -125,11 +149,15 @@ def _dense_rec(encode: Callable[[torch.Tensor], torch.Tensor],
 
 # ---------------------------------------------------------------- ours
 def train_ours(b: Budget, arch: str, m: int, k: int, seeds: int, out: Path) -> dict[str, list[dict]]:
-    """One pass of our trainer for all seeds; scored in batch and threshold mode."""
-    cfgs = [{"arch": arch, "d_sae": m, "replicate": r} | ({"k": k} if arch in ("batchtopk", "topk") else
-                                                          {"target_l0": k, "jumprelu_init_l0": 4 * k}
-                                                          | JUMPRELU_TARGET_RECIPE)
-            for r in range(seeds)]
+    """One pass of our trainer for all seeds (Gated: at every coefficient of GATED_L1, read at L0 = k);
+    scored in each inference mode (BatchTopK and Matryoshka: batch and threshold)."""
+    if arch == "gated":
+        per = [{"l1_coeff": c} for c in GATED_L1]
+    elif arch == "jumprelu":
+        per = [{"target_l0": k, "jumprelu_init_l0": 4 * k} | JUMPRELU_TARGET_RECIPE]
+    else:
+        per = [{"k": k}]
+    cfgs = [{"arch": arch, "d_sae": m, "replicate": r} | c for r in range(seeds) for c in per]
     dirs = Trainer(TrainSettings(cache=b.cache.location, saes=cfgs, out=str(out), tokens=b.steps * b.batch_size,
                                  batch_size=b.batch_size, seed=b.seed, val_fraction=b.val_fraction, heldout=b.layout,
                                  log_every=50, checkpoint_every=10 ** 9)).run()
@@ -141,8 +169,12 @@ def train_ours(b: Budget, arch: str, m: int, k: int, seeds: int, out: Path) -> d
             def rec(xb, mode=mode):  # the saved SAE reads raw activations
                 x_hat, code = sae.reconstruct(xb / b.scale, mode)
                 return x_hat * b.scale, code.counts, code.fired()
-            label = mode if arch == "batchtopk" else MAIN_MODE[arch]
-            scores.setdefault(label, []).append(score(rec, x, b.batch_size, b.scale, b.batches()))
+            label = mode if arch in BATCH_ARCHS else MAIN_MODE[arch]
+            run = score(rec, x, b.batch_size, b.scale, b.batches()) | {"coeff": sae.cfg.l1_coeff}
+            scores.setdefault(label, []).append(run)
+    if arch == "gated":  # each seed's runs at every coefficient -> one run at L0 = k
+        scores = {mode: [at_l0(runs[i:i + len(GATED_L1)], k) for i in range(0, len(runs), len(GATED_L1))]
+                  for mode, runs in scores.items()}
     return scores
 
 
@@ -170,32 +202,44 @@ def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int,
     """dictionary_learning's trainer for `arch` on our batches, at its default lr or at `lr`."""
     importlib.import_module("dictionary_learning.trainers")
     mods = {a: importlib.import_module(f"dictionary_learning.trainers.{f}")
-            for a, f in (("batchtopk", "batch_top_k"), ("topk", "top_k"), ("jumprelu", "jumprelu"))}
+            for a, f in (("batchtopk", "batch_top_k"), ("topk", "top_k"), ("jumprelu", "jumprelu"),
+                         ("matryoshka", "matryoshka_batch_top_k"), ("gated", "gdm"))}
     d = b.cache.d_model()
     scaled = max(1, b.steps // 10)  # its 1000-step warm-ups and threshold start, for a 1e5-step run
-    settings = {"warmup_steps": scaled}
+    settings: dict[str, Any] = {"warmup_steps": scaled}
     scores: dict[str, list[dict]] = {}
     for seed in range(seeds):
         common = dict(steps=b.steps, activation_dim=d, dict_size=m, layer=0, lm_name="cache", seed=seed,
                       device="cpu", warmup_steps=scaled) | ({"lr": lr} if lr is not None else {})
-        if arch == "batchtopk":
-            tr = mods[arch].BatchTopKTrainer(k=k, threshold_start_step=scaled, **common)
-        elif arch == "topk":
-            tr = mods[arch].TopKTrainer(k=k, threshold_start_step=scaled, **common)
-        else:
-            tr = mods[arch].JumpReluTrainer(target_l0=float(k), sparsity_warmup_steps=scaled, **common)
-        for step, x in enumerate(b.batches()):
-            tr.update(step, x)
-        ae = tr.ae
-        x = b.heldout(HELDOUT_ROWS)
-        if arch == "jumprelu":
-            modes = {"jumprelu": _dense_rec(ae.encode, ae.decode)}
-        else:  # its own selection, and the threshold it learns for inference
-            modes = {MAIN_MODE[arch]: _dense_rec(lambda v: ae.encode(v, use_threshold=False), ae.decode)}
-            if float(ae.threshold) >= 0:
-                modes["threshold"] = _dense_rec(lambda v: ae.encode(v, use_threshold=True), ae.decode)
-        for mode, rec in modes.items():
-            scores.setdefault(mode, []).append(score(rec, x, b.batch_size, b.scale, b.batches()))
+        runs: dict[str, list[dict]] = {}
+        # gated: its L1 penalty weighs the summed squared error, ours the per-element one (d times smaller)
+        for coeff in GATED_L1 if arch == "gated" else (None,):
+            if arch == "batchtopk":
+                tr = mods[arch].BatchTopKTrainer(k=k, threshold_start_step=scaled, **common)
+            elif arch == "topk":
+                tr = mods[arch].TopKTrainer(k=k, threshold_start_step=scaled, **common)
+            elif arch == "matryoshka":
+                tr = mods[arch].MatryoshkaBatchTopKTrainer(k=k, group_fractions=list(MATRYOSHKA_GROUPS),
+                                                          threshold_start_step=scaled, **common)
+                settings["group_sizes"] = tr.group_sizes
+            elif arch == "gated":
+                tr = mods[arch].GatedSAETrainer(l1_penalty=d * coeff, sparsity_warmup_steps=scaled, **common)
+            else:
+                tr = mods[arch].JumpReluTrainer(target_l0=float(k), sparsity_warmup_steps=scaled, **common)
+            for step, x in enumerate(b.batches()):
+                tr.update(step, x)
+            ae = tr.ae
+            x = b.heldout(HELDOUT_ROWS)
+            if arch in ("jumprelu", "gated"):
+                modes = {MAIN_MODE[arch]: _dense_rec(ae.encode, ae.decode)}
+            else:  # its own selection, and the threshold it learns for inference
+                modes = {MAIN_MODE[arch]: _dense_rec(lambda v: ae.encode(v, use_threshold=False), ae.decode)}
+                if float(ae.threshold) >= 0:
+                    modes["threshold"] = _dense_rec(lambda v: ae.encode(v, use_threshold=True), ae.decode)
+            for mode, rec in modes.items():
+                runs.setdefault(mode, []).append(score(rec, x, b.batch_size, b.scale, b.batches()) | {"coeff": coeff})
+        for mode, rs in runs.items():
+            scores.setdefault(mode, []).append(at_l0(rs, k) if arch == "gated" else rs[0])
         settings["lr"] = tr.lr
     return scores, settings
 
@@ -208,6 +252,10 @@ def train_saelens(b: Budget, arch: str, m: int, k: int, seeds: int, lr: float | 
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -220,7 +268,11 @@ def train_saelens(b: Budget, arch: str, m: int, k: int, seeds: int, lr: float | 
             sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=k, d_in=d, d_sae=m))
         elif arch == "topk":
             sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=k, d_in=d, d_sae=m))
-        else:
+        elif arch == "matryoshka":  # our default groups, as the prefixes' widths
+            widths = list(itertools.accumulate(SAEConfig("matryoshka", d, m, k=k).group_sizes))
+            sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+                k=k, d_in=d, d_sae=m, matryoshka_widths=widths))
+        elif arch == "jumprelu":
             sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d, d_sae=m))
         cfg = SAETrainerConfig(total_training_samples=b.steps * b.batch_size, train_batch_size_samples=b.batch_size)
         if lr is not None:
@@ -230,13 +282,13 @@ def train_saelens(b: Budget, arch: str, m: int, k: int, seeds: int, lr: float | 
         _quiet_fit(trainer)
         x = b.heldout(HELDOUT_ROWS)
         modes = {}
-        if arch == "batchtopk":
+        if arch in BATCH_ARCHS:
             modes["batch"] = _dense_rec(sae.encode, sae.decode)
         with tempfile.TemporaryDirectory() as tmp:  # its inference SAE (BatchTopK: JumpReLU with its threshold)
             from sae_lens import SAE
             sae.save_inference_model(tmp)
             inf = SAE.load_from_disk(tmp)
-        modes["threshold" if arch == "batchtopk" else MAIN_MODE[arch]] = _dense_rec(inf.encode, inf.decode)
+        modes["threshold" if arch in BATCH_ARCHS else MAIN_MODE[arch]] = _dense_rec(inf.encode, inf.decode)
         for mode, rec in modes.items():
             scores.setdefault(mode, []).append(score(rec, x, b.batch_size, b.scale, b.batches()))
     return scores, {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2],
@@ -253,9 +305,15 @@ def _quiet_fit(trainer) -> None:
 # ---------------------------------------------------------------- the table
 HELDOUT_ROWS = 16384
 COMPARISON_TOKENS = 560_000  # two epochs of the paper cache's training part: 547 steps of 1024
-MAIN_MODE = {"batchtopk": "batch", "topk": "topk", "jumprelu": "jumprelu"}  # what each record is compared in
+# what each record is compared in
+MAIN_MODE = {"batchtopk": "batch", "topk": "topk", "jumprelu": "jumprelu", "matryoshka": "batch", "gated": "gated"}
 # the learning rate our trainer uses for each architecture (the run's default, JumpReLU its own recipe's)
-OUR_LR = {"batchtopk": TrainSettings.lr, "topk": TrainSettings.lr, "jumprelu": JUMPRELU_TARGET_RECIPE["lr"]}
+OUR_LR = {"batchtopk": TrainSettings.lr, "topk": TrainSettings.lr, "jumprelu": JUMPRELU_TARGET_RECIPE["lr"],
+          "matryoshka": TrainSettings.lr, "gated": TrainSettings.lr}
+# Gated's L1 coefficients (in units of the per-element MSE), each implementation trained at every one
+GATED_L1 = (0.003, 0.01, 0.03, 0.1)
+PEER_ARCHS = {"dictionary_learning": ("batchtopk", "topk", "jumprelu", "matryoshka", "gated"),
+              "saelens": ("batchtopk", "topk", "jumprelu", "matryoshka")}
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -293,9 +351,9 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
         results = {"ours": (ours, {"lr": our_lr})}
         lrs = [(None, "")] * ("default" in peer_lrs) + [(our_lr, f" at our lr {our_lr:g}")] * ("ours" in peer_lrs)
         for lr, tag in lrs:
-            if "dictionary_learning" in peers:
+            if "dictionary_learning" in peers and arch in PEER_ARCHS["dictionary_learning"]:
                 results[f"dictionary_learning 0.1.0{tag}"] = train_dictionary_learning(b, arch, m, k, seeds, lr)
-            if "saelens" in peers:
+            if "saelens" in peers and arch in PEER_ARCHS["saelens"]:
                 import sae_lens
                 results[f"SAELens {sae_lens.__version__}{tag}"] = train_saelens(b, arch, m, k, seeds, lr)
         main = MAIN_MODE[arch]
@@ -303,8 +361,8 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
         for impl, (scores, extra) in results.items():
             for mode, runs in scores.items():
                 nmse, sd = _mean_std([r["nmse"] for r in runs])
-                label = f"{impl} {arch}" + ("" if mode == main and arch != "batchtopk" else f" ({mode} mode)")
-                baseline = f"ours {arch}" + (" (batch mode)" if arch == "batchtopk" else "")
+                label = f"{impl} {arch}" + ("" if mode == main and arch not in BATCH_ARCHS else f" ({mode} mode)")
+                baseline = f"ours {arch}" + (" (batch mode)" if arch in BATCH_ARCHS else "")
                 recs.append(Record(label, nmse, "NMSE", baseline,
                                    base, dev, settings | extra | {
                                        "implementation": impl, "arch": arch, "mode": mode, "nmse_std": sd,
@@ -316,5 +374,8 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
                                            _mean_std([r["dead_in_training_fraction"] for r in runs])[0],
                                        "heldout_dead_training_firings":
                                            [r["heldout_dead_training_firings"] for r in runs],
-                                       "median_training_firings": [r["median_training_firings"] for r in runs]}))
+                                       "median_training_firings": [r["median_training_firings"] for r in runs]}
+                                   | ({"l0_brackets": [r["l0_bracket"] for r in runs],
+                                       "coeff_brackets": [r["coeff_bracket"] for r in runs]}
+                                      if arch == "gated" else {})))
     return recs

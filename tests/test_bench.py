@@ -46,3 +46,20 @@ def test_score_tells_dead_latents_from_ones_only_the_training_text_uses():
     assert s["dead_in_training_fraction"] == pytest.approx(1 / 3)  # only latent 2 never fires in training
     assert s["heldout_dead_training_firings"] == [0, 0, 3]  # latent 1 fired on 3 training rows
     assert s["median_training_firings"] == 3
+
+
+def test_gated_runs_are_read_at_the_target_l0():
+    """Runs at several coefficients: NMSE at L0 = k interpolated log-log between the two that bracket k; NaN
+    when none do."""
+    import math
+
+    from batchtopk.bench.peers import at_l0
+
+    runs = [{"l0": 64.0, "nmse": 0.1, "standardized_mse": 0.2, "coeff": 0.003, "dead_fraction": 0.0},
+            {"l0": 16.0, "nmse": 0.4, "standardized_mse": 0.8, "coeff": 0.03, "dead_fraction": 0.5},
+            {"l0": 4.0, "nmse": 0.8, "standardized_mse": 0.9, "coeff": 0.1, "dead_fraction": 0.9}]
+    r = at_l0(runs, 32)
+    assert r["nmse"] == pytest.approx(0.2) and r["standardized_mse"] == pytest.approx(0.4)  # halfway in log L0
+    assert r["l0"] == 32 and r["l0_bracket"] == [16.0, 64.0] and r["coeff_bracket"] == [0.03, 0.003]
+    assert at_l0(runs, 20)["dead_fraction"] == 0.5 and at_l0(runs, 50)["dead_fraction"] == 0.0  # the nearer run's
+    assert math.isnan(at_l0(runs, 100)["nmse"]) and at_l0(runs, 100)["coeff_bracket"] is None
