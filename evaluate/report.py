@@ -335,13 +335,15 @@ def paired_differences(gs: list[Group]) -> list[dict[str, Any]]:
 
 def variant_table(gs: list[Group]) -> list[str]:
     """Markdown lines: each configuration that changes one thing from a default one of the same size and k
-    (a recipe setting such as span or aux_batch, or the quantile architecture against BatchTopK), paired seed
-    by seed with it: NMSE and CE degradation in the inference mode, L0, dead latents. Empty when none does."""
+    (a recipe setting such as span or aux_batch, or the quantile and Matryoshka architectures against BatchTopK),
+    paired seed by seed with it: NMSE and CE degradation in the inference mode, L0, dead latents. Empty when none
+    does."""
     base = {(g.arch, g.first["d_sae"], g.first.get("k")): g for g in gs if not g.recipe}
     lines = []
     for g in gs:
-        ref = base.get(("batchtopk" if g.arch == "quantile" else g.arch, g.first["d_sae"], g.first.get("k")))
-        if ref is None or ref is g or g.arch not in ("batchtopk", "topk", "quantile"):
+        against = "batchtopk" if g.arch in ("quantile", "matryoshka") else g.arch  # BatchTopK's variants
+        ref = base.get((against, g.first["d_sae"], g.first.get("k")))
+        if ref is None or ref is g or g.arch not in ("batchtopk", "topk", "quantile", "matryoshka"):
             continue
         by_rep = {r["replicate"]: r for r in ref.rows}
         pairs = [(r, by_rep[r["replicate"]]) for r in g.rows if r["replicate"] in by_rep]
