@@ -238,7 +238,7 @@ def site_data(cache: Cache, site: str, n_words: int, device: str) -> SiteData:
     """Words, prompts, activations and the probe for a cache's model at `site`: computed once, kept under
     data/absorption/ (keyed by the model, site and word count)."""
     spec = models.resolve_model(cache.attrs["model"], cache.attrs["settings"]["model"].get("revision"))
-    key = hashlib.sha256(json.dumps([spec.identity(), site, n_words, TEMPLATE, ICL_EXAMPLES],
+    key = hashlib.sha256(json.dumps([spec.identity(), site, n_words, TEMPLATE, ICL_EXAMPLES, "examples>=4"],
                                     sort_keys=True).encode()).hexdigest()[:16]
     path = DATA_DIR / "absorption" / f"{site}-{key}.pt"
     if path.exists():
@@ -249,7 +249,9 @@ def site_data(cache: Cache, site: str, n_words: int, device: str) -> SiteData:
     if len(words) < MIN_WORDS + ICL_EXAMPLES:
         raise PipelineError(f"the tokenizer of {spec.name} has only {len(words)} whole-word tokens; absorption needs "
                             f"at least {MIN_WORDS + ICL_EXAMPLES}")
-    examples, words = [w for _, w in words[:ICL_EXAMPLES]], words[ICL_EXAMPLES:]
+    shots = [i for i, (_, w) in enumerate(words) if len(w) >= 4][:ICL_EXAMPLES]  # whole words, not fragments
+    examples = [words[i][1] for i in shots]
+    words = [w for i, w in enumerate(words) if i not in shots]
     ids, pos = prompts(tok, words, examples)
     model = models.load_model(spec, device, models.resolve_dtype(cache.attrs.get("model_dtype"), device))
     x = site_activations(model, site, ids, pos)
