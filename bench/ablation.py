@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from batchtopk.train.recipe import JUMPRELU_TARGET_RECIPE
-from batchtopk.train.sae import load_sae
+from batchtopk.train.sae import K_ARCHS, load_sae
 from batchtopk.train.settings import TrainSettings
 from batchtopk.train.trainer import Trainer
 
@@ -131,7 +131,7 @@ def _cfg(variant: dict[str, Any], arch: str, m: int, k: int) -> dict[str, Any]:
         v["lr"] = 2e-4 / (m / 2 ** 14) ** 0.5
     if arch == "jumprelu":  # make paper's JumpReLU (train/recipe.py), aimed at L0 = k
         v = JUMPRELU_TARGET_RECIPE | {"target_l0": k, "jumprelu_init_l0": 128} | v
-    return {"arch": arch, "d_sae": m, "k": k} | v
+    return {"arch": arch, "d_sae": m} | ({"k": k} if arch in K_ARCHS else {}) | v
 
 
 def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchtopk", "topk"), dict_mult: int = 8,

@@ -510,7 +510,10 @@ def load_config(directory: str | Path) -> tuple[SAEConfig, dict[str, Any]]:
                             f"(an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE})")
     try:
         meta = json.loads((d / CFG_FILE).read_text())
-        return SAEConfig(**(LEGACY | meta["metadata"]["sae_config"])), meta
+        saved = LEGACY | meta["metadata"]["sae_config"]
+        if saved.get("arch") not in K_ARCHS:  # written before k was refused for these (it was ignored)
+            saved["k"] = None
+        return SAEConfig(**saved), meta
     except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PipelineError(f"{d / CFG_FILE} is unreadable or not a config written by this pipeline "
                             f"({type(e).__name__}: {str(e)[:120]}); {_fix(d)}") from None
