@@ -9,8 +9,8 @@ A table lives between two markers in a markdown file; everything between them is
     <!-- /table -->
 
 Kinds: headline (README), peers FILE, paper FILE, pairs FILE, jumprelu FILE, estimators FILE,
-change FILE FILE, ablation FILE, records FILE, options COMMAND, swapped FILE, variants FILE. FILE is
-relative to the repository root.
+change FILE FILE, ablation FILE, records FILE, options COMMAND, swapped FILE, variants FILE,
+absorption FILE. FILE is relative to the repository root.
 """
 from __future__ import annotations
 
@@ -211,6 +211,14 @@ def render_variants(path: str, root: Path = ROOT) -> str:
                          "inference mode (θ); Δ: mean ± std over seeds of the paired relative change")
 
 
+def render_absorption(path: str, root: Path = ROOT) -> str:
+    from batchtopk.evaluate.report import absorption_table
+
+    return _report_table(path, root, absorption_table, "SAE with a measured absorption (evaluate absorption)",
+                         "first-letter absorption (SAEBench's method), mean ± std over seeds; the probe's own "
+                         "held-out accuracy, and whether 20 letters reach F1 0.6")
+
+
 def render_jumprelu(path: str, root: Path = ROOT) -> str:
     _, gs = _groups(path, root)
     bt = {g.first["k"]: g for g in _main(gs) if g.arch == "batchtopk" and g.first["d_sae"] == _jr_size(gs)}
@@ -385,7 +393,7 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "headline": render_headline, "peers": render_peers, "paper": render_paper, "pairs": render_pairs,
     "jumprelu": render_jumprelu, "estimators": render_estimators, "ablation": render_ablation,
     "records": render_records, "options": render_options, "change": render_change, "swapped": render_swapped,
-    "variants": render_variants}
+    "variants": render_variants, "absorption": render_absorption}
 
 
 def rendered(text: str, where: str = "", root: Path = ROOT) -> str:
