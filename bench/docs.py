@@ -130,7 +130,31 @@ def render_peers(path: str, root: Path = ROOT) -> str:
                    "standardised MSE (BatchTopK / TopK)", "latents silent on the held-out rows (BatchTopK / TopK)"],
                   rows) + f"\n{_budget(recs)}; `{path}`"
             + ("" if any(" at our lr" in i for i in _impls(recs)) else " (no peer run at our learning rate in it)")
-            + ".\n" + _para(equal_lr(recs)))
+            + ".\n" + _para(equal_lr(recs)) + _para(_newer_archs(recs)))
+
+
+def _newer_archs(recs: list[dict]) -> str:
+    """The Matryoshka and Gated rows of a peers file, as a second table ('' when it has none)."""
+    by = _peer_rows(recs)
+    impls = [i for i in _impls(recs) if (i, "matryoshka") in by or (i, "gated") in by]
+    if not impls:
+        return ""
+    rows = []
+    for impl in impls:
+        mat, gated = by.get((impl, "matryoshka"), {}), by.get((impl, "gated"), {}).get("gated")
+        batch, theta = mat.get("batch"), mat.get("threshold")
+        brackets = (gated or {}).get("settings", {}).get("coeff_brackets") or []
+        lr_of = mat or ({"gated": gated} if gated else {})
+        rows.append([impl, _lr(lr_of) if lr_of else "–",
+                     f"{batch['value']:.4f}" if batch else "–",
+                     f"{theta['value']:.4f} ({theta['settings']['l0']:.1f})" if theta else "–",
+                     f"{batch['settings']['dead_fraction']:.1%}" if batch else "–",
+                     f"{gated['value']:.4f}" if gated and gated["value"] == gated["value"] else "–",
+                     ", ".join("–" if b is None else f"{b[0]:g}–{b[1]:g}" for b in brackets) or "–"])
+    return table(["implementation", "lr", "Matryoshka NMSE, batch mode", "threshold mode (its L0)",
+                  "Matryoshka latents silent", "Gated NMSE at L0 = k", "Gated L1 coefficients bracketing k"],
+                 rows) + "\nMatryoshka with our default groups in every implementation; Gated trained at each L1 " \
+        "coefficient and read at L0 = k between the two that bracket it (– where none do).\n"
 
 
 # ---------------------------------------------------------------- make paper (report summary.json)

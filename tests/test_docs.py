@@ -238,3 +238,18 @@ def test_readme_python_snippets_run(tmp_path):
         exec(re.sub(r'"data/saes/[^"]+"', repr(str(sae_dir)), code), env)  # noqa: S102
     assert env["f"].shape == (10, 64) and env["x_hat"].shape == (10, 16)
     torch.testing.assert_close(env["sae"].encode(x), env["f"], rtol=1e-4, atol=1e-4)  # SAELens's, then ours
+
+
+def test_peers_table_adds_matryoshka_and_gated_rows_when_measured():
+    from batchtopk.bench.docs import _newer_archs
+
+    def rec(impl, arch, mode, value, **settings):
+        return {"value": value, "settings": {"implementation": impl, "arch": arch, "mode": mode, "lr": 1e-3,
+                                             "l0": 32.0, "dead_fraction": 0.01} | settings}
+    assert _newer_archs([rec("ours", "batchtopk", "batch", 0.2)]) == ""
+    out = _newer_archs([rec("ours", "matryoshka", "batch", 0.21), rec("ours", "matryoshka", "threshold", 0.2),
+                        rec("ours", "gated", "gated", 0.25, coeff_brackets=[[0.03, 0.01]]),
+                        rec("dl", "gated", "gated", float("nan"), coeff_brackets=[None])])
+    lines = out.splitlines()
+    assert lines[2] == "| ours | 0.001 | 0.2100 | 0.2000 (32.0) | 1.0% | 0.2500 | 0.03–0.01 |"
+    assert lines[3] == "| dl | 0.001 | – | – | – | – | – |"
