@@ -266,6 +266,10 @@ def test_with_activation_shares_weights_and_selects_by_the_other_rule(pipeline_r
     assert (g > 0).sum(1).float().std() > 0
     with pytest.raises(PipelineError, match="a jumprelu SAE cannot be encoded as topk: only batchtopk and topk"):
         with_activation(SAE(SAEConfig(arch="jumprelu", d_in=8, d_sae=16)), "topk")
+    # a BatchTopK SAE trained with a selection span is TopK without it (the span is BatchTopK's setting)
+    spanned = SAE(SAEConfig(arch="batchtopk", d_in=8, d_sae=16, k=2, span=4))
+    assert with_activation(spanned, "topk").cfg.span is None
+    assert with_activation(with_activation(spanned, "topk"), "batchtopk").cfg.span is None
 
 
 def test_encode_as_scores_each_sae_with_the_others_activation(pipeline_run, tmp_path):

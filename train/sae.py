@@ -432,7 +432,8 @@ def with_activation(sae: SAE, arch: str) -> SAE:
     if sae.cfg.arch not in SWAPPABLE or arch not in SWAPPABLE:
         raise PipelineError(f"a {sae.cfg.arch} SAE cannot be encoded as {arch}: only {' and '.join(SWAPPABLE)} "
                             "SAEs swap activations (both select by k)")
-    other = SAE(replace(sae.cfg, arch=arch, dead_tokens=None))
+    # the selection's own settings go with it: a span of BatchTopK's means nothing to TopK
+    other = SAE(replace(sae.cfg, arch=arch, dead_tokens=None, span=sae.cfg.span if arch in BATCH_ARCHS else None))
     for name, param in sae.named_parameters():
         setattr(other, name, param)
     other.input_scale = sae.input_scale.clone()
