@@ -116,6 +116,8 @@ def _para(text: str) -> str:
 def render_peers(path: str, root: Path = ROOT) -> str:
     recs = load(path, root)
     by = _peer_rows(recs)
+    if not any(arch in ("batchtopk", "topk") for _, arch in by):  # a file of the newer architectures only
+        return _newer_archs(recs) + f"\n{_budget(recs)}; `{path}`.\n"
     rows = []
     for impl in _impls(recs):
         bt, tk = by.get((impl, "batchtopk"), {}), by.get((impl, "topk"), {})

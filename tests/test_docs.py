@@ -253,3 +253,19 @@ def test_peers_table_adds_matryoshka_and_gated_rows_when_measured():
     lines = out.splitlines()
     assert lines[2] == "| ours | 0.001 | 0.2100 | 0.2000 (32.0) | 1.0% | 0.2500 | 0.03–0.01 |"
     assert lines[3] == "| dl | 0.001 | – | – | – | – | – |"
+
+
+def test_a_peers_file_of_matryoshka_only_renders_its_own_table(tmp_path):
+    import json
+
+    from batchtopk.bench.docs import render_peers
+
+    common = {"pipeline": "p", "site": "s", "d_sae": 64, "k": 4, "steps": 3, "batch_size": 8, "training_tokens": 24,
+              "seeds": 1, "heldout_rows": 10, "lr": 1e-3, "l0": 4.0, "dead_fraction": 0.0, "standardized_mse": 0.1}
+    recs = [{"value": v, "settings": common | {"implementation": impl, "arch": "matryoshka", "mode": "batch"}}
+            for impl, v in (("ours", 0.2), ("dl", 0.3))]
+    (tmp_path / "m.json").write_text(json.dumps(recs))
+    out = render_peers("m.json", root=tmp_path)
+    assert "BatchTopK NMSE" not in out and "| ours | 0.001 | 0.2000 | – | 0.0% | – | – |" in out
+    assert out.rstrip().endswith("p cache, s, 64 latents, k = 4, 3 steps of 8 (24 tokens), one seed, NMSE on the same "
+                                 "10 held-out rows; `m.json`.")
