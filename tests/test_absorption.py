@@ -105,6 +105,7 @@ def tiny_cache_and_sae(tmp_path_factory, corpus_file):
     return d
 
 
+@pytest.mark.slow
 def test_absorption_command_on_a_tiny_model(tiny_cache_and_sae):
     """`python -m evaluate absorption` writes absorption.json beside the SAE, with the probe's own accuracy and
     whether it can be trusted (a random model: it cannot)."""
