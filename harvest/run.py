@@ -151,8 +151,12 @@ def harvest(s: HarvestSettings) -> str:
     return p.location
 
 
-def _existing(p: Plan) -> Cache | None:
+def _existing(p: Plan, strict: bool = True) -> Cache | None:
+    """The cache already at the location (complete or not), or None; with `strict`, a location holding
+    something that is not a cache is refused (without it, that may be another writer's first files)."""
     if not store.exists(p.location):
+        if not strict:
+            return None
         fs, path = store.filesystem(p.location)
         with store.remote_errors(p.location):
             others = [x for x in (fs.ls(path, detail=False) if fs.isdir(path) else [])
@@ -161,7 +165,14 @@ def _existing(p: Plan) -> Cache | None:
             raise PipelineError(f"{p.location} exists and is not a cache; refusing to write into it: "
                                 "choose an empty or new location")
         return None
-    c = Cache.open(p.location, mode="r", need_complete=False)
+    try:
+        c = Cache.open(p.location, mode="r", need_complete=False)
+    except PipelineError:
+        if strict:
+            raise
+        return None  # a group whose metadata another writer has not written yet
+    if not strict and c.attrs.get("settings") is None:
+        return None
     if c.attrs.get("settings") != p.identity:
         raise PipelineError(f"{p.location} already holds a cache with different settings (id "
                             f"{c.attrs.get('cache_id')}, not {p.cache_id}); refusing to overwrite it: "
@@ -173,14 +184,19 @@ def _claim(p: Plan) -> tuple[str, store.WriterLock | None]:
     """Return ('complete', None) when there is nothing to do, else ('write', lock) holding the lock."""
     waited = False
     while True:
-        c = _existing(p)
+        # before the lock, files without a cache's metadata may be another writer's first ones: not an error yet
+        c = _existing(p, strict=False)
         if c is not None and c.complete:
             if waited:
                 log(f"another writer finished {p.location}; reusing it")
             return "complete", None
         lock = store.WriterLock(p.location)
         if lock.try_acquire():
-            c = _existing(p)  # it may have completed between our check and the lock
+            try:
+                c = _existing(p)  # it may have completed between our check and the lock
+            except BaseException:
+                lock.release()
+                raise
             if c is not None and c.complete:
                 lock.release()
                 return "complete", None

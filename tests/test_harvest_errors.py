@@ -121,3 +121,26 @@ def test_full_disk_keeps_what_was_written(base_args, monkeypatch):
 
 def test_bad_tokens_value(base_args):
     assert "positive integer or 'all'" in error_line(run_cli(*base_args, "--tokens", "lots"))
+
+
+def test_a_waiting_harvest_takes_another_writers_first_files_for_work_in_progress(tmp_path):
+    """Two harvests of one cache at once: the one waiting for the lock sees the writer's first files (no
+    metadata yet, or metadata without the manifest) and keeps waiting; only a writer holding the lock refuses
+    a location that holds something else."""
+    import types
+
+    import zarr
+
+    from batchtopk.core.errors import PipelineError
+    from batchtopk.harvest.run import _existing
+
+    p = types.SimpleNamespace(location=str(tmp_path / "c"), identity={"model": "m"})
+    (tmp_path / "c" / "tokens").mkdir(parents=True)
+    (tmp_path / "c" / "tokens" / "c0").write_bytes(b"x")
+    assert _existing(p, strict=False) is None
+    with pytest.raises(PipelineError, match="exists and is not a cache"):
+        _existing(p)
+    zarr.open_group(str(tmp_path / "c"), mode="a")  # the writer's group, before its manifest
+    assert _existing(p, strict=False) is None
+    with pytest.raises(PipelineError):
+        _existing(p)
