@@ -143,10 +143,11 @@ class Probe:
 
 def train_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor) -> Probe:
     onehot = torch.nn.functional.one_hot(y_train, len(LETTERS))
-    W, b = fit_logistic(x_train, onehot)
-    s = x_test @ W.T + b
-    f1s = [f1(s[:, c] > 0, y_test == c) if bool((y_test == c).any()) else 0.0 for c in range(len(LETTERS))]
-    return Probe(W, b, f1s, float((s.argmax(1) == y_test).float().mean()))
+    probe = Probe(*fit_logistic(x_train, onehot), f1=[], accuracy=0.0)
+    s = probe.scores(x_test)
+    probe.f1 = [f1(s[:, c] > 0, y_test == c) if bool((y_test == c).any()) else 0.0 for c in range(len(LETTERS))]
+    probe.accuracy = float((s.argmax(1) == y_test).float().mean())
+    return probe
 
 
 def main_latents(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor,
@@ -202,12 +203,13 @@ def absorption(encode: Callable[[torch.Tensor], torch.Tensor], W_dec: torch.Tens
     """Absorption of one SAE (encode: raw activations -> latents; W_dec [m, d] in the same space)."""
     with torch.no_grad():
         f_train, f_test = encode(x_train).float(), encode(x_test).float()
+    scores = probe.scores(x_test)  # once, not per letter
     per_letter = {}
     for c, letter in enumerate(LETTERS):
         if probe.f1[c] < MIN_PROBE_F1:
             continue
         main = main_latents(f_train, y_train, f_test, y_test, c)
-        hit = (y_test == c) & (probe.scores(x_test)[:, c] > 0)   # the probe's true positives
+        hit = (y_test == c) & (scores[:, c] > 0)   # the probe's true positives
         if not bool(hit.any()):
             continue
         frac, full = word_absorption(f_test[hit], x_test[hit], probe.W[c], W_dec, main)
