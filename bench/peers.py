@@ -208,6 +208,7 @@ def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int,
     scaled = max(1, b.steps // 10)  # its 1000-step warm-ups and threshold start, for a 1e5-step run
     settings: dict[str, Any] = {"warmup_steps": scaled}
     scores: dict[str, list[dict]] = {}
+    held = b.heldout(HELDOUT_ROWS)  # read once for every seed and coefficient
     for seed in range(seeds):
         common = dict(steps=b.steps, activation_dim=d, dict_size=m, layer=0, lm_name="cache", seed=seed,
                       device="cpu", warmup_steps=scaled) | ({"lr": lr} if lr is not None else {})
@@ -229,7 +230,6 @@ def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int,
             for step, x in enumerate(b.batches()):
                 tr.update(step, x)
             ae = tr.ae
-            x = b.heldout(HELDOUT_ROWS)
             if arch in ("jumprelu", "gated"):
                 modes = {MAIN_MODE[arch]: _dense_rec(ae.encode, ae.decode)}
             else:  # its own selection, and the threshold it learns for inference
@@ -237,7 +237,8 @@ def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int,
                 if float(ae.threshold) >= 0:
                     modes["threshold"] = _dense_rec(lambda v: ae.encode(v, use_threshold=True), ae.decode)
             for mode, rec in modes.items():
-                runs.setdefault(mode, []).append(score(rec, x, b.batch_size, b.scale, b.batches()) | {"coeff": coeff})
+                runs.setdefault(mode, []).append(score(rec, held, b.batch_size, b.scale, b.batches())
+                                                 | {"coeff": coeff})
         for mode, rs in runs.items():
             scores.setdefault(mode, []).append(at_l0(rs, k) if arch == "gated" else rs[0])
         settings["lr"] = tr.lr
