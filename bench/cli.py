@@ -53,14 +53,15 @@ def main(ctx, parts, harvest_tokens, steps, d_in, d_sae, k, batch, dead_fraction
               help="Held-out layout (default: the pipeline's; cache/split.py Split).")
 @click.option("--peer-lr", "peer_lrs", default="default,ours", show_default=True,
               help="Each peer's learning rate: its own default, ours, or both (a recipe told apart from its lr).")
+@click.option("--out", "out_name", help="Write peers-<OUT>.json instead of peers.json (keeps other runs' files).")
 @one_line_errors
-def peers(pipeline, archs, dict_mult, k, tokens, batch_size, seeds, peers, heldout, peer_lrs) -> None:
+def peers(pipeline, archs, dict_mult, k, tokens, batch_size, seeds, peers, heldout, peer_lrs, out_name) -> None:
     """Train our SAEs and the peers' on exactly the same batches; NMSE on the same held-out rows."""
     from . import peers as p
 
     recs = p.run(pipeline, tuple(a for a in archs.split(",") if a), dict_mult, k, tokens, batch_size, seeds,
                  tuple(x for x in peers.split(",") if x), heldout, tuple(x for x in peer_lrs.split(",") if x))
-    path = records.write("peers", recs)
+    path = records.write(f"peers-{out_name}" if out_name else "peers", recs)
     click.echo(f"\n== peers ({path})\n{records.table(recs)}")
     click.echo(str(path))
 

@@ -147,16 +147,37 @@ def _newer_archs(recs: list[dict]) -> str:
         batch, theta = mat.get("batch"), mat.get("threshold")
         brackets = (gated or {}).get("settings", {}).get("coeff_brackets") or []
         lr_of = mat or ({"gated": gated} if gated else {})
+        measured = gated and gated["value"] == gated["value"]
         rows.append([impl, _lr(lr_of) if lr_of else "–",
                      f"{batch['value']:.4f}" if batch else "–",
                      f"{theta['value']:.4f} ({theta['settings']['l0']:.1f})" if theta else "–",
                      f"{batch['settings']['dead_fraction']:.1%}" if batch else "–",
-                     f"{gated['value']:.4f}" if gated and gated["value"] == gated["value"] else "–",
+                     f"{gated['value']:.4f}" if measured else "–",
+                     f"{gated['settings']['dead_fraction']:.1%}" if measured else "–",
                      ", ".join("–" if b is None else f"{b[0]:g}–{b[1]:g}" for b in brackets) or "–"])
-    return table(["implementation", "lr", "Matryoshka NMSE, batch mode", "threshold mode (its L0)",
-                  "Matryoshka latents silent", "Gated NMSE at L0 = k", "Gated L1 coefficients bracketing k"],
-                 rows) + "\nMatryoshka with our default groups in every implementation; Gated trained at each L1 " \
-        "coefficient and read at L0 = k between the two that bracket it (– where none do).\n"
+    return (table(["implementation", "lr", "Matryoshka NMSE, batch mode", "threshold mode (its L0)",
+                   "Matryoshka latents silent", "Gated NMSE at L0 = k", "Gated latents silent",
+                   "Gated L1 coefficients bracketing k"], rows)
+            + "\nMatryoshka with our default groups in every implementation; Gated trained at each L1 coefficient "
+            "and read at L0 = k between the two that bracket it (– where none do; its silent latents are the "
+            "nearer run's)." + _against_best_peer(by) + "\n")
+
+
+def _against_best_peer(by: dict[tuple[str, str], dict[str, dict]]) -> str:
+    """' Matryoshka: ours ... against the best peer's ... (who, gap); silent latents ...' for each newer arch
+    that ours and a peer both measured."""
+    out = []
+    for arch, mode, label in (("matryoshka", "batch", "Matryoshka"), ("gated", "gated", "Gated")):
+        ours = by.get(("ours", arch), {}).get(mode)
+        peers = [(r["value"], impl, r) for (impl, a), modes in by.items() if a == arch and impl != "ours"
+                 for r in [modes.get(mode)] if r and r["value"] == r["value"]]
+        if not ours or ours["value"] != ours["value"] or not peers:
+            continue
+        value, impl, best = min(peers, key=lambda p: p[0])
+        out.append(f" {label}: ours {ours['value']:.4f} against the best peer's {value:.4f} ({impl}, "
+                   f"{pct(ours['value'] / value - 1)}); latents silent {ours['settings']['dead_fraction']:.1%} "
+                   f"against {best['settings']['dead_fraction']:.1%}.")
+    return "".join(out)
 
 
 # ---------------------------------------------------------------- make paper (report summary.json)

@@ -251,8 +251,13 @@ def test_peers_table_adds_matryoshka_and_gated_rows_when_measured():
                         rec("ours", "gated", "gated", 0.25, coeff_brackets=[[0.03, 0.01]]),
                         rec("dl", "gated", "gated", float("nan"), coeff_brackets=[None])])
     lines = out.splitlines()
-    assert lines[2] == "| ours | 0.001 | 0.2100 | 0.2000 (32.0) | 1.0% | 0.2500 | 0.03–0.01 |"
-    assert lines[3] == "| dl | 0.001 | – | – | – | – | – |"
+    assert lines[2] == "| ours | 0.001 | 0.2100 | 0.2000 (32.0) | 1.0% | 0.2500 | 1.0% | 0.03–0.01 |"
+    assert lines[3] == "| dl | 0.001 | – | – | – | – | – | – |"
+    assert "against the best peer" not in out  # the peer's Gated never reached L0 = k: nothing to compare
+    out = _newer_archs([rec("ours", "matryoshka", "batch", 0.21), rec("dl", "matryoshka", "batch", 0.2, dead_fraction=0.05),
+                        rec("sl", "matryoshka", "batch", 0.3)])
+    assert out.rstrip().endswith(" Matryoshka: ours 0.2100 against the best peer's 0.2000 (dl, +5.0%); latents silent "
+                                 "1.0% against 5.0%.")
 
 
 def test_a_peers_file_of_matryoshka_only_renders_its_own_table(tmp_path):
@@ -266,6 +271,6 @@ def test_a_peers_file_of_matryoshka_only_renders_its_own_table(tmp_path):
             for impl, v in (("ours", 0.2), ("dl", 0.3))]
     (tmp_path / "m.json").write_text(json.dumps(recs))
     out = render_peers("m.json", root=tmp_path)
-    assert "BatchTopK NMSE" not in out and "| ours | 0.001 | 0.2000 | – | 0.0% | – | – |" in out
+    assert "BatchTopK NMSE" not in out and "| ours | 0.001 | 0.2000 | – | 0.0% | – | – | – |" in out
     assert out.rstrip().endswith("p cache, s, 64 latents, k = 4, 3 steps of 8 (24 tokens), one seed, NMSE on the same "
                                  "10 held-out rows; `m.json`.")
