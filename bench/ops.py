@@ -72,7 +72,7 @@ def count_step(arch: str, size: int, d: int = SHAPE["d"], m: int = SHAPE["m"], k
     """The ops of one non-log training step of a stack (after two warm-up steps), as a GPU or a compiled
     step runs it (the CPU's eager BatchTopK shortcut, checked on the host, left out)."""
     st = stack_trainer(arch, size, d, m, k)
-    st.stack.hinted = False
+    st.stack.cpu_eager = False
     x = torch.randn(batch, d)
     step_t = torch.zeros((), dtype=torch.long)
     for _ in range(2):
@@ -89,7 +89,7 @@ def graph_breaks(arch: str, size: int = 1) -> tuple[int, int]:
     import torch._dynamo
 
     st = stack_trainer(arch, size, SHAPE["d"], SHAPE["m"], SHAPE["k"])
-    st.stack.hinted = False  # as a compiled step runs it
+    st.stack.cpu_eager = False  # as a compiled step runs it
     torch._dynamo.config.trace_autograd_ops = True
     torch._dynamo.reset()
     x, step_t = torch.randn(SHAPE["batch"], SHAPE["d"]), torch.zeros((), dtype=torch.long)
@@ -114,20 +114,20 @@ def inductor_kernels(arch: str, size: int) -> int:
 
 
 def stacked_throughput(arch: str, size: int, d: int, m: int, k: int, batch: int, steps: int) -> tuple[float, float]:
-    """(SAE-tokens/s of one stack of `size`, of `size` stacks of 1 stepped one after another) on the CPU."""
+    """(SAE-tokens/s of one stack of `size`, of `size` stacks of 1 stepped one after another) on the CPU,
+    the two timed step by step in turn, so a change in the machine's load weighs on both alike."""
     x = torch.randn(batch, d)
-    out = []
-    for stacks in ([stack_trainer(arch, size, d, m, k)], [stack_trainer(arch, 1, d, m, k) for _ in range(size)]):
-        step_t = torch.zeros((), dtype=torch.long)
-        for st in stacks:  # warm-up
-            st.step(x, step_t)
-        t = time.perf_counter()
-        for _ in range(steps):
+    ways = ([stack_trainer(arch, size, d, m, k)], [stack_trainer(arch, 1, d, m, k) for _ in range(size)])
+    step_t = torch.zeros((), dtype=torch.long)
+    spent = [0.0, 0.0]
+    for i in range(steps + 1):  # the first step of each is a warm-up
+        for w, stacks in enumerate(ways):
+            t = time.perf_counter()
             for st in stacks:
                 st.step(x, step_t)
-            step_t += 1
-        out.append(size * batch * steps / (time.perf_counter() - t))
-    return out[0], out[1]
+            spent[w] += (time.perf_counter() - t) if i else 0.0
+        step_t += 1
+    return size * batch * steps / spent[0], size * batch * steps / spent[1]
 
 
 def run(steps: int = 3, d: int = 576, m: int = 4608, k: int = 32, batch: int = 4096, sizes: tuple[int, ...] = (1, 8),

@@ -104,14 +104,38 @@ def test_the_cpus_hinted_selection_is_exact_or_says_so():
         if ok:
             assert torch.equal(idx, batch_topk(pre, 8))
     st = stack_trainer("batchtopk", 2, D, M, 4)
-    assert st.stack.hinted  # the CPU, uncompiled
+    assert st.stack.cpu_eager  # the CPU, uncompiled
     x = torch.randn(64, D)
     for i in range(3):  # the first batch has no hint (-inf: every entry passes): the exact path, then the hint
         with torch.no_grad():
             pre = torch.baddbmm(st.stack.b_enc[:, None, :], st.stack.normalize(x), st.stack.W_enc)
-        assert torch.equal(st.stack._batch_topk(pre), batch_topk(pre, 4))
+        assert torch.equal(st.stack._batch_topk(pre, slice(None)), batch_topk(pre, 4))
         assert bool(torch.isfinite(st.stack.hint).all())
         st.step(x, torch.tensor(i))
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "quantile", "matryoshka"])
+def test_encoding_a_few_saes_at_a_time_changes_nothing(arch, monkeypatch):
+    """The CPU reads the pre-activations one chunk of SAEs at a time (cpu_eager): the same kept pairs,
+    auxiliary pool, losses and updated weights as the whole stack at once (as a GPU runs it)."""
+    import batchtopk.train.stack as stack_mod
+
+    x = torch.randn(64, D)
+    runs = []
+    for eager, budget in ((False, stack_mod.CPU_PRE_BYTES), (True, 2 * 64 * M * 4)):  # chunks of 2 SAEs of 3
+        monkeypatch.setattr(stack_mod, "CPU_PRE_BYTES", budget)
+        st = stack_trainer(arch, 3, D, M, 4)
+        st.stack.cpu_eager = eager
+        logs = [st.step(x + 0.1 * i, torch.tensor(i), log=True) for i in range(3)]
+        runs.append((logs, {k: v.clone() for k, v in st.stack.state_dict().items()}, st.state.since_fired.clone()))
+    (la, wa, fa), (lb, wb, fb) = runs
+    assert [[r["aux"] for r in step] for step in la][0][0] > 0  # a quarter dead: the auxiliary loss ran
+    for sa, sb in zip(la, lb):
+        for ra, rb in zip(sa, sb):
+            assert ra == pytest.approx(rb, rel=1e-5, abs=1e-7)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(fa, fb)
 
 
 @pytest.mark.parametrize("arch,kw", [("batchtopk", {"k": 4}), ("topk", {"k": 4}), ("jumprelu", {"target_l0": 5.0}),
@@ -214,7 +238,7 @@ def test_no_host_read_and_no_growth_with_the_stack():
         assert one.ops == eight.ops and one.total > 100, arch
     # the counter does see a read-back: a step with an .item() in it is caught
     st = stack_trainer("batchtopk", 1, D, M, 4)
-    st.stack.hinted = False
+    st.stack.cpu_eager = False
     x, t = torch.randn(64, D), torch.zeros((), dtype=torch.long)
     with OpCounter() as c:
         st.step(x, t)
@@ -233,7 +257,7 @@ def test_the_step_is_one_graph(arch):
 
     assert graph_breaks(arch) == (1, 0)
     st = stack_trainer(arch, 2, D, M, 4)
-    st.stack.hinted = False  # as a compiled step runs it
+    st.stack.cpu_eager = False  # as a compiled step runs it
     x, t = torch.randn(64, D), torch.zeros((), dtype=torch.long)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, t: st._step(x, t, keep=False), fullgraph=True, backend="eager")

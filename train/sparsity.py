@@ -202,16 +202,16 @@ def _global(idx: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tens
 
 
 class KeptPre(torch.autograd.Function):
-    """pre[s].flatten()[idx[s]] of pre = x_enc W_enc + b_enc (computed without a graph), with the gradients
-    of W_enc and b_enc from those pairs alone: one embedding_bag over all the stack's kept pairs
-    (2·S·P·d FLOPs), never a dense [n, m] gradient. With `shift` (the encoder reads x - shift), shift
-    gets -W_enc @ grad(b_enc)."""
+    """The kept pre-activations kept[s] = pre[s].flatten()[idx[s]] of pre = x_enc W_enc + b_enc (computed
+    without a graph), with the gradients of W_enc and b_enc from those pairs alone: one embedding_bag over
+    all the stack's kept pairs (2·S·P·d FLOPs), never a dense [n, m] gradient. With `shift` (the encoder
+    reads x - shift), shift gets -W_enc @ grad(b_enc)."""
 
     @staticmethod
-    def forward(ctx, pre, x_enc, W_enc, b_enc, shift, idx):
+    def forward(ctx, kept, x_enc, W_enc, b_enc, shift, idx):
         ctx.save_for_backward(x_enc, W_enc, idx)
         ctx.has_shift = shift is not None
-        return pre.reshape(pre.shape[0], -1).gather(1, idx)
+        return kept
 
     @staticmethod
     def backward(ctx, g):

@@ -16,6 +16,11 @@ Where the one-SAE code made a data-dependent choice, the stack makes a fixed-sha
 - The auxiliary loss picks each token's top aux_k dead latents (with aux_batch: the batch's top n·aux_k)
   from a pool of the 2·aux_k dead latents most active in the batch: exactly the one-SAE loss whenever at
   most 2·aux_k latents are dead, and a fixed [n, 2·aux_k] block of work whatever their number.
+
+On the CPU, uncompiled (`cpu_eager`), two shortcuts keep a stack as fast per SAE as its SAEs alone:
+BatchTopK's selection starts from a hint (checked on the host), and the encoder's pre-activations, which
+need no graph, are computed and read a few SAEs at a time (CPU_PRE_BYTES), so each SAE's [n, m] block stays
+in the cache through every pass over it instead of a stack-sized block going through memory.
 """
 from __future__ import annotations
 
@@ -55,6 +60,10 @@ from .sparsity import (
 )
 
 AUX_POOL = 2    # the auxiliary loss reads the AUX_POOL·aux_k most active dead latents of the batch
+# cpu_eager: SAEs whose pre-activations are encoded and read together, at most this many bytes of them (one
+# SAE at least); measured: on a 2-core machine with 300 MiB of L3, a stack of 8 at n 4096, m 4608 encoded
+# whole trained at 0.68-0.89x the speed of 8 SAEs alone
+CPU_PRE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -143,9 +152,10 @@ class SAEStack(nn.Module):
         self.register_buffer("quantile_rate", per_sae([c.quantile_rate for c in cfgs]))
         self.register_buffer("threshold", torch.full((len(cfgs),), float("-inf"), device=dev))
         self.register_buffer("batch_quantile", torch.zeros(len(cfgs), device=dev), persistent=False)
-        # BatchTopK on the CPU, uncompiled: selection starts from a little below the last batch's n·k-th value
-        # (batch_topk_hinted), checked on the host; a GPU's step takes the exact fixed-shape path throughout
-        self.hinted = False
+        # on the CPU, uncompiled: BatchTopK's selection starts from a little below the last batch's n·k-th
+        # value (batch_topk_hinted), checked on the host, and the pre-activations are read in chunks of SAEs;
+        # a GPU's step takes the exact fixed-shape path throughout, the whole stack at once
+        self.cpu_eager = False
         self.register_buffer("hint", torch.full((len(cfgs),), float("-inf"), device=dev), persistent=False)
     @property
     def size(self) -> int:
@@ -223,19 +233,19 @@ class SAEStack(nn.Module):
         if key.arch in K_ARCHS:
             shift = self.b_dec if key.center else None
             xe = x_enc.detach()
+            dead = since_fired >= self.dead_tokens[:, None]                                  # [S, m]
             with torch.no_grad():
-                pre = torch.baddbmm(self.b_enc[:, None, :], xe, self.W_enc)
-                idx = (self._batch_topk(pre) if key.arch in BATCH_ARCHS else topk_rows(pre, key.k)
-                       if key.arch == "topk" else self._quantile_pairs(pre))
+                idx, kept, cols, block = self._encode(xe, dead)
             # relu: a pair keeps value 0 where fewer than n·k (TopK: k) pre-activations are positive
-            vals = KeptPre.apply(pre, xe, self.W_enc, self.b_enc, shift, idx).relu()
+            vals = KeptPre.apply(kept, xe, self.W_enc, self.b_enc, shift, idx).relu()
             if key.arch == "quantile":  # the pairs above the threshold (the first batch: its own quantile)
                 theta = torch.where(torch.isfinite(self.threshold), self.threshold, self.batch_quantile)
                 vals = vals * (vals.detach() > theta[:, None])
             dense = None
             if idx.shape[1] > DENSE_DECODE_ABOVE * key.d_sae * n:
-                dense = torch.zeros(pre.shape, dtype=vals.dtype, device=vals.device)
-                dense = dense.view(self.size, -1).scatter(1, idx, vals).view(pre.shape)
+                shape = (self.size, n, key.d_sae)
+                dense = torch.zeros(shape, dtype=vals.dtype, device=vals.device)
+                dense = dense.view(self.size, -1).scatter(1, idx, vals).view(shape)
                 x_hat = torch.bmm(dense, self.W_dec) + self.b_dec[:, None, :]
             else:
                 x_hat = decode_pairs(idx, vals, self.W_dec, n) + self.b_dec[:, None, :]
@@ -243,7 +253,7 @@ class SAEStack(nn.Module):
             out["mse"] = self._mse(x_hat - x_in)
             if key.groups is not None:
                 out["prefix_mse"] = self._prefix_mse(idx, vals, dense, x_in)
-            out["aux"] = self._aux(pre, xe, shift, since_fired, (x_in - x_hat).detach())
+            out["aux"] = self._aux(cols, block, xe, shift, dead, (x_in - x_hat).detach())
         else:
             pre = torch.baddbmm(self.b_enc[:, None, :], x_enc, self.W_enc)
             unit = key.d_in if key.mse == "sum" else 1  # coefficients weigh against the per-element MSE
@@ -285,29 +295,47 @@ class SAEStack(nn.Module):
             total = total + self._mse(part + self.b_dec[:, None, :] - x_in)
         return total
 
-    def _batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
-        """The n·k largest pre-activations of each SAE (exact; see `hinted`), or with a span the span·k largest
-        of each group of span tokens."""
+    def _encode(self, xe: torch.Tensor, dead: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Without a graph, from the pre-activations xe W_enc + b_enc [S, n, m]: the kept pairs (flat indices
+        [S, P], their pre-activations [S, P]) and the auxiliary loss's pool (its latents [S, D], their masked
+        block [S, n, D], see `_aux`). The whole stack at once, or with cpu_eager a chunk of SAEs at a time."""
+        S, n, _ = xe.shape
+        m = self.key.d_sae
+        chunk = max(1, CPU_PRE_BYTES // (n * m * xe.element_size())) if self.cpu_eager else S
+        parts = []
+        for a in range(0, S, chunk):
+            sl = slice(a, min(S, a + chunk))
+            pre = torch.baddbmm(self.b_enc[sl, None, :], xe[sl], self.W_enc[sl])
+            idx = (self._batch_topk(pre, sl) if self.key.arch in BATCH_ARCHS else topk_rows(pre, self.key.k)
+                   if self.key.arch == "topk" else self._quantile_pairs(pre, sl))
+            parts.append((idx, pre.reshape(pre.shape[0], -1).gather(1, idx), *self._aux_pool(pre, dead[sl])))
+        return parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+
+    def _batch_topk(self, pre: torch.Tensor, sl: slice) -> torch.Tensor:
+        """The n·k largest pre-activations of each SAE of pre (the stack's SAEs sl; exact, see `cpu_eager`), or
+        with a span the span·k largest of each group of span tokens."""
         span = self.key.span
         if span is not None and span < pre.shape[1]:
             return span_topk(pre, self.key.k, span)
-        if self.hinted:
-            idx, ok = batch_topk_hinted(pre, self.key.k, self.hint)
+        if self.cpu_eager:
+            hint = self.hint[sl]
+            idx, ok = batch_topk_hinted(pre, self.key.k, hint)
             if not bool(ok.all()):  # the hint missed (the first batch, or a jump): the exact path
                 idx = batch_topk(pre, self.key.k)
-            kth = pre.reshape(self.size, -1).gather(1, idx).amin(1)
-            self.hint.copy_(kth - 0.05 * kth.abs())
+            kth = pre.reshape(pre.shape[0], -1).gather(1, idx).amin(1)
+            hint.copy_(kth - 0.05 * kth.abs())
             return idx
         return batch_topk(pre, self.key.k)
 
-    def _quantile_pairs(self, pre: torch.Tensor) -> torch.Tensor:
+    def _quantile_pairs(self, pre: torch.Tensor, sl: slice) -> torch.Tensor:
         """A quantile SAE's candidate pairs: the QUANTILE_CAPACITY·n·k largest pre-activations (exact, fixed
         shape; those above the threshold are kept, all of them unless more than that pass it). Notes the
         batch's n·k-th largest value, the (1 - k/m) quantile the threshold follows."""
         S, n, _ = pre.shape
         idx = batch_topk(pre, QUANTILE_CAPACITY * self.key.k)
         top = pre.reshape(S, -1).gather(1, idx)
-        self.batch_quantile.copy_(top.topk(n * self.key.k, dim=1, sorted=False).values.amin(1))
+        self.batch_quantile[sl].copy_(top.topk(n * self.key.k, dim=1, sorted=False).values.amin(1))
         return idx
 
     @torch.no_grad()
@@ -318,32 +346,36 @@ class SAEStack(nn.Module):
         t = self.threshold
         t.copy_(torch.where(torch.isfinite(t), t + self.quantile_rate * (q - t), q))
 
-    def _aux(self, pre: torch.Tensor, x_enc: torch.Tensor, shift: torch.Tensor | None, since_fired: torch.Tensor,
-             residual: torch.Tensor) -> torch.Tensor:
+    def _aux_pool(self, pre: torch.Tensor, dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The auxiliary loss's pool, from the pre-activations [S, n, m] and dead latents [S, m]: the
+        AUX_POOL·aux_k dead latents with the largest pre-activation anywhere in the batch [S, D], and their
+        block [S, n, D] with each token's top aux_k of them kept (aux_batch: the batch's top n·aux_k), the
+        rest 0."""
+        S, n, m = pre.shape
+        score = pre.amax(1).masked_fill(~dead, float("-inf"))
+        cols = score.topk(min(m, AUX_POOL * self.key.aux_k), dim=1, sorted=False).indices  # [S, D]
+        block = pre.gather(2, cols[:, None, :].expand(S, n, cols.shape[1]))
+        block.masked_fill_(~dead.gather(1, cols)[:, None, :], float("-inf"))
+        if self.key.aux_batch and cols.shape[1] > self.key.aux_k:  # the batch's top n·aux_k of the pool
+            flat = block.view(S, -1)
+            top = flat.topk(n * self.key.aux_k, dim=1, sorted=False).indices
+            keep = torch.zeros(flat.shape, dtype=torch.bool, device=block.device).scatter_(1, top, True)
+            block.masked_fill_(~keep.view(block.shape), float("-inf"))
+        elif cols.shape[1] > self.key.aux_k:  # each token's top aux_k of the pool
+            top = block.topk(self.key.aux_k, dim=2, sorted=False).indices
+            keep = torch.zeros(block.shape, dtype=torch.bool, device=block.device).scatter_(2, top, True)
+            block.masked_fill_(~keep, float("-inf"))
+        return cols, block.relu_()  # -inf (not dead, or not among a token's top aux_k) -> 0
+
+    def _aux(self, cols: torch.Tensor, block: torch.Tensor, x_enc: torch.Tensor, shift: torch.Tensor | None,
+             dead: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Gao et al.'s auxiliary loss: the residual fitted with each token's top aux_k dead latents (with
         aux_batch, the BatchTopK authors' open idea: the top n·aux_k dead-latent pre-activations of the whole
         batch), times aux_coeff (0 where none is dead); optionally over the residual's variance.
 
         In a fixed shape: the pool is the AUX_POOL·aux_k dead latents with the largest pre-activation
-        anywhere in the batch, and each token takes its top aux_k of those (one dense [n, pool] block).
-        That is the one-SAE loss exactly whenever at most that many latents are dead."""
-        S, n, m = pre.shape
-        dead = since_fired >= self.dead_tokens[:, None]                                      # [S, m]
-        with torch.no_grad():
-            score = pre.amax(1).masked_fill(~dead, float("-inf"))
-            cols = score.topk(min(m, AUX_POOL * self.key.aux_k), dim=1, sorted=False).indices  # [S, D]
-            block = pre.gather(2, cols[:, None, :].expand(S, n, cols.shape[1]))
-            block.masked_fill_(~dead.gather(1, cols)[:, None, :], float("-inf"))
-            if self.key.aux_batch and cols.shape[1] > self.key.aux_k:  # the batch's top n·aux_k of the pool
-                flat = block.view(S, -1)
-                top = flat.topk(n * self.key.aux_k, dim=1, sorted=False).indices
-                keep = torch.zeros(flat.shape, dtype=torch.bool, device=block.device).scatter_(1, top, True)
-                block.masked_fill_(~keep.view(block.shape), float("-inf"))
-            elif cols.shape[1] > self.key.aux_k:  # each token's top aux_k of the pool
-                top = block.topk(self.key.aux_k, dim=2, sorted=False).indices
-                keep = torch.zeros(block.shape, dtype=torch.bool, device=block.device).scatter_(2, top, True)
-                block.masked_fill_(~keep, float("-inf"))
-            block.relu_()  # -inf (not dead, or not among a token's top aux_k) -> 0
+        anywhere in the batch, and each token takes its top aux_k of those (one dense [n, pool] block,
+        `_aux_pool`). That is the one-SAE loss exactly whenever at most that many latents are dead."""
         block = MaskedBlock.apply(block, x_enc, self.W_enc, self.b_enc, shift, cols)
         decoded = torch.bmm(block, self.W_dec.gather(1, cols[:, :, None].expand(*cols.shape, self.key.d_in)))
         aux = self._mse(decoded - residual)
@@ -446,7 +478,7 @@ class StackTrainer:
         self.stack, self.opt, self.state = stack, StackAdam(stack), StepState(stack)
         self.total_steps, self.theta_from, self.world = total_steps, theta_from, world
         dev = stack.W_enc.device
-        stack.hinted = dev.type == "cpu" and not compile
+        stack.cpu_eager = dev.type == "cpu" and not compile
         self.objective: nn.Module = Objective(stack)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
