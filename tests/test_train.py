@@ -410,14 +410,21 @@ def test_a_checkpoint_of_the_old_layout_gets_one_line(synthetic_cache, tmp_path)
 
 
 def test_resuming_with_other_stacks_says_which_stack_size(synthetic_cache, tmp_path):
+    """A checkpoint's stacks decide a resumed run's unless --stack-size asks for others: then one line."""
     from batchtopk.train.trainer import RUN_FILE
 
     cache, _ = synthetic_cache
     sweep = [{"arch": "topk", "d_sae": 128, "k": 3, "replicate": r} for r in range(2)]
-    t = Trainer(settings(cache, tmp_path / "r", saes=sweep, tokens=512 * 6, stack_size=2))
-    t.out.mkdir(parents=True)
-    (t.out / RUN_FILE).write_text(json.dumps({"identity": t.identity, "complete": False}))
-    t.save_state()
+    for size, out in ((2, "r"), (1, "r1")):
+        t = Trainer(settings(cache, tmp_path / out, saes=sweep, tokens=512 * 6, stack_size=size))
+        t.out.mkdir(parents=True)
+        (t.out / RUN_FILE).write_text(json.dumps({"identity": t.identity, "complete": False}))
+        t.save_state()
     with pytest.raises(PipelineError, match=r"holds stacks of up to 2 SAEs, this run would make stacks of up to 1; "
                                             r"resume with --stack-size 2"):
         Trainer(settings(cache, tmp_path / "r", saes=sweep, tokens=512 * 6, stack_size=1)).run()
+    # stacks of 1 (the CPU's default before 2026-12-02), resumed without --stack-size: it goes on in them
+    t = Trainer(settings(cache, tmp_path / "r1", saes=sweep, tokens=512 * 6))
+    assert t.groups == [[0, 1]]
+    t.run()
+    assert t.groups == [[0], [1]] and json.loads((t.out / RUN_FILE).read_text())["complete"]

@@ -58,8 +58,8 @@ class TrainSettings:
     data_parts: int | None = setting(None, "Parts of each global batch (default: one per rank); a single process "
                                      "can build the batches of several ranks.", cli=False, identity=IF_SET)
     device: str | None = setting(None, "cuda or cpu (default: CUDA when present).")
-    stack_size: int | None = setting(None, "SAEs of one shape trained as one stack, at most (default: all of them on a "
-                                     "GPU; 1 on the CPU, where stacks measured slower).", group=ADVANCED)
+    stack_size: int | None = setting(None, "SAEs of one shape trained as one stack, at most (default: all of them; "
+                                     "a resumed run: its checkpoint's).", group=ADVANCED)
     compile: str = setting("auto", "Compile each stack's training step into one graph, replayed as a CUDA graph on "
                            "a GPU: auto (on one GPU), on, or off.", choices=("auto", "on", "off"), group=ADVANCED)
     pipeline: str | None = setting(None, cli=False)

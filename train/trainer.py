@@ -73,16 +73,21 @@ class Trainer:
         self.total_steps = max(1, math.ceil(self.tokens / s.batch_size))
         self.out = Path(s.out)
         self.identity = s.identity() | {"cache_id": self.cache.attrs["cache_id"], "site": self.site}
+        self.step = 0
+        self.step_t = torch.zeros((), dtype=torch.long, device=self.device)  # the step, as the step sees it
+        self.theta_from = self.total_steps - max(1, round(self.total_steps * s.theta_window))
+        self._make_stacks(s.stack_size)
+
+    def _make_stacks(self, size: int | None) -> None:
+        """The SAEs of one architecture and shape train as one stack (of at most `size`); stacks[j] holds
+        cfgs[groups[j]], freshly initialised."""
+        s = self.s
         torch.manual_seed(s.seed)
         saes = [SAE(c, s.seed).to(self.device) for c in self.cfgs]
         for sae in saes:
             if sae.cfg.norm == "global":
                 sae.input_scale.fill_(self.scale)
-        self.step = 0
-        self.step_t = torch.zeros((), dtype=torch.long, device=self.device)  # the step, as the step sees it
-        self.theta_from = self.total_steps - max(1, round(self.total_steps * s.theta_window))
-        # the SAEs of one architecture and shape train as one stack; stacks[j] holds cfgs[groups[j]]
-        self.groups = stack_configs(self.cfgs, s.stack_size or (None if self.device.startswith("cuda") else 1))
+        self.groups = stack_configs(self.cfgs, size)
         compile_ = s.compile == "on" or (s.compile == "auto" and self.device.startswith("cuda") and self.world == 1)
         self.stacks = [StackTrainer(SAEStack([saes[i] for i in g], s.lr, tuple(s.betas)), self.total_steps,
                                     self.theta_from, self.world, compile_) for g in self.groups]
@@ -147,10 +152,13 @@ class Trainer:
             raise PipelineError(f"checkpoint {path} was written by an earlier version, which trained SAEs one by one; "
                                 "finish the run with that version, or delete the checkpoint to train it again "
                                 "from step 0")
-        if st["groups"] != self.groups:  # another --stack-size, or another device's default
+        if st["groups"] != self.groups:  # another --stack-size (or, before 2026-12-02, the CPU's default of 1)
             size = max(map(len, st["groups"]))
-            raise PipelineError(f"checkpoint {path} holds stacks of up to {size} SAEs, this run would make stacks of "
-                                f"up to {max(map(len, self.groups))}; resume with --stack-size {size}")
+            if self.s.stack_size is None and stack_configs(self.cfgs, size) == st["groups"]:
+                self._make_stacks(size)  # no --stack-size given: the run goes on in the checkpoint's stacks
+            else:
+                raise PipelineError(f"checkpoint {path} holds stacks of up to {size} SAEs, this run would make stacks "
+                                    f"of up to {max(map(len, self.groups))}; resume with --stack-size {size}")
         for stack, sd in zip(self.stacks, st["stacks"]):
             stack.load_state_dict(sd)
         self.step = st["step"]
