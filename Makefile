@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 # The whole suite, as CI runs it: the linter, then every test.
 test: setup
 	.venv/bin/ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
 
 # The inner loop: the linter and the tests not marked slow (under two minutes).
 test-fast: setup
