@@ -144,16 +144,12 @@ def logit_effects(sae: SAE, model, top: int = TOP_LOGITS
 
 def final_norm_scale(model) -> torch.Tensor:
     """The elementwise scale of the model's final norm (Gemma's RMSNorm multiplies by 1 + weight)."""
-    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"):
-        obj = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        w = obj.weight.detach().float()
-        return 1.0 + w if "gemma" in type(obj).__name__.lower() else w
-    return torch.ones(model.get_output_embeddings().weight.shape[1])
+    norm = models.submodule(model, ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
+                                    "model.decoder.final_layer_norm"))
+    if norm is None:
+        return torch.ones(model.get_output_embeddings().weight.shape[1])
+    w = norm.weight.detach().float()
+    return 1.0 + w if "gemma" in type(norm).__name__.lower() else w
 
 
 class Vocab:

@@ -148,9 +148,9 @@ def load_model(spec: ModelSpec, device: str, dtype: torch.dtype):
     return model.to(device).eval().requires_grad_(False)
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The list of decoder blocks for the families we support (Llama/Gemma/Mistral/Qwen, GPT-2, NeoX)."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+def submodule(model, paths: tuple[str, ...]) -> Any | None:
+    """The first of the dotted attribute paths that the model has (one per supported family), or None."""
+    for path in paths:
         obj = model
         try:
             for part in path.split("."):
@@ -158,7 +158,15 @@ def decoder_layers(model) -> torch.nn.ModuleList:
         except AttributeError:
             continue
         return obj
-    raise PipelineError(f"unsupported architecture {type(model).__name__}: no decoder block list found")
+    return None
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of decoder blocks for the families we support (Llama/Gemma/Mistral/Qwen, GPT-2, NeoX)."""
+    layers = submodule(model, ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"))
+    if layers is None:
+        raise PipelineError(f"unsupported architecture {type(model).__name__}: no decoder block list found")
+    return layers
 
 
 def n_layers(config) -> int:

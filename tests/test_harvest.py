@@ -165,3 +165,21 @@ def test_smollm2_matches_hidden_states(tmp_path):
         hs = m(torch.from_numpy(c.tokens[:].astype(np.int64)), output_hidden_states=True).hidden_states
     np.testing.assert_allclose(c.activations("blocks.15.hook_resid_pre")[:], hs[15].reshape(-1, 576).numpy(),
                                rtol=1e-4, atol=1e-3)
+
+
+def test_decoder_blocks_and_final_norm_of_each_family(tiny_models):
+    """One lookup of a model's parts serves every supported family: its decoder blocks, and the elementwise
+    scale of its final norm (Gemma's RMSNorm multiplies by 1 + weight); an unknown model gets one line."""
+    from transformers import AutoModelForCausalLM
+
+    from batchtopk.core.errors import PipelineError
+    from batchtopk.evaluate.browse import final_norm_scale
+    from batchtopk.harvest.models import decoder_layers
+
+    for family, norm in (("gpt2", "transformer.ln_f"), ("llama", "model.norm"), ("gemma2", "model.norm")):
+        m = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+        assert len(decoder_layers(m)) == m.config.num_hidden_layers
+        w = m.get_submodule(norm).weight.detach().float()
+        torch.testing.assert_close(final_norm_scale(m), 1.0 + w if family == "gemma2" else w)
+    with pytest.raises(PipelineError, match="unsupported architecture Linear: no decoder block list found"):
+        decoder_layers(torch.nn.Linear(2, 2))
