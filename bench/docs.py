@@ -28,6 +28,7 @@ from batchtopk.core.options import declared, option_name
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("README.md", "docs/usage.md", "docs/results.md")
 PEERS = "docs/bench/peers.json"
+PEERS_OURS_LR = "docs/bench/peers-ours-lr.json"  # the peers at our lr, when run apart (--peer-lr ours --out ours-lr)
 PAPER = "docs/paper/summary.json"
 MARKER = re.compile(r"(<!-- table: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
@@ -352,12 +353,15 @@ def render_headline(_: str = "", root: Path = ROOT) -> str:
         peer_rows.append([impl, _lr(bt or tk), f"{bt['batch']['value']:.4f}" if "batch" in bt else "–",
                           f"{tk['topk']['value']:.4f}" if "topk" in tk else "–"])
     at_ours = any(" at our lr" in i for i in _impls(recs))
+    apart = load(PEERS_OURS_LR, root) if not at_ours and (root / PEERS_OURS_LR).exists() else []
+    intro = ("runs at its own default learning rate and at ours, so a recipe is told apart from its lr:" if at_ours
+             else "runs at its own default learning rate in the table; the sentence under it is a run of each at "
+             f"ours on the same batches (`{PEERS_OURS_LR}`), so a recipe is told apart from its lr:" if apart
+             else "runs at its own default learning rate (this file has no run at ours: the rows compare recipes "
+             "and learning rates together):")
     out = ("**Against peers, on exactly the same batches** (`make peers`; lower NMSE is better). Each peer "
-           + ("runs at its own default learning rate and at ours, so a recipe is told apart from its lr:\n\n"
-              if at_ours else "runs at its own default learning rate (this file has no run at ours: the rows "
-              "compare recipes and learning rates together):\n\n")
-           + table(["implementation", "lr", "BatchTopK NMSE (batch mode)", "TopK NMSE"], peer_rows)
-           + f"\n{_budget(recs)}.\n" + _para(equal_lr(recs)) + "\n")
+           + intro + "\n\n" + table(["implementation", "lr", "BatchTopK NMSE (batch mode)", "TopK NMSE"], peer_rows)
+           + f"\n{_budget(recs)}.\n" + _para(equal_lr(recs) or equal_lr(apart)) + "\n")
     rows, gs = _groups(PAPER, root)
     topk = {(g.first["d_sae"], g.first["k"]): g for g in _main(gs) if g.arch == "topk"}
     from batchtopk.evaluate.report import paired_differences

@@ -118,6 +118,14 @@ def test_equal_lr_sentence_claims_a_tie_only_within_the_tolerance(fixture_root):
     head = docs.render_headline(root=fixture_root)  # without runs at our lr, no claim that there are
     assert "this file has no run at ours" in head and "and at ours" not in head and "At our learning rate" not in head
     assert "the recipes tie" in docs.equal_lr(recs)
+    # the runs at our lr made apart (--peer-lr ours --out ours-lr): the sentence comes from that file
+    (fixture_root / "docs" / "bench" / "peers-ours-lr.json").write_text(json.dumps(
+        [r for r in recs if "at our lr" in r["settings"]["implementation"] or
+         r["settings"]["implementation"] == "ours"]))
+    head = docs.render_headline(root=fixture_root)
+    assert "a run of each at ours on the same batches (`docs/bench/peers-ours-lr.json`)" in head
+    assert "At our learning rate: dictionary_learning 0.1.0's BatchTopK 0.2002 against our 0.2000" in head
+    assert "this file has no run at ours" not in head and not rows_of(head, "dictionary_learning 0.1.0 at our lr")
     recs[6]["value"] = 0.2100  # dictionary_learning's BatchTopK at our lr: 5% behind ours
     text = docs.equal_lr(recs)
     assert "BatchTopK 0.2100 against our 0.2000 (+5.0%)" in text and "tie" not in text
