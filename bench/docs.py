@@ -169,15 +169,15 @@ def _against_best_peer(by: dict[tuple[str, str], dict[str, dict]]) -> str:
     that ours and a peer both measured."""
     out = []
     for arch, mode, label in (("matryoshka", "batch", "Matryoshka"), ("gated", "gated", "Gated")):
-        ours = by.get(("ours", arch), {}).get(mode)
-        peers = [(r["value"], impl, r) for (impl, a), modes in by.items() if a == arch and impl != "ours"
-                 for r in [modes.get(mode)] if r and r["value"] == r["value"]]
-        if not ours or ours["value"] != ours["value"] or not peers:
+        measured = {impl: modes[mode] for (impl, a), modes in by.items()  # NaN: never reached L0 = k
+                    if a == arch and mode in modes and modes[mode]["value"] == modes[mode]["value"]}
+        ours = measured.pop("ours", None)
+        if not ours or not measured:
             continue
-        value, impl, best = min(peers, key=lambda p: p[0])
-        out.append(f" {label}: ours {ours['value']:.4f} against the best peer's {value:.4f} ({impl}, "
-                   f"{pct(ours['value'] / value - 1)}); latents silent {ours['settings']['dead_fraction']:.1%} "
-                   f"against {best['settings']['dead_fraction']:.1%}.")
+        impl, best = min(measured.items(), key=lambda kv: kv[1]["value"])
+        out.append(f" {label}: ours {ours['value']:.4f} against the best peer's {best['value']:.4f} ({impl}, "
+                   f"{pct(ours['value'] / best['value'] - 1)}); latents silent "
+                   f"{ours['settings']['dead_fraction']:.1%} against {best['settings']['dead_fraction']:.1%}.")
     return "".join(out)
 
 

@@ -70,7 +70,7 @@ def stack_trainer(arch: str, size: int, d: int, m: int, k: int, dead_fraction: f
 def count_step(arch: str, size: int, d: int = SHAPE["d"], m: int = SHAPE["m"], k: int = SHAPE["k"],
                batch: int = SHAPE["batch"]) -> OpCounter:
     """The ops of one non-log training step of a stack (after two warm-up steps), as a GPU or a compiled
-    step runs it (the CPU's eager BatchTopK shortcut, checked on the host, left out)."""
+    step runs it (the CPU's eager shortcuts, the host-checked BatchTopK hint and the chunked encoding, left out)."""
     st = stack_trainer(arch, size, d, m, k)
     st.stack.cpu_eager = False
     x = torch.randn(batch, d)

@@ -498,8 +498,8 @@ def write_report(pipeline: str, dirs: list[str], out: str | None = None) -> Path
         lines += ["", "## Changes from the defaults, pair by pair", "",
                   "Each configuration that changes one setting (or BatchTopK's architecture: the quantile "
                   "threshold, Matryoshka) against the default one of the same size and k, same seed (same initial "
-                  "weights and "
-                  "batches); inference mode; ± is the std of the paired relative change over seeds.", "", *variants]
+                  "weights and batches); inference mode; ± is the std of the paired relative change over seeds.",
+                  "", *variants]
     swapped = swapped_table(gs)
     if swapped:
         lines += ["", "## Swapped activations", "",
