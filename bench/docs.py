@@ -8,9 +8,9 @@ A table lives between two markers in a markdown file; everything between them is
     ...
     <!-- /table -->
 
-Kinds: headline (README), peers FILE, paper FILE, pairs FILE, jumprelu FILE, estimators FILE,
-change FILE FILE, ablation FILE, records FILE, options COMMAND, swapped FILE, variants FILE,
-absorption FILE. FILE is relative to the repository root.
+Kinds: headline (README), peers FILE [FILE ...] (a later file's rows replace an earlier one's), paper FILE,
+pairs FILE, jumprelu FILE, estimators FILE, change FILE FILE, ablation FILE, records FILE, options COMMAND,
+swapped FILE, variants FILE, absorption FILE. FILE is relative to the repository root.
 """
 from __future__ import annotations
 
@@ -114,11 +114,30 @@ def _para(text: str) -> str:
     return f"\n{text}" if text else ""
 
 
-def render_peers(path: str, root: Path = ROOT) -> str:
-    recs = load(path, root)
+def load_peers(spec: str, root: Path = ROOT) -> tuple[list[dict], str]:
+    """The records of one or more peers files (`FILE [FILE ...]`), each later file's (implementation,
+    architecture) rows replacing an earlier one's (a run that re-measured some of them), and the files as
+    the table names them. All must hold one budget."""
+    paths = spec.split()
+    recs: list[dict] = []
+    order: dict[str, int] = {}  # implementations in the order they first appear, in whichever file
+    for p in paths:
+        new = load(p, root)
+        if recs and _budget(new) != _budget(recs):
+            raise PipelineError(f"{p} measures another budget than {paths[0]} ({_budget(new)}, not "
+                                f"{_budget(recs)}): one peers table holds one budget")
+        again = {(r["settings"]["implementation"], r["settings"]["arch"]) for r in new}
+        recs = [r for r in recs if (r["settings"]["implementation"], r["settings"]["arch"]) not in again] + new
+        for r in new:
+            order.setdefault(r["settings"]["implementation"], len(order))
+    return sorted(recs, key=lambda r: order[r["settings"]["implementation"]]), ", ".join(f"`{p}`" for p in paths)
+
+
+def render_peers(spec: str, root: Path = ROOT) -> str:
+    recs, path = load_peers(spec, root)
     by = _peer_rows(recs)
     if not any(arch in ("batchtopk", "topk") for _, arch in by):  # a file of the newer architectures only
-        return _newer_archs(recs) + f"\n{_budget(recs)}; `{path}`.\n"
+        return _newer_archs(recs) + f"\n{_budget(recs)}; {path}.\n"
     rows = []
     for impl in _impls(recs):
         bt, tk = by.get((impl, "batchtopk"), {}), by.get((impl, "topk"), {})
@@ -131,7 +150,7 @@ def render_peers(path: str, root: Path = ROOT) -> str:
                      f"{dead(batch)} / {dead(top)}"])
     return (table(["implementation", "lr", "BatchTopK NMSE, batch mode", "threshold mode (its L0)", "TopK NMSE",
                    "standardised MSE (BatchTopK / TopK)", "latents silent on the held-out rows (BatchTopK / TopK)"],
-                  rows) + f"\n{_budget(recs)}; `{path}`"
+                  rows) + f"\n{_budget(recs)}; {path}"
             + ("" if any(" at our lr" in i for i in _impls(recs)) else " (no peer run at our learning rate in it)")
             + ".\n" + _para(equal_lr(recs)) + _para(_newer_archs(recs)))
 

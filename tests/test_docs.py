@@ -282,3 +282,29 @@ def test_a_peers_file_of_matryoshka_only_renders_its_own_table(tmp_path):
     assert "BatchTopK NMSE" not in out and "| ours | 0.001 | 0.2000 | – | 0.0% | – | – | – |" in out
     assert out.rstrip().endswith("p cache, s, 64 latents, k = 4, 3 steps of 8 (24 tokens), one seed, NMSE on the same "
                                  "10 held-out rows; `m.json`.")
+
+
+def test_a_later_peers_file_replaces_the_rows_it_measured_again(tmp_path):
+    import json
+
+    from batchtopk.bench.docs import render_peers
+    from batchtopk.core.errors import PipelineError
+
+    common = {"pipeline": "p", "site": "s", "d_sae": 64, "k": 4, "steps": 3, "batch_size": 8, "training_tokens": 24,
+              "seeds": 1, "heldout_rows": 10, "lr": 1e-3, "l0": 4.0, "dead_fraction": 0.0, "standardized_mse": 0.1}
+
+    def rec(impl, arch, mode, v, **kw):
+        return {"value": v, "settings": common | {"implementation": impl, "arch": arch, "mode": mode} | kw}
+    (tmp_path / "a.json").write_text(json.dumps([rec("ours", "matryoshka", "batch", 0.2),
+                                                 rec("ours", "gated", "gated", 0.25, dead_fraction=0.2),
+                                                 rec("dl", "gated", "gated", 0.3, dead_fraction=0.01)]))
+    (tmp_path / "b.json").write_text(json.dumps([rec("ours", "gated", "gated", 0.24, dead_fraction=0.001)]))
+    out = render_peers("a.json b.json", root=tmp_path)
+    lines = out.splitlines()
+    assert lines[2] == "| ours | 0.001 | 0.2000 | – | 0.0% | 0.2400 | 0.1% | – |" and "0.2500" not in out
+    assert lines[3] == "| dl | 0.001 | – | – | – | 0.3000 | 1.0% | – |"
+    assert out.rstrip().endswith("10 held-out rows; `a.json`, `b.json`.")
+    (tmp_path / "c.json").write_text(json.dumps([rec("ours", "gated", "gated", 0.24) | {
+        "settings": common | {"implementation": "ours", "arch": "gated", "mode": "gated", "steps": 5}}]))
+    with pytest.raises(PipelineError, match="c.json measures another budget than a.json .*5 steps of 8"):
+        render_peers("a.json c.json", root=tmp_path)
