@@ -40,6 +40,17 @@ def main(ctx, parts, harvest_tokens, steps, d_in, d_sae, k, batch, dead_fraction
         click.echo(f"\n== {part} ({path})\n{records.table(recs)}")
 
 
+def _floats(value: str | None, what: str) -> tuple[float, ...]:
+    """A comma-separated list of positive numbers (None: the empty tuple, the command's default)."""
+    try:
+        out = tuple(float(x) for x in (value or "").split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: allowed: positive numbers separated by commas", param_hint=what) from None
+    if any(not v > 0 for v in out):
+        raise click.BadParameter(f"{value!r}: allowed: positive numbers separated by commas", param_hint=what)
+    return out
+
+
 @main.command()
 @click.option("--pipeline", default="smollm2-135m-paper", show_default=True, help="Whose cache and budget.")
 @click.option("--arch", "archs", default="batchtopk,topk", show_default=True, help="Architectures (jumprelu too).")
@@ -53,14 +64,19 @@ def main(ctx, parts, harvest_tokens, steps, d_in, d_sae, k, batch, dead_fraction
               help="Held-out layout (default: the pipeline's; cache/split.py Split).")
 @click.option("--peer-lr", "peer_lrs", default="default,ours", show_default=True,
               help="Each peer's learning rate: its own default, ours, or both (a recipe told apart from its lr).")
+@click.option("--gated-l1", callback=lambda _c, _p, v: _floats(v, "--gated-l1"),
+              help="Gated: the L1 coefficients each implementation trains at, comma-separated, read at L0 = k between "
+                   "two (default: 0.003,0.01,0.03,0.1).")
 @click.option("--out", "out_name", help="Write peers-<OUT>.json instead of peers.json (keeps other runs' files).")
 @one_line_errors
-def peers(pipeline, archs, dict_mult, k, tokens, batch_size, seeds, peers, heldout, peer_lrs, out_name) -> None:
+def peers(pipeline, archs, dict_mult, k, tokens, batch_size, seeds, peers, heldout, peer_lrs, gated_l1,
+          out_name) -> None:
     """Train our SAEs and the peers' on exactly the same batches; NMSE on the same held-out rows."""
     from . import peers as p
 
     recs = p.run(pipeline, tuple(a for a in archs.split(",") if a), dict_mult, k, tokens, batch_size, seeds,
-                 tuple(x for x in peers.split(",") if x), heldout, tuple(x for x in peer_lrs.split(",") if x))
+                 tuple(x for x in peers.split(",") if x), heldout, tuple(x for x in peer_lrs.split(",") if x),
+                 gated_l1)
     path = records.write(f"peers-{out_name}" if out_name else "peers", recs)
     click.echo(f"\n== peers ({path})\n{records.table(recs)}")
     click.echo(str(path))

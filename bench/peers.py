@@ -12,8 +12,8 @@ runs (warm-up, threshold start) are scaled to this budget and recorded in each r
   driven by its own SAETrainer (Adam 0.9/0.999, gradient norm clipped at 1, its dead-latent window).
 
 Matryoshka runs with our default groups in every implementation. Gated has no k: each implementation
-trains it at every L1 coefficient of GATED_L1 and its NMSE is read at L0 = k, interpolated (log-log)
-between the two coefficients whose L0 bracket k.
+trains it at every L1 coefficient of a grid (GATED_L1, or --gated-l1) and its NMSE is read at L0 = k,
+interpolated (log-log) between the two coefficients whose L0 bracket k.
 """
 from __future__ import annotations
 
@@ -148,11 +148,13 @@ def _dense_rec(encode: Callable[[torch.Tensor], torch.Tensor],
 
 
 # ---------------------------------------------------------------- ours
-def train_ours(b: Budget, arch: str, m: int, k: int, seeds: int, out: Path) -> dict[str, list[dict]]:
-    """One pass of our trainer for all seeds (Gated: at every coefficient of GATED_L1, read at L0 = k);
+def train_ours(b: Budget, arch: str, m: int, k: int, seeds: int, out: Path,
+               gated_l1: tuple[float, ...] = ()) -> dict[str, list[dict]]:
+    """One pass of our trainer for all seeds (Gated: at every coefficient of gated_l1, read at L0 = k);
     scored in each inference mode (BatchTopK and Matryoshka: batch and threshold)."""
     if arch == "gated":
-        per = [{"l1_coeff": c} for c in GATED_L1]
+        gated_l1 = gated_l1 or GATED_L1
+        per = [{"l1_coeff": c} for c in gated_l1]
     elif arch == "jumprelu":
         per = [{"target_l0": k, "jumprelu_init_l0": 4 * k} | JUMPRELU_TARGET_RECIPE]
     else:
@@ -173,7 +175,7 @@ def train_ours(b: Budget, arch: str, m: int, k: int, seeds: int, out: Path) -> d
             run = score(rec, x, b.batch_size, b.scale, b.batches()) | {"coeff": sae.cfg.l1_coeff}
             scores.setdefault(label, []).append(run)
     if arch == "gated":  # each seed's runs at every coefficient -> one run at L0 = k
-        scores = {mode: [at_l0(runs[i:i + len(GATED_L1)], k) for i in range(0, len(runs), len(GATED_L1))]
+        scores = {mode: [at_l0(runs[i:i + len(gated_l1)], k) for i in range(0, len(runs), len(gated_l1))]
                   for mode, runs in scores.items()}
     return scores
 
@@ -198,7 +200,7 @@ def _load_dictionary_learning() -> types.ModuleType:
 
 
 def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int,
-                              lr: float | None = None) -> tuple[dict, dict]:
+                              lr: float | None = None, gated_l1: tuple[float, ...] = ()) -> tuple[dict, dict]:
     """dictionary_learning's trainer for `arch` on our batches, at its default lr or at `lr`."""
     importlib.import_module("dictionary_learning.trainers")
     mods = {a: importlib.import_module(f"dictionary_learning.trainers.{f}")
@@ -214,7 +216,7 @@ def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int,
                       device="cpu", warmup_steps=scaled) | ({"lr": lr} if lr is not None else {})
         runs: dict[str, list[dict]] = {}
         # gated: its L1 penalty weighs the summed squared error, ours the per-element one (d times smaller)
-        for coeff in GATED_L1 if arch == "gated" else (None,):
+        for coeff in (gated_l1 or GATED_L1) if arch == "gated" else (None,):
             if arch == "batchtopk":
                 tr = mods[arch].BatchTopKTrainer(k=k, threshold_start_step=scaled, **common)
             elif arch == "topk":
@@ -324,7 +326,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchtopk", "topk"), dict_mult: int = 8,
         k: int = 32, tokens: int | None = None, batch_size: int | None = None, seeds: int = 1,
         peers: tuple[str, ...] = ("dictionary_learning", "saelens"), heldout: str | None = None,
-        peer_lrs: tuple[str, ...] = ("default", "ours")) -> list[Record]:
+        peer_lrs: tuple[str, ...] = ("default", "ours"), gated_l1: tuple[float, ...] = ()) -> list[Record]:
     """Ours and every peer on the same batches; each peer at its own default learning rate and (with
     "ours" in peer_lrs) at ours, so a difference of recipe is told apart from a difference of lr."""
     from batchtopk.core import pipelines
@@ -343,17 +345,20 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
     settings = {"pipeline": name, "cache_id": b.cache.attrs["cache_id"], "site": b.site, "d_sae": m, "k": k,
                 "steps": b.steps, "batch_size": b.batch_size, "training_tokens": b.steps * b.batch_size,
                 "heldout_rows": len(b.heldout(HELDOUT_ROWS)), "heldout": b.layout, "seeds": seeds, "data_seed": b.seed}
+    if "gated" in archs:
+        settings["gated_l1"] = list(gated_l1 or GATED_L1)
     dev = device_name("cpu")
     recs: list[Record] = []
     for arch in archs:
         with tempfile.TemporaryDirectory() as tmp:
-            ours = train_ours(b, arch, m, k, seeds, Path(tmp) / "ours")
+            ours = train_ours(b, arch, m, k, seeds, Path(tmp) / "ours", gated_l1)
         our_lr = OUR_LR[arch]
         results = {"ours": (ours, {"lr": our_lr})}
         lrs = [(None, "")] * ("default" in peer_lrs) + [(our_lr, f" at our lr {our_lr:g}")] * ("ours" in peer_lrs)
         for lr, tag in lrs:
             if "dictionary_learning" in peers and arch in PEER_ARCHS["dictionary_learning"]:
-                results[f"dictionary_learning 0.1.0{tag}"] = train_dictionary_learning(b, arch, m, k, seeds, lr)
+                results[f"dictionary_learning 0.1.0{tag}"] = train_dictionary_learning(b, arch, m, k, seeds, lr,
+                                                                                         gated_l1)
             if "saelens" in peers and arch in PEER_ARCHS["saelens"]:
                 import sae_lens
                 results[f"SAELens {sae_lens.__version__}{tag}"] = train_saelens(b, arch, m, k, seeds, lr)

@@ -63,3 +63,14 @@ def test_gated_runs_are_read_at_the_target_l0():
     assert r["l0"] == 32 and r["l0_bracket"] == [16.0, 64.0] and r["coeff_bracket"] == [0.03, 0.003]
     assert at_l0(runs, 20)["dead_fraction"] == 0.5 and at_l0(runs, 50)["dead_fraction"] == 0.0  # the nearer run's
     assert math.isnan(at_l0(runs, 100)["nmse"]) and at_l0(runs, 100)["coeff_bracket"] is None
+
+
+def test_the_gated_grid_option_takes_positive_numbers_only():
+    from click.testing import CliRunner
+
+    from batchtopk.bench.cli import _floats, main
+
+    assert _floats("0.003, 0.005,0.01", "--gated-l1") == (0.003, 0.005, 0.01) and _floats(None, "x") == ()
+    for bad in ("0.01,x", "0.01,-1"):
+        r = CliRunner().invoke(main, ["peers", "--gated-l1", bad])
+        assert r.exit_code == 2 and f"Invalid value for --gated-l1: '{bad}': allowed: positive numbers" in r.output

@@ -206,7 +206,9 @@ def test_a_stack_of_n_trains_like_n_alone(tmp_path):
     sweep = [{"arch": "batchtopk", "d_sae": M, "k": 4},
              {"arch": "batchtopk", "d_sae": M, "k": 4, "replicate": 1, "lr": 3e-3, "betas": (0.0, 0.999),
               "grad_clip": None, "aux_coeff": 0.5, "warmup": 0.2, "decay": 0.3},
-             {"arch": "batchtopk", "d_sae": M, "k": 4, "replicate": 2, "grad_clip": 0.01, "dead_tokens": 256}]
+             {"arch": "batchtopk", "d_sae": M, "k": 4, "replicate": 2, "grad_clip": 0.01, "dead_tokens": 256},
+             {"arch": "gated", "d_sae": M, "l1_coeff": 3.0, "lr": 0.3, "resample": 0.2},  # resamples after steps 2, 4, 6
+             {"arch": "gated", "d_sae": M, "l1_coeff": 1.0, "lr": 0.3, "replicate": 1, "resample": 0.25}]  # 3, 6
 
     def run(saes, out):
         t = Trainer(TrainSettings(cache=cache, out=str(tmp_path / out), batch_size=256, tokens=256 * 12, saes=saes,
@@ -214,7 +216,7 @@ def test_a_stack_of_n_trains_like_n_alone(tmp_path):
         return t, t.run()
 
     together, dirs = run(sweep, "stack")
-    assert len(together.stacks) == 1 and together.stacks[0].stack.size == 3
+    assert [st.stack.size for st in together.stacks] == [3, 2]
     for i, cfg in enumerate(sweep):
         alone, [d] = run([cfg], f"alone{i}")
         assert len(alone.stacks) == 1 and alone.stacks[0].stack.size == 1
@@ -222,11 +224,14 @@ def test_a_stack_of_n_trains_like_n_alone(tmp_path):
         b, mb = load_sae(d)
         for name, p in a.state_dict().items():
             torch.testing.assert_close(p, b.state_dict()[name], rtol=1e-4, atol=1e-5, msg=f"{i} {name}")
-        assert ma["metadata"]["theta"] == pytest.approx(mb["metadata"]["theta"], rel=1e-4)
+        assert (ma["metadata"]["theta"] or 0) == pytest.approx(mb["metadata"]["theta"] or 0, rel=1e-4)
         logs = [[__import__("json").loads(x) for x in open(p / "train_log.jsonl")] for p in (dirs[i], d)]
         assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [4, 8, 12]
         for ra, rb in zip(*logs):
             assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4) and ra["lr_factor"] == rb["lr_factor"]
+            assert ra.get("resampled") == rb.get("resampled")
+        if cfg["arch"] == "gated":  # latents were resampled, the same ones
+            assert logs[0][-1]["resampled"] > 0
 
 
 def test_no_host_read_and_no_growth_with_the_stack():
@@ -334,3 +339,75 @@ def test_span_and_aux_batch_keep_the_step_fixed_shape_and_whole():
     a = st.stack.losses(x, since, st.stack.coeff)[0]["aux"]
     b = per_token.losses(x, since, st.stack.coeff)[0]["aux"]
     assert (a > 0).all() and (b > 0).all() and not torch.allclose(a, b)
+
+
+def test_resampling_reinitialises_only_the_dead_latents_from_the_worst_tokens():
+    """Gated (and ReLU) resampling: the latents silent since the last resampling of each due SAE take the
+    direction (beyond b_dec) of a badly reconstructed token of the batch: decoder row unit, encoder row at 0.2 x
+    the living rows' mean norm, biases and magnitude path 0, Adam moments 0, silence counted anew; nothing
+    else moves."""
+    from batchtopk.train.stack import StackTrainer
+
+    torch.manual_seed(5)
+    saes = [SAE(SAEConfig("gated", D, M, replicate=r, l1_coeff=0.05), 0) for r in range(2)]
+    x = torch.randn(64, D) * 2 + 1
+    for s in saes:
+        s.init_from_data(s.normalize(x)[0])
+    st = StackTrainer(SAEStack(saes, 1e-3, (0.9, 0.99)), total_steps=100, theta_from=80)
+    assert st.resample_every == [10, 10] and st.resample_due(10) == [0, 1]
+    assert st.resample_due(5) == st.resample_due(60) == []  # between times, and past the first half
+    for i in range(3):
+        st.step(torch.randn(64, D) * 2 + 1, torch.tensor(i))
+    st.state.since_fired.zero_()
+    st.state.since_fired[0, :30] = 10 * 64  # silent for the 10 steps since the last time: SAE 0 only
+    st.state.since_fired[0, 30:40] = 10 * 64 - 1
+    x[32:] *= 100  # 32 tokens that the SAE reconstructs far worse than the rest: the 30 latents take 30 of them
+    before = {n: p.detach().clone() for n, p in st.stack.named_parameters()}
+    moments = st.opt.exp_avg.clone()
+    st.resample(x, 10, seed=0)
+    stack, lat = st.stack, torch.arange(30)
+    u = stack.normalize(x)[0] - before["b_dec"][0]
+    u = u / u.norm(dim=1, keepdim=True)
+    token = (stack.W_dec[0, lat].detach() @ u.t()).argmax(1)  # the token each latent took
+    assert len(set(token.tolist())) == 30 and int(token.min()) >= 32
+    torch.testing.assert_close(stack.W_dec[0, lat], u[token])
+    living = before["W_enc"][0][:, 30:].norm(dim=0).mean()
+    torch.testing.assert_close(stack.W_enc[0][:, lat], 0.2 * living * u[token].t())
+    for name in ("b_enc", "r_mag", "b_mag"):
+        assert float(getattr(stack, name)[0, lat].detach().abs().max()) == 0.0
+    for name, p in stack.named_parameters():  # the rest as it was: SAE 1, and SAE 0's other latents
+        axis = {"W_enc": 1, "W_dec": 0}.get(name, 0)
+        rest = p[0].detach().index_select(axis, torch.arange(30, M)) if name != "b_dec" else p[0].detach()
+        ref = before[name][0].index_select(axis, torch.arange(30, M)) if name != "b_dec" else before[name][0]
+        assert torch.equal(rest, ref) and torch.equal(p[1].detach(), before[name][1]), name
+    assert st.state.since_fired[0, :30].eq(0).all() and st.state.since_fired[0, 30:40].eq(10 * 64 - 1).all()
+    changed = (st.opt.exp_avg != moments).sum(1).tolist()
+    assert changed[1] == 0 and changed[0] == int(((moments[0] != 0) & (st.opt.exp_avg[0] == 0)).sum()) > 0
+    assert int((st.opt.exp_avg[0] == 0).sum()) >= 30 * (2 * D + 3)  # W_enc, W_dec, b_enc, r_mag, b_mag
+    assert st.resampled == [30, 0]
+    st.state.since_fired[1, :80] = 20 * 64  # more silent latents than tokens: 64 of them, each its own token
+    st.resample(x, 20, seed=0)
+    assert st.resampled == [30, 64] and int(st.state.since_fired[1, :80].eq(0).sum()) == 64
+    assert len(torch.unique(st.stack.W_dec[1].detach()[st.state.since_fired[1] == 0][:64], dim=0)) == 64
+
+
+def test_resample_settings_say_what_is_allowed(tmp_path):
+    import json
+
+    from batchtopk.train.sae import CFG_FILE, load_config, save_sae
+
+    gated = SAEConfig("gated", D, M)
+    assert (gated.resample, gated.sparsity_warmup) == (0.1, 0.1)  # Gated's recipe: resampled, its L1 warmed up
+    relu = SAEConfig("relu", D, M)
+    assert (relu.resample, relu.sparsity_warmup, SAEConfig("jumprelu", D, M).sparsity_warmup) == (None, 0.0, 0.0)
+    assert SAEConfig("gated", D, M).name == "gated_l0.01_m96"
+    save_sae(SAE(gated), tmp_path / "old", {})  # a Gated SAE saved before resampling existed: it had none
+    meta = json.loads((tmp_path / "old" / CFG_FILE).read_text())
+    del meta["metadata"]["sae_config"]["resample"]
+    (tmp_path / "old" / CFG_FILE).write_text(json.dumps(meta))
+    assert load_config(tmp_path / "old")[0].resample == 0.0
+    assert SAEConfig("gated", D, M, resample=0.0).name == "gated_l0.01_m96_resample-0"
+    with pytest.raises(PipelineError, match=r"resample applies to relu, gated SAEs, not batchtopk"):
+        SAEConfig("batchtopk", D, M, k=4, resample=0.1)
+    with pytest.raises(PipelineError, match=r"resample=0.7 must be a fraction of training in \[0, 0.5\]"):
+        SAEConfig("relu", D, M, resample=0.7)

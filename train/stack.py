@@ -24,6 +24,7 @@ in the cache through every pass over it instead of a stack-sized block going thr
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,9 @@ AUX_POOL = 2    # the auxiliary loss reads the AUX_POOL·aux_k most active dead 
 # SAE at least); measured on a 2-core machine with 300 MiB of L3, a stack of 8 at n 4096, m 4608 against 8
 # SAEs alone: 0.68-0.89x encoded whole, 0.97-0.98x in chunks (bench ops)
 CPU_PRE_BYTES = 64 * 2**20
+RESAMPLE_ENC_NORM = 0.2  # a resampled latent's encoder row: this times the mean norm of the living latents' rows
+# each parameter's latent axis (after the SAE axis): what resampling re-initialises
+LATENT_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "r_mag": 0, "b_mag": 0}
 
 
 @dataclass(frozen=True)
@@ -383,6 +387,36 @@ class SAEStack(nn.Module):
             aux = aux / self._mse(residual - residual.mean(1, keepdim=True)).clamp_min(1e-12)
         return self.aux_coeff * aux * dead.any(1)  # no dead latent, no auxiliary loss
 
+    @torch.no_grad()
+    def resample(self, i: int, dead: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Re-initialise SAE i's latents where dead [m] from the tokens of the batch x [n, d] (raw) that it
+        reconstructs worst (Bricken et al. 2023): each latent takes a token drawn with probability in proportion
+        to its squared error, each token once (at most n latents, drawn at random, at a time); its decoder row
+        becomes that token's direction beyond b_dec, its encoder row the same direction at RESAMPLE_ENC_NORM
+        times the mean norm of the living latents' rows, its biases (Gated: and its magnitude path's) 0.
+        Returns the latents' indices (reads the device)."""
+        lat = dead.nonzero().squeeze(1)
+        if len(lat) > len(x):
+            lat = lat[torch.randperm(len(lat), generator=gen)[:len(x)].to(lat.device)].sort().values
+        if lat.numel() == 0:
+            return lat
+        sae = self.sae(i)
+        x_in = sae.normalize(x)[0]
+        err = (sae.decode_code(sae.code(sae.pre(x_in))) - x_in).pow(2).sum(1).double().cpu()
+        weights = err if bool((err > 0).any()) and bool(torch.isfinite(err).all()) else torch.ones_like(err)
+        rows = torch.multinomial(weights, lat.numel(), generator=gen)
+        v = x_in[rows.to(x_in.device)] - self.b_dec[i]
+        u = v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        living = self.W_enc[i][:, ~dead].norm(dim=0)
+        scale = RESAMPLE_ENC_NORM * (living.mean() if living.numel() else 1.0)
+        self.W_dec[i, lat] = u
+        self.W_enc[i][:, lat] = u.t() * scale
+        self.b_enc[i, lat] = 0.0
+        if self.key.arch == "gated":
+            self.r_mag[i, lat] = 0.0
+            self.b_mag[i, lat] = 0.0
+        return lat
+
     # ------------------------------------------------------------ after backward
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
@@ -422,6 +456,16 @@ class StackAdam(nn.Module):
         g = torch.cat([getattr(stack, n).grad.reshape(stack.size, -1) for n in self.names], dim=1, out=self._g)
         norm = torch.linalg.vector_norm(g, dim=1)
         return g.mul_((stack.grad_clip / (norm + 1e-6)).clamp(max=1.0)[:, None])
+
+    @torch.no_grad()
+    def forget(self, stack: SAEStack, i: int, latents: torch.Tensor) -> None:
+        """Zero SAE i's moments of the given latents (in every parameter with a latent axis), as for new ones."""
+        offsets = itertools.accumulate(self.sizes, initial=0)
+        for name, size, start in zip(self.names, self.sizes, offsets):
+            if name in LATENT_AXIS:
+                shape = getattr(stack, name).shape[1:]
+                for moment in (self.exp_avg, self.exp_avg_sq):
+                    moment[i, start:start + size].view(shape).index_fill_(LATENT_AXIS[name], latents, 0.0)
 
     @torch.no_grad()
     def step(self, stack: SAEStack, lr_factor: torch.Tensor) -> None:
@@ -483,6 +527,9 @@ class StackTrainer:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.objective = DDP(self.objective, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # resampling (ReLU, Gated): SAE i every resample_every[i] steps through the first half of training
+        self.resample_every = [max(1, round(c.resample * total_steps)) if c.resample else 0 for c in stack.cfgs]
+        self.resampled = [0] * stack.size  # latents resampled by this process (the log's count)
         self.compiled = None
         if compile:
             import torch._dynamo
@@ -533,6 +580,28 @@ class StackTrainer:
                 st.theta_n.add_(use.double())
         return (out, x_in, x_hat, nnz, coeff, f) if keep else None
 
+    def resample_due(self, step: int) -> list[int]:
+        """The SAEs of the stack that resample their dead latents once `step` steps are done."""
+        return [i for i, every in enumerate(self.resample_every)
+                if every and step % every == 0 and step <= self.total_steps // 2]
+
+    def resample(self, x: torch.Tensor, step: int, seed: int) -> None:
+        """Resample the latents of each due SAE that fired on no token since its last resampling, from the global
+        batch x [n, d] (raw), with a generator that depends on the run's seed, the SAE and the step only: a
+        stack resamples as its SAEs alone would, and a resumed run as the first. Their Adam moments are zeroed
+        and their silence counted anew."""
+        st = self.stack
+        for i in self.resample_due(step):
+            dead = self.state.since_fired[i] >= self.resample_every[i] * x.shape[0]
+            key = f"{seed}/{st.cfgs[i].name}/{step}".encode()
+            gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:7], "little"))
+            latents = st.resample(i, dead, x, gen)
+            self.opt.forget(st, i, latents)
+            self.state.since_fired[i, latents] = 0
+            self.resampled[i] += latents.numel()
+        for t in st.parameters():  # every rank goes on from rank 0's weights
+            distributed.broadcast_(t.data)
+
     def _fired(self, code) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens each latent fired on [S, m], active latents of the batch [S])."""
         st = self.stack
@@ -556,6 +625,8 @@ class StackTrainer:
                       dead=int((st.since_fired[i] >= stack.dead_tokens[i]).sum()), lr_factor=float(f[i]))
             if stack.key.arch in ("jumprelu", *L1_ARCHS):
                 mi["sparsity_coeff"] = float(coeff[i])
+            if self.resample_every[i]:
+                mi["resampled"] = self.resampled[i]
             if float(st.theta_n[i]):
                 mi["theta_running"] = float(st.theta_sum[i] / st.theta_n[i])
             metrics.append(mi)

@@ -35,6 +35,7 @@ ONLY_FOR = {
     "l0_coeff": ("jumprelu",), "target_l0": ("jumprelu",), "jumprelu_init_l0": ("jumprelu",),
     "threshold_lr": ("jumprelu",), "bandwidth": ("jumprelu",), "preact_coeff": ("jumprelu",),
     "l1_coeff": L1_ARCHS, "sparsity_warmup": ("jumprelu", *L1_ARCHS),
+    "resample": L1_ARCHS,
 }
 FIELDS = {f.name: f for f in fields(SAEConfig)}
 GRID_KEYS = tuple(k for k in FIELDS if k not in ("arch", "d_in", "d_sae")) + ("arch", "dict", "seeds", *ALIASES)

@@ -213,6 +213,11 @@ class Trainer:
                         metrics[i] = m
                 self.step += 1
                 self.step_t += 1
+                due = [st for st in self.stacks if st.resample_due(self.step)]
+                if due:  # (ReLU, Gated) dead latents re-initialised from this step's global batch
+                    xg = distributed.all_gather_cat(x)
+                    for st in due:
+                        st.resample(xg, self.step, self.s.seed)
                 bar.update(self.s.batch_size)
                 if self.step % self.s.log_every == 0 or self.step == self.total_steps:
                     self._check_finite()
