@@ -155,6 +155,13 @@ def render_peers(spec: str, root: Path = ROOT) -> str:
             + ".\n" + _para(equal_lr(recs)) + _para(_newer_archs(recs)))
 
 
+def _silent(r: dict) -> str:
+    """A run's latents silent on the held-out rows, and (where measured) those that never fired in training."""
+    s = r["settings"]
+    never = s.get("dead_in_training_fraction")
+    return f"{s['dead_fraction']:.1%}" + (f" ({never:.2%})" if never is not None else "")
+
+
 def _newer_archs(recs: list[dict]) -> str:
     """The Matryoshka and Gated rows of a peers file, as a second table ('' when it has none)."""
     by = _peer_rows(recs)
@@ -171,16 +178,17 @@ def _newer_archs(recs: list[dict]) -> str:
         rows.append([impl, _lr(lr_of) if lr_of else "–",
                      f"{batch['value']:.4f}" if batch else "–",
                      f"{theta['value']:.4f} ({theta['settings']['l0']:.1f})" if theta else "–",
-                     f"{batch['settings']['dead_fraction']:.1%}" if batch else "–",
+                     _silent(batch) if batch else "–",
                      f"{gated['value']:.4f}" if measured else "–",
-                     f"{gated['settings']['dead_fraction']:.1%}" if measured else "–",
+                     _silent(gated) if measured else "–",
                      ", ".join("–" if b is None else f"{b[0]:g}–{b[1]:g}" for b in brackets) or "–"])
     return (table(["implementation", "lr", "Matryoshka NMSE, batch mode", "threshold mode (its L0)",
-                   "Matryoshka latents silent", "Gated NMSE at L0 = k", "Gated latents silent",
-                   "Gated L1 coefficients bracketing k"], rows)
+                   "Matryoshka latents silent (never fired in training)", "Gated NMSE at L0 = k",
+                   "Gated latents silent (never fired in training)", "Gated L1 coefficients bracketing k"], rows)
             + "\nMatryoshka with our default groups in every implementation; Gated trained at each L1 coefficient "
-            "and read at L0 = k between the two that bracket it (– where none do; its silent latents are the "
-            "nearer run's)." + _against_best_peer(by) + "\n")
+            "and read at L0 = k between the two that bracket it (– where none do; its latent counts are the "
+            "nearer run's). Silent: on the held-out rows; never fired: on any training batch." + _against_best_peer(by)
+            + "\n")
 
 
 def _against_best_peer(by: dict[tuple[str, str], dict[str, dict]]) -> str:
@@ -194,9 +202,12 @@ def _against_best_peer(by: dict[tuple[str, str], dict[str, dict]]) -> str:
         if not ours or not measured:
             continue
         impl, best = min(measured.items(), key=lambda kv: kv[1]["value"])
+        never = [r["settings"].get("dead_in_training_fraction") for r in (ours, best)]
         out.append(f" {label}: ours {ours['value']:.4f} against the best peer's {best['value']:.4f} ({impl}, "
                    f"{pct(ours['value'] / best['value'] - 1)}); latents silent "
-                   f"{ours['settings']['dead_fraction']:.1%} against {best['settings']['dead_fraction']:.1%}.")
+                   f"{ours['settings']['dead_fraction']:.1%} against {best['settings']['dead_fraction']:.1%}"
+                   + (f", never fired in training {never[0]:.2%} against {never[1]:.2%}" if None not in never else "")
+                   + ".")
     return "".join(out)
 
 

@@ -297,12 +297,16 @@ def test_a_later_peers_file_replaces_the_rows_it_measured_again(tmp_path):
         return {"value": v, "settings": common | {"implementation": impl, "arch": arch, "mode": mode} | kw}
     (tmp_path / "a.json").write_text(json.dumps([rec("ours", "matryoshka", "batch", 0.2),
                                                  rec("ours", "gated", "gated", 0.25, dead_fraction=0.2),
-                                                 rec("dl", "gated", "gated", 0.3, dead_fraction=0.01)]))
-    (tmp_path / "b.json").write_text(json.dumps([rec("ours", "gated", "gated", 0.24, dead_fraction=0.001)]))
+                                                 rec("dl", "gated", "gated", 0.3, dead_fraction=0.01,
+                                                     dead_in_training_fraction=0.0009)]))
+    (tmp_path / "b.json").write_text(json.dumps([rec("ours", "gated", "gated", 0.24, dead_fraction=0.001,
+                                                     dead_in_training_fraction=0.0004)]))
     out = render_peers("a.json b.json", root=tmp_path)
     lines = out.splitlines()
-    assert lines[2] == "| ours | 0.001 | 0.2000 | – | 0.0% | 0.2400 | 0.1% | – |" and "0.2500" not in out
-    assert lines[3] == "| dl | 0.001 | – | – | – | 0.3000 | 1.0% | – |"
+    assert lines[2] == "| ours | 0.001 | 0.2000 | – | 0.0% | 0.2400 | 0.1% (0.04%) | – |" and "0.2500" not in out
+    assert lines[3] == "| dl | 0.001 | – | – | – | 0.3000 | 1.0% (0.09%) | – |"
+    assert ("Gated: ours 0.2400 against the best peer's 0.3000 (dl, -20.0%); latents silent 0.1% against 1.0%, "
+            "never fired in training 0.04% against 0.09%.") in out
     assert out.rstrip().endswith("10 held-out rows; `a.json`, `b.json`.")
     (tmp_path / "c.json").write_text(json.dumps([rec("ours", "gated", "gated", 0.24) | {
         "settings": common | {"implementation": "ours", "arch": "gated", "mode": "gated", "steps": 5}}]))

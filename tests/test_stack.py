@@ -355,7 +355,7 @@ def test_resampling_reinitialises_only_the_dead_latents_from_the_worst_tokens():
         s.init_from_data(s.normalize(x)[0])
     st = StackTrainer(SAEStack(saes, 1e-3, (0.9, 0.99)), total_steps=100, theta_from=80)
     assert st.resample_every == [10, 10] and st.resample_due(10) == [0, 1]
-    assert st.resample_due(5) == st.resample_due(60) == []  # between times, and past the first half
+    assert st.resample_due(80) == [0, 1] and st.resample_due(5) == st.resample_due(90) == []  # not after 80%
     for i in range(3):
         st.step(torch.randn(64, D) * 2 + 1, torch.tensor(i))
     st.state.since_fired.zero_()

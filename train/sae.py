@@ -119,7 +119,7 @@ class SAEConfig:
     span: int | None = setting(None, "BatchTopK: tokens per selection, the span·k largest within each group of span "
                                "tokens of a batch (1: TopK's constraint; default: the whole batch).", group=RECIPE,
                                cli=False)
-    resample: float | None = setting(None, "ReLU and Gated: every this fraction of training, through its first half, "
+    resample: float | None = setting(None, "ReLU and Gated: every this fraction of training, through its first 80%, "
                                      "re-initialise the latents that did not fire since the last time from badly "
                                      "reconstructed tokens (Bricken et al. 2023; default: Gated "
                                      f"{RESAMPLE['gated']:g}, ReLU 0 (never)).", group=RECIPE, identity=IF_SET)

@@ -65,6 +65,7 @@ AUX_POOL = 2    # the auxiliary loss reads the AUX_POOL·aux_k most active dead 
 # SAE at least); measured on a 2-core machine with 300 MiB of L3, a stack of 8 at n 4096, m 4608 against 8
 # SAEs alone: 0.68-0.89x encoded whole, 0.97-0.98x in chunks (bench ops)
 CPU_PRE_BYTES = 64 * 2**20
+RESAMPLE_UNTIL = 0.8     # resampling stops after this fraction of training (the last latents get the rest to learn)
 RESAMPLE_ENC_NORM = 0.2  # a resampled latent's encoder row: this times the mean norm of the living latents' rows
 # each parameter's latent axis (after the SAE axis): what resampling re-initialises
 LATENT_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "r_mag": 0, "b_mag": 0}
@@ -527,7 +528,7 @@ class StackTrainer:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.objective = DDP(self.objective, device_ids=[dev.index] if dev.type == "cuda" else None)
-        # resampling (ReLU, Gated): SAE i every resample_every[i] steps through the first half of training
+        # resampling (ReLU, Gated): SAE i every resample_every[i] steps through the first RESAMPLE_UNTIL of training
         self.resample_every = [max(1, round(c.resample * total_steps)) if c.resample else 0 for c in stack.cfgs]
         self.resampled = [0] * stack.size  # latents resampled by this process (the log's count)
         self.compiled = None
@@ -583,7 +584,7 @@ class StackTrainer:
     def resample_due(self, step: int) -> list[int]:
         """The SAEs of the stack that resample their dead latents once `step` steps are done."""
         return [i for i, every in enumerate(self.resample_every)
-                if every and step % every == 0 and step <= self.total_steps // 2]
+                if every and step % every == 0 and step <= RESAMPLE_UNTIL * self.total_steps]
 
     def resample(self, x: torch.Tensor, step: int, seed: int) -> None:
         """Resample the latents of each due SAE that fired on no token since its last resampling, from the global
