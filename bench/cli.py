@@ -45,8 +45,8 @@ def _floats(value: str | None, what: str) -> tuple[float, ...]:
     try:
         out = tuple(float(x) for x in (value or "").split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r}: allowed: positive numbers separated by commas", param_hint=what) from None
-    if any(not v > 0 for v in out):
+        out = (0.0,)
+    if not all(v > 0 for v in out):
         raise click.BadParameter(f"{value!r}: allowed: positive numbers separated by commas", param_hint=what)
     return out
 

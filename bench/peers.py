@@ -149,11 +149,10 @@ def _dense_rec(encode: Callable[[torch.Tensor], torch.Tensor],
 
 # ---------------------------------------------------------------- ours
 def train_ours(b: Budget, arch: str, m: int, k: int, seeds: int, out: Path,
-               gated_l1: tuple[float, ...] = ()) -> dict[str, list[dict]]:
+               gated_l1: tuple[float, ...]) -> dict[str, list[dict]]:
     """One pass of our trainer for all seeds (Gated: at every coefficient of gated_l1, read at L0 = k);
     scored in each inference mode (BatchTopK and Matryoshka: batch and threshold)."""
     if arch == "gated":
-        gated_l1 = gated_l1 or GATED_L1
         per = [{"l1_coeff": c} for c in gated_l1]
     elif arch == "jumprelu":
         per = [{"target_l0": k, "jumprelu_init_l0": 4 * k} | JUMPRELU_TARGET_RECIPE]
@@ -199,9 +198,10 @@ def _load_dictionary_learning() -> types.ModuleType:
     return importlib.import_module("dictionary_learning.trainers")
 
 
-def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int,
-                              lr: float | None = None, gated_l1: tuple[float, ...] = ()) -> tuple[dict, dict]:
-    """dictionary_learning's trainer for `arch` on our batches, at its default lr or at `lr`."""
+def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int, lr: float | None,
+                              gated_l1: tuple[float, ...]) -> tuple[dict, dict]:
+    """dictionary_learning's trainer for `arch` on our batches, at its default lr (None) or at `lr` (Gated: at
+    every coefficient of gated_l1, read at L0 = k)."""
     importlib.import_module("dictionary_learning.trainers")
     mods = {a: importlib.import_module(f"dictionary_learning.trainers.{f}")
             for a, f in (("batchtopk", "batch_top_k"), ("topk", "top_k"), ("jumprelu", "jumprelu"),
@@ -216,7 +216,7 @@ def train_dictionary_learning(b: Budget, arch: str, m: int, k: int, seeds: int,
                       device="cpu", warmup_steps=scaled) | ({"lr": lr} if lr is not None else {})
         runs: dict[str, list[dict]] = {}
         # gated: its L1 penalty weighs the summed squared error, ours the per-element one (d times smaller)
-        for coeff in (gated_l1 or GATED_L1) if arch == "gated" else (None,):
+        for coeff in gated_l1 if arch == "gated" else (None,):
             if arch == "batchtopk":
                 tr = mods[arch].BatchTopKTrainer(k=k, threshold_start_step=scaled, **common)
             elif arch == "topk":
@@ -328,7 +328,9 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
         peers: tuple[str, ...] = ("dictionary_learning", "saelens"), heldout: str | None = None,
         peer_lrs: tuple[str, ...] = ("default", "ours"), gated_l1: tuple[float, ...] = ()) -> list[Record]:
     """Ours and every peer on the same batches; each peer at its own default learning rate and (with
-    "ours" in peer_lrs) at ours, so a difference of recipe is told apart from a difference of lr."""
+    "ours" in peer_lrs) at ours, so a difference of recipe is told apart from a difference of lr. Gated trains at
+    every coefficient of gated_l1 (empty: GATED_L1)."""
+    gated_l1 = gated_l1 or GATED_L1
     from batchtopk.core import pipelines
     from batchtopk.harvest.cli import settings_from
     from batchtopk.harvest.run import harvest
@@ -346,7 +348,7 @@ def run(pipeline: str = "smollm2-135m-paper", archs: tuple[str, ...] = ("batchto
                 "steps": b.steps, "batch_size": b.batch_size, "training_tokens": b.steps * b.batch_size,
                 "heldout_rows": len(b.heldout(HELDOUT_ROWS)), "heldout": b.layout, "seeds": seeds, "data_seed": b.seed}
     if "gated" in archs:
-        settings["gated_l1"] = list(gated_l1 or GATED_L1)
+        settings["gated_l1"] = list(gated_l1)
     dev = device_name("cpu")
     recs: list[Record] = []
     for arch in archs:
