@@ -113,19 +113,22 @@ def inductor_kernels(arch: str, size: int) -> int:
     return n
 
 
-def stacked_throughput(arch: str, size: int, d: int, m: int, k: int, batch: int, steps: int) -> tuple[float, float]:
+def stacked_throughput(arch: str, size: int, d: int, m: int, k: int, batch: int, steps: int,
+                       warmup: int = 3) -> tuple[float, float]:
     """(SAE-tokens/s of one stack of `size`, of `size` stacks of 1 stepped one after another) on the CPU,
-    the two timed step by step in turn, so a change in the machine's load weighs on both alike."""
+    the two timed step by step in turn, so a change in the machine's load weighs on both alike. The first
+    `warmup` steps are not timed: the heap of a stack's larger temporaries takes a few steps to settle
+    (page faults on new memory until then; one step is enough for a stack of 1)."""
     x = torch.randn(batch, d)
     ways = ([stack_trainer(arch, size, d, m, k)], [stack_trainer(arch, 1, d, m, k) for _ in range(size)])
     step_t = torch.zeros((), dtype=torch.long)
     spent = [0.0, 0.0]
-    for i in range(steps + 1):  # the first step of each is a warm-up
+    for i in range(warmup + steps):
         for w, stacks in enumerate(ways):
             t = time.perf_counter()
             for st in stacks:
                 st.step(x, step_t)
-            spent[w] += (time.perf_counter() - t) if i else 0.0
+            spent[w] += (time.perf_counter() - t) if i >= warmup else 0.0
         step_t += 1
     return size * batch * steps / spent[0], size * batch * steps / spent[1]
 

@@ -178,21 +178,33 @@ def matmul_rate(d: int, m: int, batch: int, device: str) -> float:
     return 2 * batch * d * m / t
 
 
+def _best(arch: str, impls: tuple[str, ...], rounds: int, *args) -> dict[str, dict]:
+    """Each implementation's fastest of `rounds` isolated runs, the implementations taking turns, so a slow
+    spell of a shared machine does not fall on one of them alone."""
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for impl in impls:
+            r = _isolated(arch, impl, *args)
+            if impl not in best or r["tokens_per_s"] > best[impl]["tokens_per_s"]:
+                best[impl] = r | {"peak_mib": max(r["peak_mib"], best.get(impl, r)["peak_mib"])}
+    return best
+
+
 def run(d: int = 576, m: int = 4608, k: int = 32, batch: int = 4096, steps: int = 5,
-        device: str | None = None, dead_fraction: float = 0.25) -> list[Record]:
+        device: str | None = None, dead_fraction: float = 0.25, rounds: int = 3) -> list[Record]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = device_name(device)
-    settings = {"d_in": d, "d_sae": m, "k": k, "batch": batch, "steps": steps, "dead_fraction": dead_fraction}
+    settings = {"d_in": d, "d_sae": m, "k": k, "batch": batch, "steps": steps, "dead_fraction": dead_fraction,
+                "rounds": rounds}
     recs = []
     rate = matmul_rate(d, m, batch, device)
     bound = rate / (2 * batch * d * m + 8 * batch * k * d) * batch  # tokens/s if the step cost only that
     for arch in ARCHS:
-        ours = _isolated(arch, "ours", d, m, k, batch, steps, device, dead_fraction)
-        dense = _isolated(arch, "dense", d, m, k, batch, steps, device, dead_fraction)
+        runs = _best(arch, ("ours", "dense", "saelens"), rounds, d, m, k, batch, steps, device, dead_fraction)
+        ours, dense, theirs = runs["ours"], runs["dense"], runs["saelens"]
         recs.append(Record(f"train step {arch}", ours["tokens_per_s"], "tok/s", "dense PyTorch, same math",
                            dense["tokens_per_s"], dev, settings | {"peak_mib": round(ours["peak_mib"]),
                                                                    "baseline_peak_mib": round(dense["peak_mib"])}))
-        theirs = _isolated(arch, "saelens", d, m, k, batch, steps, device, dead_fraction)
         recs.append(Record(f"train step {arch}", ours["tokens_per_s"], "tok/s", "SAELens training SAE, its step",
                            theirs["tokens_per_s"], dev, settings | {"baseline_peak_mib": round(theirs["peak_mib"])}))
         if arch in ("batchtopk", "topk"):

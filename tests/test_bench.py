@@ -25,6 +25,19 @@ def test_train_step_measurements_run(arch):
         assert out["tokens_per_s"] > 0 and out["peak_mib"] > 0
 
 
+def test_each_implementation_keeps_its_fastest_round_and_they_take_turns(monkeypatch):
+    calls, speeds = [], {"ours": iter([5.0, 9.0, 7.0]), "dense": iter([3.0, 2.0, 4.0])}
+
+    def isolated(arch, impl, *args):
+        calls.append(impl)
+        return {"tokens_per_s": next(speeds[impl]), "peak_mib": 10.0 * len(calls)}
+    monkeypatch.setattr(train_bench, "_isolated", isolated)
+    best = train_bench._best("batchtopk", ("ours", "dense"), 3)
+    assert calls == ["ours", "dense"] * 3  # alternating, so a slow spell weighs on both
+    assert best["ours"]["tokens_per_s"] == 9.0 and best["dense"]["tokens_per_s"] == 4.0
+    assert best["ours"]["peak_mib"] == 50.0 and best["dense"]["peak_mib"] == 60.0  # the highest of the rounds
+
+
 def test_loader_and_fed_training_records(tmp_path):
     rec = train_bench.loader_record(16, 64, "cpu", tokens=128 * 40)
     assert rec.value > 0 and rec.baseline_value > 0 and rec.settings["bytes_per_token"] == 32

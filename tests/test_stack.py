@@ -94,15 +94,24 @@ def test_the_cpus_hinted_selection_is_exact_or_says_so():
     from batchtopk.train.sparsity import batch_topk_hinted
 
     torch.manual_seed(5)
-    pre = torch.randn(2, 64, 300)
-    K = 64 * 8
-    kth = torch.stack([p.flatten().topk(K).values[-1] for p in pre])
-    for factor, ok in ((0.95, True), (1.05, False), (-10.0, False)):  # near below, above, far below
-        hint = torch.where(kth > 0, kth * factor, kth / factor) if factor > 0 else torch.full((2,), -10.0)
-        idx, flags = batch_topk_hinted(pre, 8, hint)
-        assert flags.tolist() == [ok, ok]
-        if ok:
-            assert torch.equal(idx, batch_topk(pre, 8))
+    for n in (64, 60):  # blocks of 8 tokens screened by their maximum, or (60) every entry
+        pre = torch.randn(2, n, 300)
+        pre[1, :, :7] += 2.5  # a few latents hold most of the second SAE's top values (whole blocks pass)
+        K = n * 8
+        kth = torch.stack([p.flatten().topk(K).values[-1] for p in pre])
+        for factor, ok in ((0.95, True), (1.05, False), (-10.0, False)):  # near below, above, far below
+            hint = torch.where(kth > 0, kth * factor, kth / factor) if factor > 0 else torch.full((2,), -10.0)
+            idx, flags = batch_topk_hinted(pre, 8, hint)
+            assert flags.tolist() == [ok, ok]
+            if ok:
+                assert torch.equal(idx, batch_topk(pre, 8))
+            else:
+                assert bool((idx == -1).all())
+    ties = torch.randint(-3, 4, (1, 64, 300)).float()  # the n·k-th value tied many times over
+    assert 64 * 32 <= int((ties == 3).sum()) < 2 * 64 * 32  # the hint passes the 3s, more than n·k of them
+    idx, flags = batch_topk_hinted(ties, 32, torch.tensor([2.5]))
+    assert flags.tolist() == [True] and (idx[:, 1:] > idx[:, :-1]).all()
+    torch.testing.assert_close(ties[0].flatten()[idx[0]], torch.full((64 * 32,), 3.0), rtol=0, atol=0)
     st = stack_trainer("batchtopk", 2, D, M, 4)
     assert st.stack.cpu_eager  # the CPU, uncompiled
     x = torch.randn(64, D)
@@ -112,6 +121,29 @@ def test_the_cpus_hinted_selection_is_exact_or_says_so():
         assert torch.equal(st.stack._batch_topk(pre, slice(None)), batch_topk(pre, 4))
         assert bool(torch.isfinite(st.stack.hint).all())
         st.step(x, torch.tensor(i))
+
+
+@pytest.mark.parametrize("aux_batch", [False, True])
+def test_the_cpus_auxiliary_pool_selects_only_where_it_must(aux_batch):
+    """The CPU, uncompiled, selects each token's top aux_k of the pool only for the tokens with more than aux_k
+    positive entries (for the others the relu keeps what the selection would): the same pool and block as
+    the fixed-shape selection, with tokens of both kinds."""
+    torch.manual_seed(3)
+    saes = [SAE(SAEConfig("topk", D, M, k=4, aux_k=6, aux_batch=aux_batch, replicate=r)) for r in range(2)]
+    stack = SAEStack(saes, 1e-3, (0.9, 0.99))
+    pre = torch.randn(2, 64, M)
+    pre[:, :20] = pre[:, :20].abs() + 0.1  # tokens with far more than aux_k positive entries ...
+    pre[:, 20:40] = -pre[:, 20:40].abs()   # ... and with none
+    for dead, width in ((torch.rand(2, M) < 0.5, 12), (torch.arange(M).expand(2, M) % 40 == 7, 3)):  # 3 dead: narrower
+        dense = []
+        for eager in (False, True):
+            stack.cpu_eager = eager
+            cols, block = stack._aux_pool(pre.clone(), dead, stack._aux_width(dead))
+            assert block.shape == (2, 64, width if eager else 12)
+            dense.append(torch.zeros(2, 64, M).scatter_(2, cols[:, None, :].expand(block.shape), block))
+        assert torch.equal(dense[0], dense[1]) and bool((dense[0][:, :20] > 0).any())
+        if not aux_batch and width == 12:
+            assert ((dense[0] > 0).sum(2)[:, :20] == 6).all() and (dense[0][:, 20:40] == 0).all()
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "topk", "quantile", "matryoshka"])
@@ -319,6 +351,7 @@ def test_span_and_aux_batch_keep_the_step_fixed_shape_and_whole():
     torch.manual_seed(4)
     saes = [SAE(SAEConfig("batchtopk", D, M, k=4, span=16, aux_batch=True, aux_k=8, replicate=r)) for r in range(2)]
     st = StackTrainer(SAEStack(saes, 1e-3, (0.9, 0.99)), total_steps=100, theta_from=80)
+    st.stack.cpu_eager = False  # as a GPU or a compiled step runs it
     st.state.since_fired[:, :40] = 10 ** 9
     x, t = torch.randn(64, D), torch.zeros((), dtype=torch.long)
     st.step(x, t)

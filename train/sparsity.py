@@ -171,20 +171,37 @@ def span_topk(pre: torch.Tensor, k: int, span: int) -> torch.Tensor:
     return (idx + start).reshape(S, n * k)
 
 
+HINT_BLOCK = 8  # batch_topk_hinted: tokens whose values of one latent are screened together by their maximum
+
+
 def batch_topk_hinted(pre: torch.Tensor, k: int, hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A shortcut to batch_topk for the CPU: the entries of each pre[s] at or above hint[s] (a little below
-    the previous batch's n·k-th value) are the candidates, at most 2·n·k of them (fixed shape), and the n·k
-    largest of those are the answer. Returns (flat indices [S, n·k], sorted; ok [S]): exact where ok, that
-    is where between n·k and 2·n·k - 1 entries passed; elsewhere the caller takes batch_topk."""
+    """A shortcut to batch_topk for the CPU, uncompiled (data-dependent shapes): the entries of each pre[s]
+    at or above hint[s] (a little below the previous batch's n·k-th value) are the candidates, and the n·k
+    largest of those are the answer. Blocks of HINT_BLOCK tokens of one latent whose maximum is below the
+    hint are passed over unread (one vectorised max over the tokens instead of a scan of every entry).
+    Returns (flat indices [S, n·k], sorted; ok [S]): exact where ok, that is where between n·k and
+    2·n·k - 1 entries passed (a hint far below costs more than the exact selection); elsewhere the
+    indices are -1 and the caller takes batch_topk."""
     S, n, m = pre.shape
     K = n * k
-    flat = pre.reshape(S, n * m)
-    idx = torch.stack([torch.nonzero_static(flat[s] >= hint[s], size=2 * K, fill_value=-1)[:, 0] for s in range(S)])
-    passed = idx >= 0
-    ok = (passed.sum(1) >= K) & ~passed[:, -1]
-    vals = torch.where(passed, flat.gather(1, idx.clamp_min(0)), float("-inf"))
-    top = vals.topk(K, dim=1, sorted=False).indices
-    return idx.gather(1, top).sort(dim=1).values, ok
+    B = HINT_BLOCK if n % HINT_BLOCK == 0 else 1
+    span = torch.arange(B, device=pre.device) * m   # the flat offsets of a block's tokens
+    idx = torch.full((S, K), -1, dtype=torch.long, device=pre.device)
+    ok = torch.zeros(S, dtype=torch.bool)
+    for s in range(S):
+        h = float(hint[s])
+        block, latent = (pre[s].view(n // B, B, m).amax(1) >= h).nonzero().unbind(1)
+        cand = ((block * (B * m) + latent)[:, None] + span).reshape(-1)
+        vals = pre[s].reshape(-1)[cand]
+        passed = vals >= h
+        if not K <= int(passed.sum()) < 2 * K:
+            continue
+        cand, vals = cand[passed], vals[passed]
+        keep = vals >= vals.topk(K, sorted=False).values.amin()
+        top = cand[keep] if int(keep.sum()) == K else cand[vals.topk(K, sorted=False).indices]  # ties: topk's order
+        idx[s] = top.sort().values
+        ok[s] = True
+    return idx, ok
 
 
 def topk_rows(pre: torch.Tensor, k: int) -> torch.Tensor:
