@@ -180,9 +180,11 @@ def test_encoding_a_few_saes_at_a_time_changes_nothing(arch, monkeypatch):
                                      ("matryoshka", {"k": 4}), ("matryoshka", {"k": 4, "groups": (8, 24, 64)}),
                                      ("matryoshka", {"k": 8, "center": True}),  # the dense decoding of the prefixes
                                      ("gated", {"l1_coeff": 0.05}), ("gated", {"center": True, "norm": "token"})])
-def test_losses_and_gradients_equal_the_dense_reference(arch, kw):
+@pytest.mark.parametrize("eager", [False, True])
+def test_losses_and_gradients_equal_the_dense_reference(arch, kw, eager):
     """Each SAE of a stack gets the losses and gradients of the textbook dense implementation, with a
-    different set of dead latents per SAE (fewer than the auxiliary pool: the exact regime)."""
+    different set of dead latents per SAE (fewer than the auxiliary pool: the exact regime), as a GPU or a
+    compiled step computes them and as the CPU's uncompiled shortcuts do (eager)."""
     torch.manual_seed(1)
     saes = [SAE(SAEConfig(arch, D, M, replicate=r, **kw), 0) for r in range(3)]
     x = torch.randn(64, D) * 2 + 1
@@ -190,6 +192,7 @@ def test_losses_and_gradients_equal_the_dense_reference(arch, kw):
         s.input_scale.fill_(0.7)
         s.init_from_data(s.normalize(x)[0])
     stack = SAEStack(saes, 1e-3, (0.9, 0.99))
+    stack.cpu_eager = eager
     if arch == "quantile":  # a threshold each SAE's 1.5·n·k-th largest pre-activation (inside its capacity, 2·n·k)
         with torch.no_grad():
             for i, s in enumerate(saes):

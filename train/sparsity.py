@@ -218,16 +218,34 @@ def _global(idx: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tens
     return (idx // m + s * n).reshape(-1), (idx % m + s * m).reshape(-1)
 
 
+def by_latent(idx: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stack's pairs (flat indices [S, P]) grouped by latent: (their order [S·P], their tokens in that order
+    (rows of the stack's [S·n] tokens), the offset of each of the stack's S·m latents' group)."""
+    rows, cols = _global(idx, n, m)
+    order = torch.argsort(cols, stable=True)  # each latent's pairs in token order
+    per_latent = count(cols, idx.shape[0] * m)
+    return order, rows.index_select(0, order), torch.cumsum(per_latent, 0) - per_latent
+
+
+def _latent_sums(groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor], src: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+    """Σ weights[p] · src[token of p] over the pairs p of each latent, [S·m, d] (groups: by_latent's; src
+    [S·n, d], weights [S·P]): one embedding_bag over the pairs grouped by latent."""
+    order, rows, offsets = groups
+    return F.embedding_bag(rows, src, offsets, mode="sum", per_sample_weights=weights.index_select(0, order))
+
+
 class KeptPre(torch.autograd.Function):
     """The kept pre-activations kept[s] = pre[s].flatten()[idx[s]] of pre = x_enc W_enc + b_enc (computed
     without a graph), with the gradients of W_enc and b_enc from those pairs alone: one embedding_bag over
     all the stack's kept pairs (2·S·P·d FLOPs), never a dense [n, m] gradient. With `shift` (the encoder
-    reads x - shift), shift gets -W_enc @ grad(b_enc)."""
+    reads x - shift), shift gets -W_enc @ grad(b_enc). `groups`: the pairs' by_latent, if already made."""
 
     @staticmethod
-    def forward(ctx, kept, x_enc, W_enc, b_enc, shift, idx):
+    def forward(ctx, kept, x_enc, W_enc, b_enc, shift, idx, groups=None):
         ctx.save_for_backward(x_enc, W_enc, idx)
         ctx.has_shift = shift is not None
+        ctx.groups = groups
         return kept
 
     @staticmethod
@@ -235,16 +253,12 @@ class KeptPre(torch.autograd.Function):
         x_enc, W_enc, idx = ctx.saved_tensors
         S, n, d = x_enc.shape
         m = W_enc.shape[2]
-        rows, cols = _global(idx, n, m)
         g = g.reshape(-1).to(x_enc.dtype)
-        order = torch.argsort(cols)
-        per_latent = count(cols, S * m)
-        gW = F.embedding_bag(rows.index_select(0, order), x_enc.reshape(S * n, d),
-                             torch.cumsum(per_latent, 0) - per_latent, mode="sum",
-                             per_sample_weights=g.index_select(0, order))
+        gW = _latent_sums(ctx.groups or by_latent(idx, n, m), x_enc.reshape(S * n, d), g)
+        cols = (idx % m + torch.arange(S, device=idx.device)[:, None] * m).reshape(-1)
         gb = torch.zeros(S * m, dtype=g.dtype, device=g.device).index_add_(0, cols, g).view(S, m)
         gshift = -torch.bmm(W_enc.detach().to(gb.dtype), gb[:, :, None])[:, :, 0] if ctx.has_shift else None
-        return (None, None, gW.view(S, m, d).transpose(1, 2).to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None)
+        return (None, None, gW.view(S, m, d).transpose(1, 2).to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None, None)
 
 
 class MaskedBlock(torch.autograd.Function):
@@ -270,15 +284,37 @@ class MaskedBlock(torch.autograd.Function):
         return None, None, gW.to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None
 
 
-def decode_pairs(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor, n: int) -> torch.Tensor:
+class _DecoderGrad(torch.autograd.Function):
+    """The identity on a decoded batch [S, n, d], whose backward gives W_dec [S, m, d] the decode's gradient from
+    the pairs: Σ vals · grad[token] over each latent's pairs (grouped by latent: by_latent), one embedding_bag
+    forward, on the CPU about twice as fast as embedding_bag's own backward for its weight."""
+
+    @staticmethod
+    def forward(ctx, out, W_dec, vals, groups):
+        ctx.save_for_backward(vals)
+        ctx.groups, ctx.W_shape = groups, W_dec.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        (vals,) = ctx.saved_tensors
+        S, m, d = ctx.W_shape
+        gW = _latent_sums(ctx.groups, g.reshape(-1, d), vals.reshape(-1).to(g.dtype))
+        return g, gW.view(S, m, d), None, None
+
+
+def decode_pairs(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor, n: int,
+                 groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Σ vals · W_dec[s][latent] per token, without b_dec: one embedding_bag over the stack's pairs (idx
-    sorted by token within each SAE). [S, n, d]."""
+    sorted by token within each SAE). [S, n, d]. With `groups` (the pairs' by_latent; the CPU, uncompiled:
+    inductor mis-compiles it), W_dec's gradient comes from _DecoderGrad."""
     S, m, d = W_dec.shape
     rows, cols = _global(idx, n, m)
     per_row = count(rows, S * n)
-    out = F.embedding_bag(cols, W_dec.reshape(S * m, d), torch.cumsum(per_row, 0) - per_row, mode="sum",
-                          per_sample_weights=vals.reshape(-1).to(W_dec.dtype))
-    return out.view(S, n, d)
+    W = W_dec if groups is None else W_dec.detach()
+    out = F.embedding_bag(cols, W.reshape(S * m, d), torch.cumsum(per_row, 0) - per_row, mode="sum",
+                          per_sample_weights=vals.reshape(-1).to(W_dec.dtype)).view(S, n, d)
+    return out if groups is None else _DecoderGrad.apply(out, W_dec, vals.detach(), groups)
 
 
 # ---------------------------------------------------------------- JumpReLU (Rajamanoharan et al. 2024)

@@ -51,6 +51,7 @@ from .sparsity import (
     MaskedBlock,
     batch_topk,
     batch_topk_hinted,
+    by_latent,
     count,
     decode_pairs,
     gated,
@@ -261,7 +262,9 @@ class SAEStack(nn.Module):
             with torch.no_grad():
                 idx, kept, cols, block = self._encode(xe, dead)
             # relu: a pair keeps value 0 where fewer than n·k (TopK: k) pre-activations are positive
-            vals = KeptPre.apply(kept, xe, self.W_enc, self.b_enc, shift, idx).relu()
+            # the CPU, uncompiled: the pairs grouped by latent once, for the encoder's and the decoder's gradients
+            grouped = by_latent(idx, n, key.d_sae) if self.cpu_eager else None
+            vals = KeptPre.apply(kept, xe, self.W_enc, self.b_enc, shift, idx, grouped).relu()
             if key.arch == "quantile":  # the pairs above the threshold (the first batch: its own quantile)
                 theta = torch.where(torch.isfinite(self.threshold), self.threshold, self.batch_quantile)
                 vals = vals * (vals.detach() > theta[:, None])
@@ -272,11 +275,11 @@ class SAEStack(nn.Module):
                 dense = dense.view(self.size, -1).scatter(1, idx, vals).view(shape)
                 x_hat = torch.bmm(dense, self.W_dec) + self.b_dec[:, None, :]
             else:
-                x_hat = decode_pairs(idx, vals, self.W_dec, n) + self.b_dec[:, None, :]
+                x_hat = decode_pairs(idx, vals, self.W_dec, n, grouped) + self.b_dec[:, None, :]
             code = (idx, vals)
             out["mse"] = self._mse(x_hat - x_in)
             if key.groups is not None:
-                out["prefix_mse"] = self._prefix_mse(idx, vals, dense, x_in)
+                out["prefix_mse"] = self._prefix_mse(idx, vals, dense, x_in, grouped)
             out["aux"] = self._aux(cols, block, xe, shift, dead, (x_in - x_hat).detach())
         else:
             pre = torch.baddbmm(self.b_enc[:, None, :], x_enc, self.W_enc)
@@ -306,7 +309,7 @@ class SAEStack(nn.Module):
         return out, x_in, x_hat.detach(), code
 
     def _prefix_mse(self, idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor | None,
-                    x_in: torch.Tensor) -> torch.Tensor:
+                    x_in: torch.Tensor, grouped: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
         """Matryoshka: the summed MSEs of the reconstructions by each proper prefix of the dictionary (its first
         group, its first two, ...; the whole dictionary's is `mse`), from the same kept pairs (or dense code)."""
         m, n = self.key.d_sae, x_in.shape[1]
@@ -315,7 +318,7 @@ class SAEStack(nn.Module):
             if dense is not None:
                 part = torch.bmm(dense[..., :end], self.W_dec[:, :end])
             else:
-                part = decode_pairs(idx, vals * (idx % m < end), self.W_dec, n)
+                part = decode_pairs(idx, vals * (idx % m < end), self.W_dec, n, grouped)
             total = total + self._mse(part + self.b_dec[:, None, :] - x_in)
         return total
 
