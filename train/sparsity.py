@@ -218,20 +218,20 @@ def _global(idx: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tens
     return (idx // m + s * n).reshape(-1), (idx % m + s * m).reshape(-1)
 
 
-def by_latent(idx: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def by_latent(idx: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, ...]:
     """The stack's pairs (flat indices [S, P]) grouped by latent: (their order [S·P], their tokens in that order
-    (rows of the stack's [S·n] tokens), the offset of each of the stack's S·m latents' group)."""
+    (rows of the stack's [S·n] tokens), the offset of each of the stack's S·m latents' group, and each pair's
+    latent among the stack's S·m, in the pairs' own order)."""
     rows, cols = _global(idx, n, m)
     order = torch.argsort(cols, stable=True)  # each latent's pairs in token order
     per_latent = count(cols, idx.shape[0] * m)
-    return order, rows.index_select(0, order), torch.cumsum(per_latent, 0) - per_latent
+    return order, rows.index_select(0, order), torch.cumsum(per_latent, 0) - per_latent, cols
 
 
-def _latent_sums(groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor], src: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor:
+def _latent_sums(groups: tuple[torch.Tensor, ...], src: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ weights[p] · src[token of p] over the pairs p of each latent, [S·m, d] (groups: by_latent's; src
     [S·n, d], weights [S·P]): one embedding_bag over the pairs grouped by latent."""
-    order, rows, offsets = groups
+    order, rows, offsets, _ = groups
     return F.embedding_bag(rows, src, offsets, mode="sum", per_sample_weights=weights.index_select(0, order))
 
 
@@ -254,9 +254,9 @@ class KeptPre(torch.autograd.Function):
         S, n, d = x_enc.shape
         m = W_enc.shape[2]
         g = g.reshape(-1).to(x_enc.dtype)
-        gW = _latent_sums(ctx.groups or by_latent(idx, n, m), x_enc.reshape(S * n, d), g)
-        cols = (idx % m + torch.arange(S, device=idx.device)[:, None] * m).reshape(-1)
-        gb = torch.zeros(S * m, dtype=g.dtype, device=g.device).index_add_(0, cols, g).view(S, m)
+        groups = ctx.groups or by_latent(idx, n, m)
+        gW = _latent_sums(groups, x_enc.reshape(S * n, d), g)
+        gb = torch.zeros(S * m, dtype=g.dtype, device=g.device).index_add_(0, groups[3], g).view(S, m)
         gshift = -torch.bmm(W_enc.detach().to(gb.dtype), gb[:, :, None])[:, :, 0] if ctx.has_shift else None
         return (None, None, gW.view(S, m, d).transpose(1, 2).to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None, None)
 
@@ -304,7 +304,7 @@ class _DecoderGrad(torch.autograd.Function):
 
 
 def decode_pairs(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor, n: int,
-                 groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 groups: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Σ vals · W_dec[s][latent] per token, without b_dec: one embedding_bag over the stack's pairs (idx
     sorted by token within each SAE). [S, n, d]. With `groups` (the pairs' by_latent; the CPU, uncompiled:
     inductor mis-compiles it), W_dec's gradient comes from _DecoderGrad."""
