@@ -182,14 +182,14 @@ def _best(arch: str, impls: tuple[str, ...], rounds: int, *args) -> dict[str, di
     """Each implementation's fastest of `rounds` isolated runs (and its highest peak memory), the
     implementations taking turns, so a slow spell of a shared machine does not fall on one of them alone."""
     best: dict[str, dict] = {}
+    peak: dict[str, float] = {}
     for _ in range(rounds):
         for impl in impls:
             r = _isolated(arch, impl, *args)
-            peak = max(r["peak_mib"], best.get(impl, r)["peak_mib"])  # memory: the highest of the rounds
+            peak[impl] = max(peak.get(impl, 0.0), r["peak_mib"])
             if impl not in best or r["tokens_per_s"] > best[impl]["tokens_per_s"]:
                 best[impl] = r
-            best[impl] = best[impl] | {"peak_mib": peak}
-    return best
+    return {impl: r | {"peak_mib": peak[impl]} for impl, r in best.items()}
 
 
 def run(d: int = 576, m: int = 4608, k: int = 32, batch: int = 4096, steps: int = 5,
