@@ -255,8 +255,12 @@ class KeptPre(torch.autograd.Function):
         m = W_enc.shape[2]
         g = g.reshape(-1).to(x_enc.dtype)
         groups = ctx.groups or by_latent(idx, n, m)
-        gW = _latent_sums(groups, x_enc.reshape(S * n, d), g)
-        gb = torch.zeros(S * m, dtype=g.dtype, device=g.device).index_add_(0, groups[3], g).view(S, m)
+        # b_enc's gradient as W_enc's for an input column of ones, from the same bags: inductor (torch 2.13)
+        # compiled a whole TopK step wrong when b_enc's gradient was a scatter of g into zeros (index_add_ here,
+        # scatter_ in MaskedBlock): off by its whole size, where BatchTopK's was right
+        x1 = torch.cat([x_enc.reshape(S * n, d), x_enc.new_ones(S * n, 1)], 1)
+        gWb = _latent_sums(groups, x1, g)
+        gW, gb = gWb[:, :d], gWb[:, d].view(S, m)
         gshift = -torch.bmm(W_enc.detach().to(gb.dtype), gb[:, :, None])[:, :, 0] if ctx.has_shift else None
         return (None, None, gW.view(S, m, d).transpose(1, 2).to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None, None)
 
@@ -277,9 +281,10 @@ class MaskedBlock(torch.autograd.Function):
         x_enc, W_enc, cols, used = ctx.saved_tensors
         S, d, m = W_enc.shape
         g = g.to(x_enc.dtype) * used
-        gW = torch.zeros(S, d, m, dtype=g.dtype, device=g.device).scatter_(
-            2, cols[:, None, :].expand(S, d, cols.shape[1]), torch.bmm(x_enc.transpose(1, 2), g))
-        gb = torch.zeros(S, m, dtype=g.dtype, device=g.device).scatter_(1, cols, g.sum(1))
+        x1 = torch.cat([x_enc, x_enc.new_ones(S, x_enc.shape[1], 1)], 2)  # b_enc's gradient: see KeptPre
+        gWb = torch.zeros(S, d + 1, m, dtype=g.dtype, device=g.device).scatter_(
+            2, cols[:, None, :].expand(S, d + 1, cols.shape[1]), torch.bmm(x1.transpose(1, 2), g))
+        gW, gb = gWb[:, :d], gWb[:, d]
         gshift = -torch.bmm(W_enc.detach().to(gb.dtype), gb[:, :, None])[:, :, 0] if ctx.has_shift else None
         return None, None, gW.to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None
 
