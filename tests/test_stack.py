@@ -101,15 +101,16 @@ def test_the_cpus_hinted_selection_is_exact_or_says_so():
         kth = torch.stack([p.flatten().topk(K).values[-1] for p in pre])
         for factor, ok in ((0.95, True), (1.05, False), (-10.0, False)):  # near below, above, far below
             hint = torch.where(kth > 0, kth * factor, kth / factor) if factor > 0 else torch.full((2,), -10.0)
-            idx, flags = batch_topk_hinted(pre, 8, hint)
+            idx, flags, peak = batch_topk_hinted(pre, 8, hint)
             assert flags.tolist() == [ok, ok]
+            assert torch.equal(peak, pre.amax(1))  # each latent's largest value, whatever the hint
             if ok:
                 assert torch.equal(idx, batch_topk(pre, 8))
             else:
                 assert bool((idx == -1).all())
     ties = torch.randint(-3, 4, (1, 64, 300)).float()  # the n·k-th value tied many times over
     assert 64 * 32 <= int((ties == 3).sum()) < 2 * 64 * 32  # the hint passes the 3s, more than n·k of them
-    idx, flags = batch_topk_hinted(ties, 32, torch.tensor([2.5]))
+    idx, flags, _ = batch_topk_hinted(ties, 32, torch.tensor([2.5]))
     assert flags.tolist() == [True] and (idx[:, 1:] > idx[:, :-1]).all()
     torch.testing.assert_close(ties[0].flatten()[idx[0]], torch.full((64 * 32,), 3.0), rtol=0, atol=0)
     st = stack_trainer("batchtopk", 2, D, M, 4)
@@ -118,31 +119,39 @@ def test_the_cpus_hinted_selection_is_exact_or_says_so():
     for i in range(3):  # the first batch has no hint (-inf: every entry passes): the exact path, then the hint
         with torch.no_grad():
             pre = torch.baddbmm(st.stack.b_enc[:, None, :], st.stack.normalize(x), st.stack.W_enc)
-        assert torch.equal(st.stack._batch_topk(pre, slice(None)), batch_topk(pre, 4))
+        idx, peak = st.stack._batch_topk(pre, slice(None))
+        assert torch.equal(idx, batch_topk(pre, 4)) and torch.equal(peak, pre.amax(1))
         assert bool(torch.isfinite(st.stack.hint).all())
         st.step(x, torch.tensor(i))
 
 
 @pytest.mark.parametrize("aux_batch", [False, True])
 def test_the_cpus_auxiliary_pool_selects_only_where_it_must(aux_batch):
-    """The CPU, uncompiled, selects each token's top aux_k of the pool only for the tokens with more than aux_k
-    positive entries (for the others the relu keeps what the selection would): the same pool and block as
-    the fixed-shape selection, with tokens of both kinds."""
+    """The CPU, uncompiled, reads every dead latent (a pool as wide as the most dead latents of an SAE), and
+    selects each token's top aux_k of the pool only for the tokens with more than aux_k positive entries (for
+    the others the relu keeps what the selection would): the same block as the fixed-shape selection from a
+    pool wide enough, with tokens of both kinds."""
     torch.manual_seed(3)
     saes = [SAE(SAEConfig("topk", D, M, k=4, aux_k=6, aux_batch=aux_batch, replicate=r)) for r in range(2)]
     stack = SAEStack(saes, 1e-3, (0.9, 0.99))
     pre = torch.randn(2, 64, M)
     pre[:, :20] = pre[:, :20].abs() + 0.1  # tokens with far more than aux_k positive entries ...
     pre[:, 20:40] = -pre[:, 20:40].abs()   # ... and with none
-    for dead, width in ((torch.rand(2, M) < 0.5, 12), (torch.arange(M).expand(2, M) % 40 == 7, 3)):  # 3 dead: narrower
+    for dead in (torch.rand(2, M) < 0.5, torch.arange(M).expand(2, M) % 40 == 7):  # about 48 dead, or 3
+        width = int(dead.sum(1).max())
+        stack.aux_pool = 12
+        assert stack.grow_aux_pool(width) == (width > 12)
+        assert stack.aux_pool == (12 if width <= 12 else 96 if width > 48 else 48)  # doubled, at most d_sae
         dense = []
         for eager in (False, True):
             stack.cpu_eager = eager
             cols, block = stack._aux_pool(pre.clone(), dead, stack._aux_width(dead))
-            assert block.shape == (2, 64, width if eager else 12)
+            assert block.shape == (2, 64, width if eager else stack.aux_pool)
+            given = stack._aux_pool(pre.clone(), dead, stack._aux_width(dead), pre.amax(1))  # the selection's peaks
+            assert torch.equal(given[0], cols) and torch.equal(given[1], block)
             dense.append(torch.zeros(2, 64, M).scatter_(2, cols[:, None, :].expand(block.shape), block))
         assert torch.equal(dense[0], dense[1]) and bool((dense[0][:, :20] > 0).any())
-        if not aux_batch and width == 12:
+        if not aux_batch and width > 12:
             assert ((dense[0] > 0).sum(2)[:, :20] == 6).all() and (dense[0][:, 20:40] == 0).all()
 
 
@@ -212,18 +221,66 @@ def test_losses_and_gradients_equal_the_dense_reference(arch, kw, eager):
 
 
 def test_aux_pool_is_exact_up_to_its_size_and_fixed_beyond():
-    """The auxiliary loss reads a pool of 2·aux_k dead latents: the per-token top aux_k of all dead latents
-    while they fit in it; beyond, the same amount of work on the pool's latents."""
+    """The fixed-shape auxiliary loss reads a pool of 2·aux_k dead latents: the per-token top aux_k of all dead
+    latents while they fit in it; beyond, the same amount of work on the pool's latents until the pool grows.
+    The CPU, uncompiled, reads them all."""
     torch.manual_seed(2)
     sae = SAE(SAEConfig("topk", D, M, k=4, aux_k=8), 0)
     x = torch.randn(64, D)
     stack = SAEStack([sae], 1e-3, (0.9, 0.99))
-    for n_dead, exact in ((16, True), (40, False)):
+    for n_dead, grow, eager, exact in ((16, 0, False, True), (40, 0, False, False), (40, 40, False, True),
+                                       (40, 0, True, True), (90, 0, True, True)):
+        stack.aux_pool, stack.cpu_eager = 16, eager
+        stack.grow_aux_pool(grow)
         since = torch.zeros(1, M, dtype=torch.long)
         since[0, :n_dead] = 10 ** 6
         aux = float(stack.losses(x, since, stack.coeff)[0]["aux"][0])
         ref = float(dense_losses(sae, x, since[0] >= sae.cfg.dead_tokens) - dense_losses(sae, x, None))
         assert (aux == pytest.approx(ref, rel=1e-4)) == exact and aux > 0
+
+
+def test_the_pool_grows_at_log_steps_and_resumes_at_its_width():
+    """A log step widens the fixed-shape pool to hold the most dead latents of an SAE (doubling), a saved state
+    keeps the width, and a compiled step follows the new width (compiled once more) and equals eager."""
+    from batchtopk.train.stack import StackTrainer
+
+    def trainer(compile: bool = False) -> StackTrainer:
+        torch.manual_seed(0)
+        saes = [SAE(SAEConfig("topk", D, M, k=4, aux_k=8, replicate=r)) for r in range(2)]
+        st = StackTrainer(SAEStack(saes, 1e-3, (0.9, 0.99)), total_steps=100, theta_from=80, compile=compile)
+        st.stack.cpu_eager = False  # the fixed-shape path, as on a GPU
+        return st
+
+    torch.manual_seed(4)
+    x = torch.randn(64, D)
+    runs = []
+    for compile in (False, True):
+        st = trainer(compile)
+        assert st.stack.aux_pool == 16  # 2·aux_k
+        st.stack.init_from_data(x)
+        with torch.no_grad():  # 40 latents of the second SAE that rarely win a token, but are often positive
+            st.stack.b_enc[1, :40] -= 1.5
+        t = torch.zeros((), dtype=torch.long)
+        for i in range(4):
+            st.state.since_fired[1, :40] = 10 ** 6  # dead as each step starts
+            metrics = st.step(x, t, log=i == 1)
+            t += 1
+            if metrics:  # those that did not fire in this step are dead at its end
+                dead = metrics[1]["dead"]
+                assert 32 < dead <= 40 and metrics[0]["dead"] == 0
+            assert st.stack.aux_pool == (16 if i < 1 else 64)
+        runs.append([p.detach().clone() for p in st.stack.parameters()])
+        sd = st.state_dict()
+        assert sd["aux_pool"] == 64
+        again = trainer()
+        again.load_state_dict(sd)
+        assert again.stack.aux_pool == 64
+        del sd["aux_pool"]  # a checkpoint from before the pool grew
+        again = trainer()
+        again.load_state_dict(sd)
+        assert again.stack.aux_pool == 16
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_a_stack_of_n_trains_like_n_alone(tmp_path):

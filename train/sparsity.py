@@ -174,23 +174,28 @@ def span_topk(pre: torch.Tensor, k: int, span: int) -> torch.Tensor:
 HINT_BLOCK = 8  # batch_topk_hinted: tokens whose values of one latent are screened together by their maximum
 
 
-def batch_topk_hinted(pre: torch.Tensor, k: int, hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_topk_hinted(pre: torch.Tensor, k: int, hint: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A shortcut to batch_topk for the CPU, uncompiled (data-dependent shapes): the entries of each pre[s]
     at or above hint[s] (a little below the previous batch's n·k-th value) are the candidates, and the n·k
     largest of those are the answer. Blocks of HINT_BLOCK tokens of one latent whose maximum is below the
     hint are passed over unread (one vectorised max over the tokens instead of a scan of every entry).
-    Returns (flat indices [S, n·k], sorted; ok [S]): exact where ok, that is where between n·k and
-    2·n·k - 1 entries passed (a hint far below costs more than the exact selection); elsewhere the
-    indices are -1 and the caller takes batch_topk."""
+    Returns (flat indices [S, n·k], sorted; ok [S]; each latent's largest value over the tokens [S, m], from
+    the screen's block maxima): the indices are exact where ok, that is where between n·k and 2·n·k - 1
+    entries passed (a hint far below costs more than the exact selection); elsewhere they are -1 and the
+    caller takes batch_topk."""
     S, n, m = pre.shape
     K = n * k
     B = HINT_BLOCK if n % HINT_BLOCK == 0 else 1
     span = torch.arange(B, device=pre.device) * m   # the flat offsets of a block's tokens
     idx = torch.full((S, K), -1, dtype=torch.long, device=pre.device)
     ok = torch.zeros(S, dtype=torch.bool)
+    peak = pre.new_empty(S, m)
     for s in range(S):
         h = float(hint[s])
-        block, latent = (pre[s].view(n // B, B, m).amax(1) >= h).nonzero().unbind(1)
+        block_max = pre[s].view(n // B, B, m).amax(1)
+        torch.amax(block_max, 0, out=peak[s])
+        block, latent = (block_max >= h).nonzero().unbind(1)
         cand = ((block * (B * m) + latent)[:, None] + span).reshape(-1)
         vals = pre[s].reshape(-1)[cand]
         passed = vals >= h
@@ -201,7 +206,7 @@ def batch_topk_hinted(pre: torch.Tensor, k: int, hint: torch.Tensor) -> tuple[to
         top = cand[keep] if int(keep.sum()) == K else cand[vals.topk(K, sorted=False).indices]  # ties: topk's order
         idx[s] = top.sort().values
         ok[s] = True
-    return idx, ok
+    return idx, ok, peak
 
 
 def topk_rows(pre: torch.Tensor, k: int) -> torch.Tensor:

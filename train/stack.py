@@ -14,15 +14,18 @@ Where the one-SAE code made a data-dependent choice, the stack makes a fixed-sha
 - BatchTopK keeps exactly n·k pairs per SAE (value 0 where fewer than n·k pre-activations are
   positive), found by an exact selection of fixed shape (`batch_topk`).
 - The auxiliary loss picks each token's top aux_k dead latents (with aux_batch: the batch's top n·aux_k)
-  from a pool of the 2·aux_k dead latents most active in the batch: exactly the one-SAE loss whenever at
-  most 2·aux_k latents are dead, and a fixed [n, 2·aux_k] block of work whatever their number.
+  from a pool of the `aux_pool` dead latents most active in the batch: exactly the one-SAE loss whenever
+  no SAE has more dead latents than that, and a fixed [n, aux_pool] block of work whatever their number.
+  The pool starts 2·aux_k wide and doubles at a log step (which reads the device anyway) whenever an SAE
+  has more dead latents, so the loss stays exact but for the few steps before that (a compiled step
+  compiles once more then).
 
 On the CPU, uncompiled (`cpu_eager`), where launches cost nothing and data-dependent shapes are free, a
 stack trains as fast per SAE as its SAEs alone: it steps its losses and backward a few SAEs at a time
 (`cpu_chunk`; under DDP, which needs the whole stack's forward, it encodes a few at a time), so each SAE's
 temporaries stay in the cache, and it takes shortcuts that read the host: BatchTopK's selection starts from a
-hint, the auxiliary pool is no wider than the dead set and selects only where it must, and the kept pairs
-are grouped by latent once for both sparse gradients.
+hint, the auxiliary pool is the dead set itself (the exact loss at every step) and selects only where it must,
+and the kept pairs are grouped by latent once for both sparse gradients.
 """
 from __future__ import annotations
 
@@ -63,7 +66,7 @@ from .sparsity import (
     topk_rows,
 )
 
-AUX_POOL = 2    # the auxiliary loss reads the AUX_POOL·aux_k most active dead latents of the batch
+AUX_POOL = 2    # the fixed-shape auxiliary pool starts AUX_POOL·aux_k latents wide (SAEStack.grow_aux_pool)
 # cpu_eager: SAEs stepped (or encoded) together, at most this many bytes of their [n, m] pre-activations (one
 # SAE at least); measured on a 2-core machine with 300 MiB of L3, a stack of 8 at n 4096, m 4608 against 8
 # SAEs alone: 0.68-0.89x whole, 0.93-0.98x encoded in chunks, 0.98-1.04x stepped in parts (bench ops)
@@ -170,6 +173,8 @@ class SAEStack(nn.Module):
         # last batch's n·k-th value); a GPU's step takes the exact fixed-shape path throughout, the whole stack at once
         self.cpu_eager = False
         self.register_buffer("hint", torch.full((len(cfgs),), float("-inf"), device=dev), persistent=False)
+        self.aux_pool = min(self.key.d_sae, AUX_POOL * self.key.aux_k)  # the fixed-shape path's auxiliary pool width
+
     @property
     def size(self) -> int:
         return len(self.cfgs)
@@ -184,7 +189,7 @@ class SAEStack(nn.Module):
         place, the other sees."""
         sub = object.__new__(type(self))
         nn.Module.__init__(sub)
-        sub.key, sub.cfgs, sub.cpu_eager = self.key, self.cfgs[sl], self.cpu_eager
+        sub.key, sub.cfgs, sub.cpu_eager, sub.aux_pool = self.key, self.cfgs[sl], self.cpu_eager, self.aux_pool
         for name, p in self.named_parameters(recurse=False):
             setattr(sub, name, nn.Parameter(p.data[sl]))
         for name, b in self.named_buffers(recurse=False):
@@ -340,9 +345,13 @@ class SAEStack(nn.Module):
             sl = slice(a, min(S, a + chunk))
             pre = self._pre_cpu(xe[sl], sl) if self.cpu_eager else torch.baddbmm(self.b_enc[sl, None, :], xe[sl],
                                                                                  self.W_enc[sl])
-            idx = (self._batch_topk(pre, sl) if self.key.arch in BATCH_ARCHS else topk_rows(pre, self.key.k)
-                   if self.key.arch == "topk" else self._quantile_pairs(pre, sl))
-            parts.append((idx, pre.reshape(pre.shape[0], -1).gather(1, idx), *self._aux_pool(pre, dead[sl], width)))
+            peak = None  # each latent's largest pre-activation in the batch, where the selection finds it
+            if self.key.arch in BATCH_ARCHS:
+                idx, peak = self._batch_topk(pre, sl)
+            else:
+                idx = topk_rows(pre, self.key.k) if self.key.arch == "topk" else self._quantile_pairs(pre, sl)
+            parts.append((idx, pre.reshape(pre.shape[0], -1).gather(1, idx),
+                          *self._aux_pool(pre, dead[sl], width, peak)))
         return parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
     def _pre_cpu(self, xe: torch.Tensor, sl: slice) -> torch.Tensor:
@@ -356,21 +365,22 @@ class SAEStack(nn.Module):
             torch.mm(torch.cat([xe[j], ones], 1), torch.cat([self.W_enc[s], self.b_enc[s, None]]), out=pre[j])
         return pre
 
-    def _batch_topk(self, pre: torch.Tensor, sl: slice) -> torch.Tensor:
+    def _batch_topk(self, pre: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The n·k largest pre-activations of each SAE of pre (the stack's SAEs sl; exact, see `cpu_eager`), or
-        with a span the span·k largest of each group of span tokens."""
+        with a span the span·k largest of each group of span tokens; and with cpu_eager, each latent's largest
+        pre-activation [S', m] (the hinted selection's by-product; else None)."""
         span = self.key.span
         if span is not None and span < pre.shape[1]:
-            return span_topk(pre, self.key.k, span)
+            return span_topk(pre, self.key.k, span), None
         if self.cpu_eager:
             hint = self.hint[sl]
-            idx, ok = batch_topk_hinted(pre, self.key.k, hint)
+            idx, ok, peak = batch_topk_hinted(pre, self.key.k, hint)
             for s in (~ok).nonzero()[:, 0].tolist():  # the hint missed (the first batch, or a jump): the exact path
                 idx[s] = batch_topk(pre[s:s + 1], self.key.k)[0]
             kth = pre.reshape(pre.shape[0], -1).gather(1, idx).amin(1)
             hint.copy_(kth - 0.05 * kth.abs())
-            return idx
-        return batch_topk(pre, self.key.k)
+            return idx, peak
+        return batch_topk(pre, self.key.k), None
 
     def _quantile_pairs(self, pre: torch.Tensor, sl: slice) -> torch.Tensor:
         """A quantile SAE's candidate pairs: the QUANTILE_CAPACITY·n·k largest pre-activations (exact, fixed
@@ -391,18 +401,27 @@ class SAEStack(nn.Module):
         t.copy_(torch.where(torch.isfinite(t), t + self.quantile_rate * (q - t), q))
 
     def _aux_width(self, dead: torch.Tensor) -> int:
-        """The auxiliary loss's pool width D: AUX_POOL·aux_k latents, and with cpu_eager no more than the most
-        dead latents of an SAE (a pool's other columns are all 0: the same loss, with less work)."""
-        D = min(self.key.d_sae, AUX_POOL * self.key.aux_k)
-        return max(1, min(D, int(dead.sum(1).max()))) if self.cpu_eager else D
+        """The auxiliary loss's pool width D: the fixed aux_pool, or with cpu_eager the most dead latents of an
+        SAE (the pool then holds every dead latent: the exact loss, with no column wider than it needs)."""
+        return max(1, int(dead.sum(1).max())) if self.cpu_eager else self.aux_pool
 
-    def _aux_pool(self, pre: torch.Tensor, dead: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def grow_aux_pool(self, dead: int) -> bool:
+        """Double the fixed-shape auxiliary pool (up to d_sae) until it holds `dead` latents, the most dead
+        latents of an SAE of the stack; True if it grew (a compiled step then compiles for the new width)."""
+        width = self.aux_pool
+        while 0 < width < min(dead, self.key.d_sae):
+            width = min(2 * width, self.key.d_sae)
+        grew, self.aux_pool = width != self.aux_pool, width
+        return grew
+
+    def _aux_pool(self, pre: torch.Tensor, dead: torch.Tensor, width: int, peak: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The auxiliary loss's pool, from the pre-activations [S, n, m] and dead latents [S, m]: the `width`
-        (`_aux_width`) dead latents with the largest pre-activation anywhere in the batch [S, D], and their
-        block [S, n, D] with each token's top aux_k of them kept (aux_batch: the batch's top n·aux_k), the
-        rest 0."""
+        (`_aux_width`) dead latents with the largest pre-activation anywhere in the batch [S, D] (peak [S, m]
+        when known), and their block [S, n, D] with each token's top aux_k of them kept (aux_batch: the
+        batch's top n·aux_k), the rest 0."""
         S, n, m = pre.shape
-        score = pre.amax(1).masked_fill(~dead, float("-inf"))
+        score = (pre.amax(1) if peak is None else peak).masked_fill(~dead, float("-inf"))
         cols = score.topk(width, dim=1, sorted=False).indices  # [S, D]
         block = pre.gather(2, cols[:, None, :].expand(S, n, cols.shape[1]))
         block.masked_fill_(~dead.gather(1, cols)[:, None, :], float("-inf"))
@@ -599,7 +618,11 @@ class StackTrainer:
         (losses averaged over ranks, NMSE and L0 over every rank's tokens)."""
         if log or self.compiled is None:
             kept = self._step(x, step_t, keep=log)
-            return self._metrics(*kept, x.shape[0]) if log else None
+            if not log:
+                return None
+            metrics = self._metrics(*kept, x.shape[0])
+            self.stack.grow_aux_pool(max(m["dead"] for m in metrics))  # the dead latents are counted here anyway
+            return metrics
         self.compiled(x, step_t, keep=False)
         return None
 
@@ -733,9 +756,10 @@ class StackTrainer:
     def state_dict(self) -> dict[str, Any]:
         cpu = lambda sd: {k: v.cpu() for k, v in sd.items()}  # noqa: E731
         return {"stack": cpu(self.stack.state_dict()), "opt": cpu(self.opt.state_dict()),
-                "state": cpu(self.state.state_dict())}
+                "state": cpu(self.state.state_dict()), "aux_pool": self.stack.aux_pool}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.stack.load_state_dict(sd["stack"])
         self.opt.load_state_dict(sd["opt"])
         self.state.load_state_dict(sd["state"])
+        self.stack.grow_aux_pool(sd.get("aux_pool", 0))  # (a checkpoint from before the pool grew: as it starts)
