@@ -103,7 +103,7 @@ def test_matryoshka_prefixes_reconstruct_on_their_own(synthetic_cache, tmp_path)
 def test_resume_equals_uninterrupted(synthetic_cache, tmp_path, monkeypatch):
     cache, _ = synthetic_cache
     sweep = [{"arch": "batchtopk", "d_sae": 64, "k": 3}, {"arch": "topk", "d_sae": 64, "k": 3},
-             {"arch": "jumprelu", "d_sae": 64}]
+             {"arch": "jumprelu", "d_sae": 64}, {"arch": "gated", "d_sae": 64, "l1_coeff": 3.0, "lr": 0.3, "resample": 0.25}]
     full = Trainer(settings(cache, tmp_path / "full", saes=sweep, tokens=512 * 23)).run()
     real = StackTrainer.step
 
@@ -123,6 +123,9 @@ def test_resume_equals_uninterrupted(synthetic_cache, tmp_path, monkeypatch):
         for name, p in sa.state_dict().items():
             torch.testing.assert_close(p, sb.state_dict()[name], rtol=0, atol=0, msg=name)  # bit-identical on CPU
         assert ma["metadata"]["theta"] == mb["metadata"]["theta"]
+        last = [json.loads((d / "train_log.jsonl").read_text().splitlines()[-1]) for d in (a, b)]
+        assert last[0].get("resampled") == last[1].get("resampled")  # counted on across the resume
+    assert last[0]["resampled"] > 0  # (the Gated SAE, last)
 
 
 def test_saelens_loads_and_encodes_the_same(synthetic_cache, tmp_path):

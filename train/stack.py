@@ -603,7 +603,7 @@ class StackTrainer:
             self.objective = DDP(self.objective, device_ids=[dev.index] if dev.type == "cuda" else None)
         # resampling (ReLU, Gated): SAE i every resample_every[i] steps through the first RESAMPLE_UNTIL of training
         self.resample_every = [max(1, round(c.resample * total_steps)) if c.resample else 0 for c in stack.cfgs]
-        self.resampled = [0] * stack.size  # latents resampled by this process (the log's count)
+        self.resampled = [0] * stack.size  # latents resampled so far (the log's count; checkpointed)
         self._parts_for: tuple[int, list[tuple[slice, SAEStack]]] = (0, [])  # (batch, its parts): see _parts
         self.compiled = None
         if compile:
@@ -756,10 +756,11 @@ class StackTrainer:
     def state_dict(self) -> dict[str, Any]:
         cpu = lambda sd: {k: v.cpu() for k, v in sd.items()}  # noqa: E731
         return {"stack": cpu(self.stack.state_dict()), "opt": cpu(self.opt.state_dict()),
-                "state": cpu(self.state.state_dict()), "aux_pool": self.stack.aux_pool}
+                "state": cpu(self.state.state_dict()), "aux_pool": self.stack.aux_pool, "resampled": self.resampled}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.stack.load_state_dict(sd["stack"])
         self.opt.load_state_dict(sd["opt"])
         self.state.load_state_dict(sd["state"])
         self.stack.grow_aux_pool(sd.get("aux_pool", 0))  # (a checkpoint from before the pool grew: as it starts)
+        self.resampled = list(sd.get("resampled", self.resampled))  # (one from before it was kept: counts anew)
