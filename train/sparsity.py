@@ -243,28 +243,26 @@ def _latent_sums(groups: tuple[torch.Tensor, ...], src: torch.Tensor, weights: t
 class KeptPre(torch.autograd.Function):
     """The kept pre-activations kept[s] = pre[s].flatten()[idx[s]] of pre = x_enc W_enc + b_enc (computed
     without a graph), with the gradients of W_enc and b_enc from those pairs alone: one embedding_bag over
-    all the stack's kept pairs (2·S·P·d FLOPs), never a dense [n, m] gradient. With `shift` (the encoder
-    reads x - shift), shift gets -W_enc @ grad(b_enc). `groups`: the pairs' by_latent, if already made."""
+    all the stack's kept pairs (2·S·P·d FLOPs), never a dense [n, m] gradient. x1 [S, n, d + 1] is x_enc
+    with a column of ones, whose gradient is b_enc's (inductor, torch 2.13, compiled a whole TopK step
+    wrong when b_enc's gradient was a scatter of g into zeros: off by its whole size). With `shift` (the
+    encoder reads x - shift), shift gets -W_enc @ grad(b_enc). `groups`: the pairs' by_latent, if made."""
 
     @staticmethod
-    def forward(ctx, kept, x_enc, W_enc, b_enc, shift, idx, groups=None):
-        ctx.save_for_backward(x_enc, W_enc, idx)
+    def forward(ctx, kept, x1, W_enc, b_enc, shift, idx, groups=None):
+        ctx.save_for_backward(x1, W_enc, idx)
         ctx.has_shift = shift is not None
         ctx.groups = groups
         return kept
 
     @staticmethod
     def backward(ctx, g):
-        x_enc, W_enc, idx = ctx.saved_tensors
-        S, n, d = x_enc.shape
-        m = W_enc.shape[2]
-        g = g.reshape(-1).to(x_enc.dtype)
+        x1, W_enc, idx = ctx.saved_tensors
+        S, n, d1 = x1.shape
+        d, m = W_enc.shape[1:]
+        g = g.reshape(-1).to(x1.dtype)
         groups = ctx.groups or by_latent(idx, n, m)
-        # b_enc's gradient as W_enc's for an input column of ones, from the same bags: inductor (torch 2.13)
-        # compiled a whole TopK step wrong when b_enc's gradient was a scatter of g into zeros (index_add_ here,
-        # scatter_ in MaskedBlock): off by its whole size, where BatchTopK's was right
-        x1 = torch.cat([x_enc.reshape(S * n, d), x_enc.new_ones(S * n, 1)], 1)
-        gWb = _latent_sums(groups, x1, g)
+        gWb = _latent_sums(groups, x1.reshape(S * n, d1), g)
         gW, gb = gWb[:, :d], gWb[:, d].view(S, m)
         gshift = -torch.bmm(W_enc.detach().to(gb.dtype), gb[:, :, None])[:, :, 0] if ctx.has_shift else None
         return (None, None, gW.view(S, m, d).transpose(1, 2).to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None, None)
@@ -273,20 +271,20 @@ class KeptPre(torch.autograd.Function):
 class MaskedBlock(torch.autograd.Function):
     """The block pre[s][:, cols[s]] of pre = x_enc W_enc + b_enc, already masked (zeros where a latent is
     not used), with the gradients of W_enc[s][:, cols[s]] and b_enc[s][cols[s]] through the used entries:
-    one batched [d, n] x [n, |cols|] product (the auxiliary loss's block of dead latents)."""
+    one batched [d + 1, n] x [n, |cols|] product of x1 (x_enc with a column of ones, see KeptPre) (the
+    auxiliary loss's block of dead latents)."""
 
     @staticmethod
-    def forward(ctx, block, x_enc, W_enc, b_enc, shift, cols):
-        ctx.save_for_backward(x_enc, W_enc, cols, block != 0)
+    def forward(ctx, block, x1, W_enc, b_enc, shift, cols):
+        ctx.save_for_backward(x1, W_enc, cols, block != 0)
         ctx.has_shift = shift is not None
         return block
 
     @staticmethod
     def backward(ctx, g):
-        x_enc, W_enc, cols, used = ctx.saved_tensors
+        x1, W_enc, cols, used = ctx.saved_tensors
         S, d, m = W_enc.shape
-        g = g.to(x_enc.dtype) * used
-        x1 = torch.cat([x_enc, x_enc.new_ones(S, x_enc.shape[1], 1)], 2)  # b_enc's gradient: see KeptPre
+        g = g.to(x1.dtype) * used
         gWb = torch.zeros(S, d + 1, m, dtype=g.dtype, device=g.device).scatter_(
             2, cols[:, None, :].expand(S, d + 1, cols.shape[1]), torch.bmm(x1.transpose(1, 2), g))
         gW, gb = gWb[:, :d], gWb[:, d]

@@ -268,13 +268,14 @@ class SAEStack(nn.Module):
         if key.arch in K_ARCHS:
             shift = self.b_dec if key.center else None
             xe = x_enc.detach()
+            xe1 = torch.cat([xe, xe.new_ones(*xe.shape[:2], 1)], 2)  # with a column of ones: b_enc's input
             dead = since_fired >= self.dead_tokens[:, None]                                  # [S, m]
             with torch.no_grad():
-                idx, kept, cols, block = self._encode(xe, dead)
+                idx, kept, cols, block = self._encode(xe, xe1, dead)
             # relu: a pair keeps value 0 where fewer than n·k (TopK: k) pre-activations are positive
             # the CPU, uncompiled: the pairs grouped by latent once, for the encoder's and the decoder's gradients
             grouped = by_latent(idx, n, key.d_sae) if self.cpu_eager else None
-            vals = KeptPre.apply(kept, xe, self.W_enc, self.b_enc, shift, idx, grouped).relu()
+            vals = KeptPre.apply(kept, xe1, self.W_enc, self.b_enc, shift, idx, grouped).relu()
             if key.arch == "quantile":  # the pairs above the threshold (the first batch: its own quantile)
                 theta = torch.where(torch.isfinite(self.threshold), self.threshold, self.batch_quantile)
                 vals = vals * (vals.detach() > theta[:, None])
@@ -290,7 +291,7 @@ class SAEStack(nn.Module):
             out["mse"] = self._mse(x_hat - x_in)
             if key.groups is not None:
                 out["prefix_mse"] = self._prefix_mse(idx, vals, dense, x_in, grouped)
-            out["aux"] = self._aux(cols, block, xe, shift, dead, (x_in - x_hat).detach())
+            out["aux"] = self._aux(cols, block, xe1, shift, dead, (x_in - x_hat).detach())
         else:
             pre = torch.baddbmm(self.b_enc[:, None, :], x_enc, self.W_enc)
             unit = key.d_in if key.mse == "sum" else 1  # coefficients weigh against the per-element MSE
@@ -332,18 +333,19 @@ class SAEStack(nn.Module):
             total = total + self._mse(part + self.b_dec[:, None, :] - x_in)
         return total
 
-    def _encode(self, xe: torch.Tensor, dead: torch.Tensor
+    def _encode(self, xe: torch.Tensor, xe1: torch.Tensor, dead: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Without a graph, from the pre-activations xe W_enc + b_enc [S, n, m]: the kept pairs (flat indices
-        [S, P], their pre-activations [S, P]) and the auxiliary loss's pool (its latents [S, D], their masked
-        block [S, n, D], see `_aux`). The whole stack at once, or with cpu_eager a chunk of SAEs at a time."""
+        """Without a graph, from the pre-activations xe W_enc + b_enc [S, n, m] (xe1: xe with a column of
+        ones): the kept pairs (flat indices [S, P], their pre-activations [S, P]) and the auxiliary loss's pool
+        (its latents [S, D], their masked block [S, n, D], see `_aux`). The whole stack at once, or with
+        cpu_eager a chunk of SAEs at a time."""
         S, n, _ = xe.shape
         chunk = self.cpu_chunk(n) if self.cpu_eager else S
         width = self._aux_width(dead)
         parts = []
         for a in range(0, S, chunk):
             sl = slice(a, min(S, a + chunk))
-            pre = self._pre_cpu(xe[sl], sl) if self.cpu_eager else torch.baddbmm(self.b_enc[sl, None, :], xe[sl],
+            pre = self._pre_cpu(xe1[sl], sl) if self.cpu_eager else torch.baddbmm(self.b_enc[sl, None, :], xe[sl],
                                                                                  self.W_enc[sl])
             peak = None  # each latent's largest pre-activation in the batch, where the selection finds it
             if self.key.arch in BATCH_ARCHS:
@@ -354,15 +356,13 @@ class SAEStack(nn.Module):
                           *self._aux_pool(pre, dead[sl], width, peak)))
         return parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
-    def _pre_cpu(self, xe: torch.Tensor, sl: slice) -> torch.Tensor:
-        """The pre-activations [S', n, m] of the stack's SAEs sl on their inputs xe [S', n, d], one matrix product
-        per SAE with the bias as an extra input column of ones: on the CPU faster than baddbmm, which first
-        copies the bias into every row of its output."""
-        n = xe.shape[1]
-        pre = xe.new_empty(xe.shape[0], n, self.key.d_sae)
-        ones = xe.new_ones(n, 1)
+    def _pre_cpu(self, xe1: torch.Tensor, sl: slice) -> torch.Tensor:
+        """The pre-activations [S', n, m] of the stack's SAEs sl on their inputs with a column of ones xe1
+        [S', n, d + 1], one matrix product per SAE with the bias as the ones' weights: on the CPU faster than
+        baddbmm, which first copies the bias into every row of its output."""
+        pre = xe1.new_empty(*xe1.shape[:2], self.key.d_sae)
         for j, s in enumerate(range(*sl.indices(self.size))):
-            torch.mm(torch.cat([xe[j], ones], 1), torch.cat([self.W_enc[s], self.b_enc[s, None]]), out=pre[j])
+            torch.mm(xe1[j], torch.cat([self.W_enc[s], self.b_enc[s, None]]), out=pre[j])
         return pre
 
     def _batch_topk(self, pre: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -438,16 +438,17 @@ class SAEStack(nn.Module):
                 block = _top_per_row(block, self.key.aux_k)
         return cols, block.relu_()  # -inf (not dead, or not among a token's top aux_k) -> 0
 
-    def _aux(self, cols: torch.Tensor, block: torch.Tensor, x_enc: torch.Tensor, shift: torch.Tensor | None,
+    def _aux(self, cols: torch.Tensor, block: torch.Tensor, xe1: torch.Tensor, shift: torch.Tensor | None,
              dead: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Gao et al.'s auxiliary loss: the residual fitted with each token's top aux_k dead latents (with
         aux_batch, the BatchTopK authors' open idea: the top n·aux_k dead-latent pre-activations of the whole
         batch), times aux_coeff (0 where none is dead); optionally over the residual's variance.
 
-        In a fixed shape: the pool is the AUX_POOL·aux_k dead latents with the largest pre-activation
-        anywhere in the batch, and each token takes its top aux_k of those (one dense [n, pool] block,
-        `_aux_pool`). That is the one-SAE loss exactly whenever at most that many latents are dead."""
-        block = MaskedBlock.apply(block, x_enc, self.W_enc, self.b_enc, shift, cols)
+        In a fixed shape: the pool is the aux_pool dead latents with the largest pre-activation anywhere in
+        the batch, and each token takes its top aux_k of those (one dense [n, pool] block, `_aux_pool`). That
+        is the one-SAE loss exactly whenever no SAE has more dead latents (with cpu_eager, always).
+        xe1: the encoder's input with a column of ones (MaskedBlock)."""
+        block = MaskedBlock.apply(block, xe1, self.W_enc, self.b_enc, shift, cols)
         decoded = torch.bmm(block, self.W_dec.gather(1, cols[:, :, None].expand(*cols.shape, self.key.d_in)))
         aux = self._mse(decoded - residual)
         if self.key.aux_norm:
