@@ -13,7 +13,7 @@ import torch
 from batchtopk.core import distributed
 from batchtopk.harvest.models import hub_name
 
-from .sae import NMSE, SAE, THETA_ARCHS, SAEConfig, autocast, save_sae, standardized_mse
+from .sae import NMSE, SAE, THETA_ARCHS, SAEConfig, save_sae, standardized_mse
 from .theta import estimate_theta, target_shift
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def estimate_thresholds(t: Trainer, saes: list[SAE]) -> list[dict[str, float] | 
         unseen = [x.to(t.device) for x in rows.split(t.s.batch_size)]
     for i in todo:
         sae, cfg = saes[i], t.cfgs[i]
-        with torch.no_grad(), autocast(t.device):
+        with torch.no_grad(), t.executor.autocast():
             def pre(x, sae=sae):
                 return sae.pre(sae.normalize(x)[0])
             if cfg.arch in THETA_ARCHS:
@@ -131,7 +131,7 @@ def heldout_pass(t: Trainer, saes: list[SAE], thetas: list[dict[str, float] | No
         rows.append(len(x))
         for i in todo:
             sae = saes[i]
-            with autocast(t.device):
+            with t.executor.autocast():
                 pre = sae.pre(sae.normalize(x)[0])
                 counts = sae.code(pre, sae.modes[0]).counts
                 for name in at.get(i, {}):

@@ -11,6 +11,7 @@ from typing import Any
 from batchtopk.cache.split import HELDOUT_LAYOUTS
 from batchtopk.core.options import ADVANCED, ALWAYS, IF_SET, RECIPE, identity, parse_tokens, setting
 
+from .executor import PRECISIONS, SWITCHES
 from .sae import SAEConfig
 from .theta import ESTIMATORS
 
@@ -61,7 +62,13 @@ class TrainSettings:
     stack_size: int | None = setting(None, "SAEs of one shape trained as one stack, at most (default: all of them; "
                                      "a resumed run: its checkpoint's).", group=ADVANCED)
     compile: str = setting("auto", "Compile each stack's training step into one graph, replayed as a CUDA graph on "
-                           "a GPU: auto (on one GPU), on, or off.", choices=("auto", "on", "off"), group=ADVANCED)
+                           "a GPU: auto (on one GPU), on, or off.", choices=SWITCHES, group=ADVANCED)
+    fixed_shape: str = setting("auto", "The fixed-shape step a GPU runs (on), or the CPU's exact eager step with its "
+                               "host-reading shortcuts (off); auto: on on a GPU or with --compile on.",
+                               choices=SWITCHES, group=ADVANCED)
+    precision: str = setting("auto", "The SAE math's precision: bf16 (autocast around the forward; weights and Adam "
+                             "stay float32) or fp32; auto: bf16 on a GPU, fp32 on the CPU.", choices=PRECISIONS,
+                             group=ADVANCED)
     pipeline: str | None = setting(None, cli=False)
 
     def identity(self) -> dict[str, Any]:

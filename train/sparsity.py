@@ -285,8 +285,9 @@ class MaskedBlock(torch.autograd.Function):
         x1, W_enc, cols, used = ctx.saved_tensors
         S, d, m = W_enc.shape
         g = g.to(x1.dtype) * used
-        gWb = torch.zeros(S, d + 1, m, dtype=g.dtype, device=g.device).scatter_(
-            2, cols[:, None, :].expand(S, d + 1, cols.shape[1]), torch.bmm(x1.transpose(1, 2), g))
+        prod = torch.bmm(x1.transpose(1, 2), g).to(x1.dtype)  # (bfloat16 where autocast reaches the backward)
+        gWb = torch.zeros(S, d + 1, m, dtype=x1.dtype, device=g.device).scatter_(
+            2, cols[:, None, :].expand(S, d + 1, cols.shape[1]), prod)
         gW, gb = gWb[:, :d], gWb[:, d]
         gshift = -torch.bmm(W_enc.detach().to(gb.dtype), gb[:, :, None])[:, :, 0] if ctx.has_shift else None
         return None, None, gW.to(W_enc.dtype), gb.to(W_enc.dtype), gshift, None

@@ -39,6 +39,7 @@ from torch import nn
 
 from batchtopk.core import distributed
 
+from .executor import CompiledStep, Executor, compile_limit
 from .sae import (
     BATCH_ARCHS,
     DENSE_DECODE_ABOVE,
@@ -48,7 +49,6 @@ from .sae import (
     QUANTILE_CAPACITY,
     SAE,
     SAEConfig,
-    autocast,
     standardize,
 )
 from .sparsity import (
@@ -513,15 +513,15 @@ class StackAdam(nn.Module):
         self.register_buffer("exp_avg", torch.zeros(stack.size, total, device=dev))
         self.register_buffer("exp_avg_sq", torch.zeros(stack.size, total, device=dev))
         self.register_buffer("step_count", torch.zeros((), device=dev))
+        # the step's [S, P] temporaries, reused from step to step (a stack's are large); allocated here, before
+        # any compiled call, so that a CUDA graph never owns memory that outlives its replay
+        self.register_buffer("_g", torch.zeros(stack.size, total, device=dev), persistent=False)
+        self.register_buffer("_u", torch.zeros(stack.size, total, device=dev), persistent=False)
 
     @torch.no_grad()
     def clipped_gradient(self, stack: SAEStack, parts: list[tuple[slice, SAEStack]] | None = None) -> torch.Tensor:
-        """Every parameter's gradient as one [S, P] tensor (a buffer reused from step to step: a stack's
-        temporaries are large), each SAE's clipped at its grad_clip. The gradients are the stack's, or those of
-        its parts (SAEs sl of the stack, `SAEStack.part`)."""
-        if not hasattr(self, "_g"):
-            self._g = torch.empty_like(self.exp_avg)
-            self._u = torch.empty_like(self.exp_avg)
+        """Every parameter's gradient as one [S, P] tensor (the buffer _g), each SAE's clipped at its grad_clip.
+        The gradients are the stack's, or those of its parts (SAEs sl of the stack, `SAEStack.part`)."""
         grads = lambda st: [getattr(st, n).grad.reshape(st.size, -1) for n in self.names]  # noqa: E731
         if parts is None:
             torch.cat(grads(stack), dim=1, out=self._g)
@@ -589,15 +589,17 @@ class StepState(nn.Module):
 
 
 class StackTrainer:
-    """One stack's training: the stack, its optimiser and its state. A step reads nothing back from the
-    device unless asked for the log's metrics; with `compile`, every other step runs as one compiled graph
-    (on CUDA replayed as a CUDA graph)."""
+    """One stack's training: the stack, its optimiser and its state, stepped by an Executor's program. A step
+    reads nothing back from the device unless asked for the log's metrics; compiled, every other step runs as one
+    graph (on CUDA replayed as a CUDA graph), and a failed compile leaves the step eager."""
 
-    def __init__(self, stack: SAEStack, total_steps: int, theta_from: int, world: int = 1, compile: bool = False):
+    def __init__(self, stack: SAEStack, total_steps: int, theta_from: int, world: int = 1, compile: bool = False,
+                 executor: Executor | None = None):
         self.stack, self.opt, self.state = stack, StackAdam(stack), StepState(stack)
         self.total_steps, self.theta_from, self.world = total_steps, theta_from, world
         dev = stack.W_enc.device
-        stack.cpu_eager = dev.type == "cpu" and not compile
+        self.executor = executor or Executor.choose(str(dev), "on" if compile else "off", world=world)
+        stack.cpu_eager = not self.executor.fixed
         self.objective: nn.Module = Objective(stack)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -606,26 +608,33 @@ class StackTrainer:
         self.resample_every = [max(1, round(c.resample * total_steps)) if c.resample else 0 for c in stack.cfgs]
         self.resampled = [0] * stack.size  # latents resampled so far (the log's count; checkpointed)
         self._parts_for: tuple[int, list[tuple[slice, SAEStack]]] = (0, [])  # (batch, its parts): see _parts
-        self.compiled = None
-        if compile:
-            import torch._dynamo
-
-            torch._dynamo.config.trace_autograd_ops = True  # backward inside the graph
-            self.compiled = torch.compile(self._step, fullgraph=True,
-                                          mode="reduce-overhead" if dev.type == "cuda" else None)
+        self.compiled: CompiledStep | None = None
+        if self.executor.compiled:
+            label = f"the stack of {stack.size} {stack.cfgs[0].name}"
+            self.compiled = CompiledStep(self._step, label, self.executor.cuda_graphs,
+                                         compile_limit(stack.key.d_sae, stack.aux_pool))
 
     def step(self, x: torch.Tensor, step_t: torch.Tensor, log: bool = False) -> list[dict[str, float]] | None:
         """One training step on the batch x [n, d] at device step step_t; with `log`, every SAE's metrics
         (losses averaged over ranks, NMSE and L0 over every rank's tokens)."""
-        if log or self.compiled is None:
-            kept = self._step(x, step_t, keep=log)
-            if not log:
-                return None
-            metrics = self._metrics(*kept, x.shape[0])
-            self.stack.grow_aux_pool(max(m["dead"] for m in metrics))  # the dead latents are counted here anyway
-            return metrics
-        self.compiled(x, step_t, keep=False)
-        return None
+        if not log and self.compiled is not None and self.compiled(x, step_t, keep=False):
+            return None
+        kept = self._step(x, step_t, keep=log)
+        if not log:
+            return None
+        metrics = self._metrics(*kept, x.shape[0])
+        self.stack.grow_aux_pool(max(m["dead"] for m in metrics))  # the dead latents are counted here anyway
+        return metrics
+
+    def compile_counts(self) -> dict[str, int]:
+        """What compiling this stack's step has cost so far: graphs made, and on CUDA those run without a CUDA
+        graph (empty when the step is not compiled)."""
+        if self.compiled is None:
+            return {}
+        out = {"compiles": self.compiled.compiles}
+        if self.executor.cuda_graphs:
+            out["cudagraph_skips"] = self.compiled.cudagraph_skips
+        return out
 
     def _parts(self, n: int) -> list[tuple[slice, SAEStack]] | None:
         """On the CPU, uncompiled, in one process: the stack's SAEs in parts whose [n, m] pre-activations take at
@@ -650,7 +659,7 @@ class StackTrainer:
         for sl, part in parts or [(slice(None), stack)]:
             for p in part.parameters():
                 p.grad = None
-            with autocast(x.device.type):
+            with self.executor.autocast():
                 out, x_in, x_hat, code = (self.objective(x, st.since_fired, coeff) if parts is None
                                           else part.losses(x, st.since_fired[sl], coeff[sl]))
             loss = out["loss"]

@@ -20,6 +20,7 @@ from batchtopk.core import distributed
 from batchtopk.core.errors import PipelineError
 
 from . import checkpoint
+from .executor import Executor
 from .finish import finish, sets_threshold
 from .sae import SAE, SAEConfig
 from .settings import THETA_ESTIMATORS, TrainSettings
@@ -76,6 +77,7 @@ class Trainer:
         self.step = 0
         self.step_t = torch.zeros((), dtype=torch.long, device=self.device)  # the step, as the step sees it
         self.theta_from = self.total_steps - max(1, round(self.total_steps * s.theta_window))
+        self.executor = Executor.choose(self.device, s.compile, s.fixed_shape, s.precision, self.world)
         self._make_stacks(s.stack_size)
 
     def _make_stacks(self, size: int | None) -> None:
@@ -88,9 +90,8 @@ class Trainer:
             if sae.cfg.norm == "global":
                 sae.input_scale.fill_(self.scale)
         self.groups = stack_configs(self.cfgs, size)
-        compile_ = s.compile == "on" or (s.compile == "auto" and self.device.startswith("cuda") and self.world == 1)
         self.stacks = [StackTrainer(SAEStack([saes[i] for i in g], s.lr, tuple(s.betas)), self.total_steps,
-                                    self.theta_from, self.world, compile_) for g in self.groups]
+                                    self.theta_from, self.world, executor=self.executor) for g in self.groups]
 
     # ------------------------------------------------------------ state
     def sae_dir(self, cfg: SAEConfig) -> Path:
@@ -176,7 +177,10 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / RUN_FILE).write_text(json.dumps({"identity": self.identity, "complete": False,
-                                                         "settings": asdict(self.s)}, indent=2))
+                                                         "settings": asdict(self.s), "executor": self.executor.name},
+                                                        indent=2))
+            print(f"train: {len(self.cfgs)} SAE(s) in {len(self.stacks)} stack(s); the step: {self.executor.name}",
+                  file=sys.stderr)
         distributed.barrier()
         self._resume()
         warn_epochs(self.tokens, self.stream.epoch_tokens)
@@ -222,11 +226,12 @@ class Trainer:
                 if self.step % self.s.log_every == 0 or self.step == self.total_steps:
                     self._check_finite()
                     rate = (self.step * self.s.batch_size - tok0) / (time.perf_counter() - t0)
+                    compiles = self._compile_counts()
                     for cfg, m, f in zip(self.cfgs, metrics, logs):
                         if f is not None:
                             rec = {"step": self.step, "tokens": self.step * self.s.batch_size, **m,
                                    "tokens_per_s": rate,
-                                   "data_wait_fraction": waited / (time.perf_counter() - t0)}
+                                   "data_wait_fraction": waited / (time.perf_counter() - t0), **compiles[cfg.name]}
                             f.write(json.dumps(rec) + "\n")
                             f.flush()
                             if tb is not None:
@@ -251,6 +256,10 @@ class Trainer:
                     f.close()
         bar.close()
         return finish(self)
+
+    def _compile_counts(self) -> dict[str, dict[str, int]]:
+        """Per SAE (by name): its stack's compile counts so far (StackTrainer.compile_counts; empty uncompiled)."""
+        return {self.cfgs[i].name: st.compile_counts() for st, g in zip(self.stacks, self.groups) for i in g}
 
     def _check_finite(self) -> None:
         """Stop at the first SAE whose loss became nan or inf, before anything of it is saved."""
