@@ -17,7 +17,7 @@ EVAL_ARGS    = $(COMMON) $(call flag,SAE,sae) $(call flag,TOKENS,tokens)
 # NPROC=n runs a stage under torchrun (gloo on CPU, NCCL on GPUs).
 launch = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC) -m batchtopk.$(1),$(PY) -m batchtopk.$(1))
 
-.PHONY: setup test test-fast docs demo harvest train eval report browse absorption bench peers push pull paper pipeline-run clean
+.PHONY: setup test test-fast docs demo harvest train eval report browse absorption bench gpu-check peers push pull paper pipeline-run clean
 setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -81,6 +81,11 @@ docs: setup
 
 bench: setup
 	$(PY) -m batchtopk.bench $(BENCH_ARGS)
+
+# On a GPU: every architecture on the default path (compiled, CUDA graphs, bf16) against float32 eager, a sweep of
+# 12 stacks, and the throughput figures -> data/bench/gpu-check.json; exits non-zero on a crash, NaN or divergence
+gpu-check: setup
+	$(PY) -m batchtopk.bench gpu-check $(GPU_CHECK_ARGS)
 
 # Our SAEs against dictionary_learning's and SAELens's on exactly our batches -> data/bench/peers.json
 peers: setup

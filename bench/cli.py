@@ -124,6 +124,28 @@ def theta(sae_dirs, every, out_name) -> None:
 
 
 
+@main.command("gpu-check")
+@click.option("--device", help="cuda (default when present) or cpu.")
+@click.option("--small", is_flag=True, help="Toy sizes (what the test suite runs on the CPU).")
+@click.option("--part", "parts", multiple=True, type=click.Choice(["archs", "sweep", "figures"]),
+              help="Run only these parts (default: all).")
+@click.option("--out", "out_name", help="Write gpu-check-<OUT>.json instead of gpu-check.json.")
+@one_line_errors
+def gpu_check(device, small, parts, out_name) -> None:
+    """Train every architecture on the GPU's default path (compiled, CUDA graphs, bf16) against float32 eager on
+    the same batches, a sweep of 12 stacks, and the throughput figures; exit 1 on a crash, NaN or divergence."""
+    from . import gpu_check as g
+
+    recs, failures = g.run(device, small, parts or ("archs", "sweep", "figures"))
+    path = records.write(f"gpu-check-{out_name}" if out_name else "gpu-check", recs)
+    click.echo(f"\n== gpu-check ({path})\n{records.table(recs)}")
+    for f in failures:
+        click.echo(f"FAILED {f}", err=True)
+    click.echo(str(path))
+    if failures:
+        raise SystemExit(1)
+
+
 @main.command()
 @click.option("--check", is_flag=True, help="Only check that every table is up to date (exit 1 if not).")
 @one_line_errors

@@ -113,6 +113,28 @@ def inductor_kernels(arch: str, size: int) -> int:
     return n
 
 
+def pool_growth_compiles(arch: str = "topk", d: int = SHAPE["d"], m: int = SHAPE["m"], k: int = SHAPE["k"],
+                         batch: int = SHAPE["batch"], aux_k: int = 8) -> tuple[int, int]:
+    """(graphs compiled, the stack's bound) while the auxiliary pool of a compiled stack widens from 2·aux_k to the
+    whole dictionary by the slowest road: one doubling per log step (the dead count doubling between them)."""
+    from batchtopk.train.executor import Executor
+
+    torch.manual_seed(0)
+    saes = [SAE(SAEConfig(arch, d, m, k=k, aux_k=aux_k))]
+    st = StackTrainer(SAEStack(saes, 1e-3, (0.9, 0.99)), 1000, 800, executor=Executor("cpu", True, True, "fp32"))
+    x, t, dead = torch.randn(batch, d), torch.zeros((), dtype=torch.long), 2 * aux_k
+    while st.stack.aux_pool < m:
+        dead = min(m, 2 * dead)
+        with torch.no_grad():  # the dead latents rarely win a token: still dead at the log step
+            st.stack.b_enc[0, :dead] = -50.0
+        for log in (False, False, True):
+            st.state.since_fired[0, :dead] = 10 ** 9
+            st.step(x, t, log=log)
+            t += 1
+    st.step(x, t)  # ... and at the whole dictionary
+    return st.compiled.compiles, st.compiled.limit
+
+
 def stacked_throughput(arch: str, size: int, d: int, m: int, k: int, batch: int, steps: int,
                        warmup: int = 3) -> tuple[float, float]:
     """(SAE-tokens/s of one stack of `size`, of `size` stacks of 1 stepped one after another) on the CPU,
@@ -159,6 +181,10 @@ def run(steps: int = 3, d: int = 576, m: int = 4608, k: int = 32, batch: int = 4
         for n in sizes:
             recs.append(Record(f"inductor kernels per step, {arch} x{n}", kernels[n], "kernels",
                                f"inductor kernels per step, {arch} x{sizes[0]}", kernels[sizes[0]], dev, settings))
+        if arch in K_ARCHS:
+            compiles, bound = pool_growth_compiles(arch)
+            recs.append(Record(f"compiles, {arch}, pool 16 -> {SHAPE['m']} one doubling at a time", compiles, "graphs",
+                               "the stack's compile bound", bound, dev, settings | {"aux_k": 8}))
         big = max(sizes)
         stacked, one_by_one = stacked_throughput(arch, big, d, m, k, batch, steps)
         recs.append(Record(f"train step, {arch}, a stack of {big}", stacked, "SAE-tok/s",

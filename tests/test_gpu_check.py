@@ -1,0 +1,32 @@
+"""`make gpu-check` (bench/gpu_check.py): its code runs here, at toy sizes on the CPU."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_here_and_fails_loudly(tmp_path, monkeypatch):
+    """`make gpu-check`'s code runs on the CPU at toy sizes (one case, a sweep of 2, the figures): it writes its
+    records, and a divergence beyond its tolerance exits 1 naming the case."""
+    import json
+
+    from click.testing import CliRunner
+
+    from batchtopk.bench import gpu_check
+    from batchtopk.bench.cli import main
+
+    monkeypatch.setattr(gpu_check, "CASES", [("batchtopk", {})])  # its shape recurs in the sweep and the figures
+    monkeypatch.setattr(gpu_check, "SWEEP_STACKS", 2)
+    monkeypatch.setattr(gpu_check, "SMALL", gpu_check.Sizes(d=16, m=64, k=4, batch=128, steps=6, perf_m=64,
+                                                            perf_batch=128, perf_steps=2))
+    monkeypatch.setattr("batchtopk.bench.records.DATA_DIR", tmp_path)
+    res = CliRunner().invoke(main, ["gpu-check", "--device", "cpu", "--small"])
+    assert res.exit_code == 0, res.output
+    recs = {r["name"]: r for r in json.loads((tmp_path / "bench" / "gpu-check.json").read_text())}
+    assert recs["held-out NMSE, batchtopk"]["settings"]["ok"] and recs["held-out NMSE, batchtopk"]["settings"]["compiles"] == 1
+    assert recs["compiles, a sweep of 2 stacks"]["value"] == 2
+    assert recs["host syncs per step"]["value"] == 0 and recs["tokens/s, loader-fed"]["value"] > 0
+    assert recs["tokens/s, one SAE"]["settings"]["executor"] == "fixed-shape, compiled, bf16 on cpu"
+    monkeypatch.setattr(gpu_check, "NMSE_TOL", -1.0)  # every difference is now a divergence
+    res = CliRunner().invoke(main, ["gpu-check", "--device", "cpu", "--small", "--part", "archs"])
+    assert res.exit_code == 1 and "FAILED batchtopk: held-out NMSE" in res.output
