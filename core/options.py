@@ -16,12 +16,15 @@ knobs) are listed by name there and in full with `--help-all`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
+
+from .errors import PipelineError
 
 MAIN, RECIPE, ADVANCED = "main", "recipe", "advanced"
 SECTIONS = {RECIPE: "Recipe options (experimental)", ADVANCED: "Advanced options"}
@@ -116,9 +119,26 @@ def value_of(f: dataclasses.Field, owner: type, given: Any) -> Any:
     return given
 
 
+def check_keys(section: dict[str, Any], allowed: Iterable[str], where: str) -> None:
+    """Refuse a key that `section` (a pipelines.yaml section, or any mapping of settings) cannot hold: one line
+    naming the key and `where` it is, a close match if there is one, and the allowed keys."""
+    allowed = sorted(set(allowed))
+    for key in section:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PipelineError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+def settable(cls: type, fixed: Iterable[str] = ()) -> list[str]:
+    """The declared fields of cls that a pipelines.yaml section may set (all but those the command fixes)."""
+    return [f.name for f in declared(cls) if f.name not in set(fixed)]
+
+
 def build(cls: type, given: dict[str, Any], section: dict[str, Any] | None = None, **fixed: Any) -> Any:
     """An instance of cls: `fixed` values, then each declared field from the command line (`given`,
-    keyed by field name; None means not given), else the pipeline's section, else its default."""
+    keyed by field name; None means not given), else the pipeline's section, else its default. (The command
+    refuses a section's unknown keys first: check_keys.)"""
     values = dict(fixed)
     section = section or {}
     for f in declared(cls):
@@ -205,8 +225,6 @@ def _help_all(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 
 def parse_tokens(value: Any) -> int | None:
     """A token count: a positive integer (1e6 and 1000000 both work), or 'all' (None): everything there is."""
-    from .errors import PipelineError
-
     if value is None or str(value).lower() == "all":
         return None
     try:
@@ -220,8 +238,6 @@ def parse_tokens(value: Any) -> int | None:
 
 def int_list(value: Any) -> list[int] | None:
     """'8' or '6,8,10' (or a list) -> [8] / [6, 8, 10]."""
-    from .errors import PipelineError
-
     if value is None:
         return None
     if isinstance(value, (list, tuple)):

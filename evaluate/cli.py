@@ -7,7 +7,7 @@ import click
 
 from batchtopk.core import pipelines
 from batchtopk.core.errors import PipelineError, one_line_errors
-from batchtopk.core.options import Command, Group, build, options
+from batchtopk.core.options import Command, Group, build, check_keys, options, settable
 
 from .settings import AbsorptionSettings, BrowseSettings, EvalSettings
 
@@ -32,6 +32,8 @@ def main(ctx: click.Context, pipeline: str | None, sae_dirs: tuple[str, ...], **
     from .run import evaluate
 
     name, pipe = pipelines.get(pipeline)
+    check_keys(pipe["eval"], settable(EvalSettings, ("saes", "exact_tokens")),
+               f"pipelines.yaml, pipeline {name}, section eval")
     s = build(EvalSettings, given, pipe["eval"], saes=list(sae_dirs) or latest_saes(name, "evaluate"),
               exact_tokens=given["tokens"] is not None)
     for path in evaluate(s):

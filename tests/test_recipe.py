@@ -245,7 +245,7 @@ def test_sweep_keys_seeds_and_recipe_overrides():
     assert all(c["grad_clip"] == 1.0 and c["norm"] == "token" and "lr" not in c for c in saes)
     assert [c["arch"] for c in sweep_from(train, {"arch": "batchtopk"}, D)] == ["batchtopk"]  # selection replaces
     from batchtopk.core.errors import PipelineError
-    with pytest.raises(PipelineError, match="unknown sweep key"):
+    with pytest.raises(PipelineError, match="sweep: unknown key 'colour'; allowed: arch, aux_batch"):
         expand({"arch": "topk", "colour": "red"}, D)
     with pytest.raises(PipelineError, match="center='maybe' is not a valid bool"):
         expand({"arch": "topk", "center": "maybe"}, D)

@@ -5,12 +5,13 @@ import click
 
 from batchtopk.core import pipelines
 from batchtopk.core.errors import PipelineError, one_line_errors
-from batchtopk.core.options import Command, build, options
+from batchtopk.core.options import Command, build, check_keys, options, settable
 
 from .sae import SAEConfig
 from .settings import TrainSettings, run_id
-from .sweep import SWEEP_KEYS, Grid, sweep_from
+from .sweep import GRID_KEYS, SWEEP_KEYS, Grid, sweep_from
 
+FIXED = ("cache", "saes", "out", "pipeline")  # TrainSettings fields the command sets itself
 PIPELINE = click.option("--pipeline", help="Named settings from pipelines.yaml (default: its `default`).")
 
 
@@ -36,6 +37,8 @@ def main(pipeline: str | None, cache: str | None, sets: tuple[str, ...], out: st
 
     name, pipe = pipelines.get(pipeline)
     train = pipe["train"]
+    check_keys(train, [*settable(TrainSettings, FIXED), *GRID_KEYS, "sweep"], f"pipelines.yaml, pipeline {name}, "
+               "section train")  # before anything runs (a harvest, for a pipeline without a cache yet)
     c = Cache.open(cache if cache is not None else _default_cache(name))
     grid = {k: given.pop(k) for k in SWEEP_KEYS}
     for item in sets:

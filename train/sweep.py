@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from batchtopk.core.errors import PipelineError
-from batchtopk.core.options import declared, option_name, setting
+from batchtopk.core.options import check_keys, declared, option_name, setting
 
 from .sae import ARCHS, BATCH_ARCHS, K_ARCHS, L1_ARCHS, SAEConfig
 
@@ -106,10 +106,8 @@ def _values(key: str, value: Any) -> list:
 
 def expand(grid: dict[str, Any], d_in: int) -> list[dict[str, Any]]:
     """One grid -> SAE configs (dicts of SAEConfig fields without d_in)."""
+    check_keys(grid, GRID_KEYS, "sweep")  # (a pipeline's sweep entries, --set keys)
     grid = {ALIASES.get(k, k): v for k, v in grid.items()}
-    unknown = sorted(set(grid) - set(FIELDS) - {"dict", "seeds"})
-    if unknown:
-        raise PipelineError(f"unknown sweep key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(GRID_KEYS))}")
     archs = _split(grid.get("arch", "batchtopk"))
     for a in archs:
         if a not in ARCHS:
