@@ -6,7 +6,7 @@ import pytest
 import torch
 from stacked import Losses
 
-from batchtopk.train.sae import SAE, SAEConfig
+from batchtopk.train.sae import SAE, SAEConfig, load_sae
 from batchtopk.train.sparsity import batch_topk_code, sparse_decode, topk_code
 
 
@@ -208,3 +208,36 @@ def test_theta_estimates_equal_brute_force(skew):
     assert est["pooled"] == float(allv.topk(len(xs) * n * k).values[-1])
     per = [float(x.relu().flatten().topk(n * k).values[-1]) for x in xs]
     assert est["mean"] == pytest.approx(sum(per) / len(per), rel=1e-12)
+
+
+def test_evaluation_selects_per_span_as_a_span_trained_sae_did(tmp_path):
+    """A span-16 BatchTopK SAE, trained and loaded back, selects in its batch mode (what evaluation and export
+    read) the 16·k largest of each group of 16 tokens, as training did: not the batch's n·k largest. A last,
+    shorter group of r tokens keeps its r·k largest."""
+    import numpy as np
+
+    from batchtopk.cache.format import write_cache
+    from batchtopk.train.settings import TrainSettings
+    from batchtopk.train.sparsity import span_topk
+    from batchtopk.train.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    tokens = np.ones((32, 16), dtype=np.int32)
+    tokens[:, 0] = 0
+    cache = write_cache(str(tmp_path / "c"), tokens, {"blocks.0.hook_resid_pre": rng.standard_normal(
+        (512, 16)).astype(np.float32)}, dtype="float32", chunk_seqs=8).location
+    [d] = Trainer(TrainSettings(cache=cache, out=str(tmp_path / "r"), batch_size=64, tokens=64 * 4, device="cpu",
+                                val_fraction=0.25, saes=[{"arch": "batchtopk", "d_sae": 64, "k": 4, "span": 16}],
+                                theta_estimator="pooled")).run()
+    sae, cfg = load_sae(d)
+    assert sae.cfg.span == 16
+    torch.manual_seed(0)
+    x = torch.randn(72, 16) * 3
+    x[:16] *= 4  # the first group's tokens are much larger: a whole-batch selection would give them most pairs
+    with torch.no_grad():
+        pre = sae.pre(sae.normalize(x)[0])
+        _, code = sae.reconstruct(x, "batch")
+    per_group = torch.bincount(code.rows // 16, minlength=5).tolist()
+    assert per_group == [16 * 4] * 4 + [8 * 4]
+    flat = code.rows * 64 + code.cols
+    assert torch.equal(flat[:256], span_topk(pre[None, :64], 4, 16)[0])

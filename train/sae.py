@@ -395,7 +395,7 @@ class SAE(nn.Module):
         if a in THETA_ARCHS and mode == "threshold":
             return Code.from_dense(pre * (pre > self.theta.clamp_min(0)))
         if a in THETA_ARCHS:
-            return batch_topk_code(pre, self.cfg.k)
+            return batch_topk_code(pre, self.cfg.k, self.cfg.span)
         if a == "topk":
             return topk_code(pre, self.cfg.k)
         if a == "jumprelu":

@@ -120,11 +120,19 @@ def topk_code(pre: torch.Tensor, k: int) -> Code:
     return Code(idx // m, idx % m, pre.flatten()[idx].relu(), n, m)
 
 
-def batch_topk_code(pre: torch.Tensor, k: int) -> Code:
+def batch_topk_code(pre: torch.Tensor, k: int, span: int | None = None) -> Code:
     """The n*k largest activations relu(pre) across the whole batch: k per token on average (pairs of
-    value 0 where fewer than n*k are positive)."""
+    value 0 where fewer than n*k are positive). With a span, the span·k largest of each group of `span`
+    consecutive tokens, as a span-trained SAE selects (a last, shorter group of r tokens: its r·k largest)."""
     n, m = pre.shape
-    idx = batch_topk(pre[None], k)[0]
+    if span is None or span >= n:
+        idx = batch_topk(pre[None], k)[0]
+    else:
+        whole = n // span * span
+        parts = [span_topk(pre[None, :whole], k, span)[0]]
+        if whole < n:
+            parts.append(batch_topk(pre[None, whole:], k)[0] + whole * m)
+        idx = torch.cat(parts)
     return Code(idx // m, idx % m, pre.flatten()[idx].relu(), n, m)
 
 
