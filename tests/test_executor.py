@@ -165,7 +165,7 @@ def test_bfloat16_ties_keep_exactly_n_k():
     assert torch.equal(batch_topk(pre, 8), batch_topk(pre, 8))
 
 
-def test_a_compiled_bf16_sweep_of_more_stacks_than_the_recompile_limit(tmp_path, monkeypatch):
+def test_a_compiled_bf16_sweep_of_more_stacks_than_the_recompile_limit(tmp_path):
     """Each stack compiles into a cache of its own: with torch's recompile limit lowered to 1, a sweep of three
     stacks (three dictionary sizes) compiles each once and trains to saved SAEs; the log counts the compiles.
     (Before, every stack shared one cache: the second stack hit the limit, and fullgraph made that fatal.)"""
@@ -178,7 +178,6 @@ def test_a_compiled_bf16_sweep_of_more_stacks_than_the_recompile_limit(tmp_path,
     from batchtopk.train.settings import TrainSettings
     from batchtopk.train.trainer import Trainer
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     rng = np.random.default_rng(0)
     tokens = np.ones((32, 16), dtype=np.int32)
     tokens[:, 0] = 0  # BOS, left out of training
@@ -188,7 +187,8 @@ def test_a_compiled_bf16_sweep_of_more_stacks_than_the_recompile_limit(tmp_path,
     t = Trainer(TrainSettings(cache=cache, out=str(tmp_path / "r"), batch_size=64, tokens=64 * 6, saes=saes,
                               device="cpu", val_fraction=0.25, log_every=3, compile="on", precision="bf16",
                               theta_estimator="pooled"))
-    dirs = t.run()
+    with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch would delete the entry when it undoes)
+        dirs = t.run()
     assert len(t.stacks) == 3 and [st.compile_counts() for st in t.stacks] == [{"compiles": 1}] * 3
     assert json.loads((tmp_path / "r" / "run.json").read_text())["executor"] == "fixed-shape, compiled, bf16 on cpu"
     for d in dirs:
