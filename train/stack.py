@@ -686,6 +686,9 @@ class StackTrainer:
             if keep:
                 logged.append((out, x_in, x_hat, nnz))
         self.opt.step(stack, f, parts)  # clipping, then Adam
+        for _, part in parts or [(slice(None), stack)]:  # no gradient outlives the step (a CUDA graph's outputs
+            for p in part.parameters():                  # would live in memory its next replay overwrites)
+                p.grad = None
         stack.normalize_decoder()
         if stack.key.arch == "quantile":
             stack.follow_quantile(self.world)
