@@ -33,14 +33,17 @@ ALWAYS, IF_SET = "always", "if_set"  # identity: always part of it / only when n
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, group: str = MAIN, identity: str | None = None,
             cli: str | bool = True, choices: tuple[str, ...] | None = None, parse: Callable[[str], Any] | None = None,
-            metavar: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+            metavar: str | None = None, default_factory: Any = dataclasses.MISSING,
+            applies_to: tuple[str, ...] | None = None, selects: bool = False, in_name: bool = False) -> Any:
     """A dataclass field with what the command line and the run identity need to know about it.
 
     cli: True (an option named after the field), a string (another option name, e.g. "layer" for
     `layers`), or False (not on the command line). parse: turns the option's text into the value
-    (default: the field's type). identity: ALWAYS, IF_SET or None."""
+    (default: the field's type). identity: ALWAYS, IF_SET or None. For an SAE's settings: applies_to, the
+    architectures that have it (None: every one); selects, a key that picks which SAEs (on the command line it
+    replaces a pipeline's sweep rather than applying on top); in_name, shown in the SAE's name."""
     meta = {"help": help, "group": group, "identity": identity, "cli": cli, "choices": choices, "parse": parse,
-            "metavar": metavar}
+            "metavar": metavar, "applies_to": applies_to, "selects": selects, "in_name": in_name}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -63,6 +63,7 @@ DEAD_TOKENS_DEFAULT = 4096
 RESAMPLE = {"gated": 0.1}
 SPARSITY_WARMUP = {"gated": 0.1}
 RESAMPLE_ARCHS = L1_ARCHS  # those without an auxiliary loss of their own on dead latents
+DEFAULT_K = 32             # a k architecture's k where none is given
 LN_EPS = 1e-5              # token standardisation: (x - mean) / (std + eps), as SAELens's layer_norm
 
 
@@ -72,10 +73,12 @@ class SAEConfig:
     `--set KEY=VALUES`); those with an option of their own are listed by `python -m train --help`. A field
     added later is declared identity=IF_SET, so that the runs trained before it keep their identity."""
 
-    arch: str = setting(help=f"Architecture(s), comma-separated: {', '.join(ARCHS)}.", metavar="ARCHS")
-    d_in: int = setting(cli=False)
-    d_sae: int = setting(cli=False)  # the sweep's `dict` key (sizes or multiples of d_model)
-    k: int | None = setting(None, "k (average latents per token), or a comma-separated list.", metavar="KS")
+    arch: str = setting(help=f"Architecture(s), comma-separated: {', '.join(ARCHS)}.", metavar="ARCHS", in_name=True,
+                        selects=True)
+    d_in: int = setting(cli=False, in_name=True)
+    d_sae: int = setting(cli=False, in_name=True)  # the sweep's `dict` key (sizes or multiples of d_model)
+    k: int | None = setting(None, f"k (average latents per token), or a comma-separated list (default {DEFAULT_K}).",
+                            metavar="KS", applies_to=K_ARCHS, in_name=True, selects=True)
     # initial weights depend on (run seed, replicate, d_in, d_sae), not on the architecture
     replicate: int = setting(0, "Replicate index: another initial draw of the same SAE (--seeds sets them).",
                              cli=False)
@@ -87,44 +90,50 @@ class SAEConfig:
     # losses
     mse: str = setting("sum", f"MSE reduction(s): {', '.join(MSE_REDUCTIONS)} (summed over dimensions and averaged "
                        "over tokens, or averaged over elements).", group=RECIPE)
-    l1_coeff: float = setting(0.01, "ReLU and Gated: L1 penalty(s) (in units of the per-element MSE).")
-    l0_coeff: float = setting(0.005, "JumpReLU: L0 penalty(s), or the weight of the target-L0 penalty.")
+    l1_coeff: float = setting(0.01, "ReLU and Gated: L1 penalty(s) (in units of the per-element MSE).",
+                              applies_to=L1_ARCHS, in_name=True, selects=True)
+    l0_coeff: float = setting(0.005, "JumpReLU: L0 penalty(s), or the weight of the target-L0 penalty.",
+                              applies_to=("jumprelu",), in_name=True, selects=True)
     target_l0: float | None = setting(None, "JumpReLU: penalise (L0/target - 1)^2 (times --l0-coeff) so that L0 "
-                                      "lands here.")
+                                      "lands here.", applies_to=("jumprelu",), in_name=True, selects=True)
     bandwidth: float = setting(0.001, "JumpReLU: straight-through kernel width, in units of the mean input norm.",
-                               group=RECIPE, cli=False)
+                               group=RECIPE, cli=False, applies_to=("jumprelu",))
     jumprelu_init_l0: float = setting(64.0, "JumpReLU: initial thresholds give about this many active latents per "
-                                      "token (sweep key init_l0).", group=RECIPE, cli=False)
+                                      "token (sweep key init_l0).", group=RECIPE, cli=False, applies_to=("jumprelu",),
+                                      in_name=True, selects=True)
     threshold_lr: float | None = setting(None, "JumpReLU: learning rate of the log-thresholds (default: the SAE's "
-                                         "lr).", group=RECIPE)
+                                         "lr).", group=RECIPE, applies_to=("jumprelu",))
     sparsity_warmup: float | None = setting(None, "Fraction of training over which the L0/L1 coefficient ramps up "
                                             f"from 0 (default: Gated {SPARSITY_WARMUP['gated']:g}, others 0).",
-                                            group=RECIPE, cli=False)
+                                            group=RECIPE, cli=False, applies_to=("jumprelu", *L1_ARCHS))
     preact_coeff: float = setting(0.0, "JumpReLU: Anthropic's pre-activation loss, sum_i relu(theta_i - pre_i).",
-                                  group=RECIPE, cli=False)
+                                  group=RECIPE, cli=False, applies_to=("jumprelu",))
     aux_k: int = setting(512, "(Batch)TopK: the auxiliary loss on the top aux_k dead latents ...", group=RECIPE,
-                         cli=False)
-    aux_coeff: float = setting(1 / 8, "... scaled by this.", group=RECIPE, cli=False)
+                         cli=False, applies_to=K_ARCHS)
+    aux_coeff: float = setting(1 / 8, "... scaled by this.", group=RECIPE, cli=False, applies_to=K_ARCHS)
     aux_norm: bool = setting(False, "Divide the aux loss by the residual's variance (dictionary_learning, OpenAI): "
-                             "true or false.", group=RECIPE)
+                             "true or false.", group=RECIPE, applies_to=K_ARCHS)
     aux_batch: bool = setting(False, "(Batch)TopK: the auxiliary loss keeps the n·aux_k largest dead-latent "
                               "pre-activations of the batch instead of each token's top aux_k: true or false.",
-                              group=RECIPE, cli=False)
+                              group=RECIPE, cli=False, applies_to=K_ARCHS)
     quantile_rate: float = setting(0.05, "Quantile: each step moves the threshold this fraction of the way to the "
-                                   "batch's (1 - k/m) quantile of pre-activations.", group=RECIPE, cli=False)
+                                   "batch's (1 - k/m) quantile of pre-activations.", group=RECIPE, cli=False,
+                                   applies_to=("quantile",))
     groups: tuple[float, ...] | None = setting(
         None, "Matryoshka: the nested groups, as latents summing to the dictionary size or fractions summing to 1, "
         "separated by / (default: 1/16, 1/16, 1/8, 1/4 and 1/2 of the dictionary, its authors' spacing).",
-        group=RECIPE, cli=False, identity=IF_SET)
+        group=RECIPE, cli=False, identity=IF_SET, applies_to=("matryoshka",))
     span: int | None = setting(None, "BatchTopK: tokens per selection, the span·k largest within each group of span "
                                "tokens of a batch (1: TopK's constraint; default: the whole batch).", group=RECIPE,
-                               cli=False)
+                               cli=False, applies_to=BATCH_ARCHS)
     resample: float | None = setting(None, "ReLU and Gated: every this fraction of training, through its first 80%, "
                                      "re-initialise the latents that did not fire since the last time from badly "
                                      "reconstructed tokens (Bricken et al. 2023; default: Gated "
-                                     f"{RESAMPLE['gated']:g}, ReLU 0 (never)).", group=RECIPE, identity=IF_SET)
+                                     f"{RESAMPLE['gated']:g}, ReLU 0 (never)).", group=RECIPE, identity=IF_SET,
+                                     applies_to=L1_ARCHS)
     dead_tokens: int | None = setting(None, "Tokens without firing after which a latent counts as dead (default: "
-                                      f"{DEAD_TOKENS_DEFAULT}, TopK {DEAD_TOKENS['topk']}).", group=RECIPE)
+                                      f"{DEAD_TOKENS_DEFAULT}, TopK {DEAD_TOKENS['topk']}).", group=RECIPE,
+                                      applies_to=K_ARCHS)
     # optimiser (None: the run's setting)
     lr: float | None = setting(None, "This SAE's Adam learning rate (default: the run's --lr).", cli=False)
     betas: tuple[float, float] | None = setting(None, "Adam betas as b1/b2, e.g. 0.9/0.999 (comma-separate several).",
@@ -140,7 +149,9 @@ class SAEConfig:
         if self.d_sae < 1:
             raise PipelineError(f"dictionary size {self.d_sae} must be at least 1")
         if self.arch in K_ARCHS:
-            if self.k is None or not 0 < self.k <= self.d_sae:
+            if self.k is None:
+                self.k = DEFAULT_K
+            if not 0 < self.k <= self.d_sae:
                 raise PipelineError(f"k={self.k} must satisfy 0 < k <= dictionary size ({self.d_sae})")
         elif self.k is not None:
             raise PipelineError(f"k={self.k} is a setting of {', '.join(K_ARCHS)} SAEs, not of {self.arch} (whose "
@@ -232,7 +243,7 @@ class SAEConfig:
                 if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)}
 
 
-SHOWN_IN_NAME = {"arch", "d_in", "d_sae", "k", "l0_coeff", "l1_coeff", "jumprelu_init_l0", "target_l0"}
+SHOWN_IN_NAME = {f.name for f in fields(SAEConfig) if f.metadata.get("in_name")}  # (declared with in_name=True)
 
 
 def recipe_label(recipe: dict[str, Any]) -> str:

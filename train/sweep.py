@@ -18,7 +18,7 @@ from typing import Any
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.options import check_keys, declared, option_name, setting
 
-from .sae import ARCHS, BATCH_ARCHS, K_ARCHS, L1_ARCHS, SAEConfig
+from .sae import ARCHS, SAEConfig
 
 ALIASES = {"init_l0": "jumprelu_init_l0"}
 
@@ -27,17 +27,19 @@ ALIASES = {"init_l0": "jumprelu_init_l0"}
 class Grid:
     """The sweep keys that are not SAEConfig fields."""
 
-    dict: str = setting("4x", "Dictionary size(s): integers, or multiples of d_model like 8x.", metavar="SIZES")
+    dict: str = setting("4x", "Dictionary size(s): integers, or multiples of d_model like 8x.", metavar="SIZES",
+                        selects=True)
     seeds: int = setting(1, "Seeds (replicates 0..n-1) of every SAE, trained in the same pass.", metavar="N")
-ONLY_FOR = {
-    "k": K_ARCHS, "aux_k": K_ARCHS, "aux_coeff": K_ARCHS, "aux_norm": K_ARCHS, "aux_batch": K_ARCHS,
-    "dead_tokens": K_ARCHS, "span": BATCH_ARCHS, "quantile_rate": ("quantile",), "groups": ("matryoshka",),
-    "l0_coeff": ("jumprelu",), "target_l0": ("jumprelu",), "jumprelu_init_l0": ("jumprelu",),
-    "threshold_lr": ("jumprelu",), "bandwidth": ("jumprelu",), "preact_coeff": ("jumprelu",),
-    "l1_coeff": L1_ARCHS, "sparsity_warmup": ("jumprelu", *L1_ARCHS),
-    "resample": L1_ARCHS,
-}
 FIELDS = {f.name: f for f in fields(SAEConfig)}
+
+
+def applies_to(key: str) -> tuple[str, ...]:
+    """The architectures that have a sweep key (its declaration's applies_to; every one by default)."""
+    f = FIELDS.get(ALIASES.get(key, key))
+    return (f.metadata.get("applies_to") if f is not None else None) or ARCHS
+
+
+
 GRID_KEYS = tuple(k for k in FIELDS if k not in ("arch", "d_in", "d_sae")) + ("arch", "dict", "seeds", *ALIASES)
 
 
@@ -119,17 +121,17 @@ def expand(grid: dict[str, Any], d_in: int) -> list[dict[str, Any]]:
     keys = [k for k in grid if k in FIELDS and k not in ("arch", "d_in", "d_sae")]
     out = []
     for arch in archs:
-        mine = [k for k in keys if arch in ONLY_FOR.get(k, ARCHS)]
-        if arch in K_ARCHS and "k" not in mine:
-            mine.append("k")
-        lists = [_values(k, grid[k]) if k in grid else [32] for k in mine]
+        mine = [k for k in keys if arch in applies_to(k)]
+        lists = [_values(k, grid[k]) for k in mine]  # (k unset: SAEConfig's default)
         for m, combo in itertools.product(sizes, itertools.product(*lists)):
             base = {"arch": arch, "d_sae": m, **dict(zip(mine, combo))}
             out += [base | ({"replicate": base.get("replicate", 0) + r} if seeds > 1 else {}) for r in range(seeds)]
     return out
 
 
-SELECTION = ("arch", "dict", "k", "l0_coeff", "l1_coeff", "target_l0", "init_l0", "jumprelu_init_l0")
+# the keys that pick which SAEs (declared with selects=True), and their aliases
+SELECTION = tuple(f.name for cls in (SAEConfig, Grid) for f in declared(cls) if f.metadata.get("selects"))
+SELECTION += tuple(a for a, name in ALIASES.items() if name in SELECTION)
 RUN_LEVEL = ("lr", "betas")  # in a pipeline's train section these are the run's, not per-SAE overrides
 # the sweep keys with an option of their own on `python -m train` (every other one goes through --set)
 SWEEP_KEYS = tuple(f.name for cls in (SAEConfig, Grid) for f in declared(cls) if option_name(f))
@@ -147,7 +149,7 @@ def sweep_from(train: dict[str, Any], cli: dict[str, Any], d_in: int) -> list[di
         grids = [common | {k: train[k] for k in SELECTION if k in train} | select | recipe]
     archs = {a for g in grids for a in _split(g.get("arch", "batchtopk"))}
     for key in given:  # a setting the command line gives that none of the run's SAEs has
-        allowed = ONLY_FOR.get(ALIASES.get(key, key), ARCHS)
+        allowed = applies_to(key)
         if archs <= set(ARCHS) and not archs & set(allowed):
             raise PipelineError(f"{key} is a setting of {', '.join(allowed)} SAEs; this run trains "
                                 f"{', '.join(sorted(archs))} (drop {key}, or choose an architecture that has it)")
