@@ -1,7 +1,6 @@
 """Training throughput with 1 and 2 processes (torchrun, gloo on CPU / NCCL on GPUs)."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from batchtopk.cache.format import synthetic_tokens, write_cache
+from batchtopk.train.rundir import read_log
 
 from .records import Record, device_name
 
@@ -24,8 +24,7 @@ def _train(cache: str, out: str, nproc: int, tokens: int, m: int) -> float:
             "--val-fraction", "0.05", "--out", out, "--log-every", "1000000"]
     subprocess.run(launcher + args, capture_output=True, text=True, check=True, cwd=ROOT)
     [sae] = [p for p in Path(out).iterdir() if p.is_dir()]
-    log = [json.loads(x) for x in (sae / "train_log.jsonl").read_text().splitlines()]
-    return log[-1]["tokens_per_s"]
+    return read_log(sae)[-1]["tokens_per_s"]
 
 
 def run(d: int = 576, m: int = 4608, tokens: int = 4096 * 12) -> list[Record]:

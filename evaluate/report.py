@@ -86,12 +86,9 @@ def absorption_table(gs: list[Group]) -> list[str]:
 def dead_in_training(d: Path, d_sae: int) -> dict[str, float] | None:
     """The fraction of latents dead (by the training window) halfway through training and at its last logged
     step, from the SAE's train_log.jsonl (None without one)."""
-    from batchtopk.train.trainer import LOG_FILE
+    from batchtopk.train.rundir import read_log
 
-    p = d / LOG_FILE
-    if not p.exists():
-        return None
-    log = [json.loads(line) for line in p.read_text().splitlines() if '"dead"' in line]
+    log = [r for r in read_log(d) or () if "dead" in r]
     if not log:
         return None
     half = min(log, key=lambda e: abs(e["step"] - log[-1]["step"] / 2))

@@ -75,6 +75,10 @@ def test_imports_run_one_way_and_form_no_cycle():
     assert not cycles, f"module-level import cycles: {cycles[:3]}"
     # the checker sees imports: the trainer imports the finisher, the core imports none of the stages
     assert "batchtopk.train.finish" in graph["batchtopk.train.trainer"]
+    # stages talk through artifacts: evaluation reads a training run through train/rundir.py, never the trainer
+    inside = [f"{p.relative_to(ROOT)}:{line} imports {t}" for pkg, p in product_files() if pkg == "batchtopk.evaluate"
+              for t, line, _ in imports_of(p, pkg) if t.startswith(("batchtopk.train.trainer", "batchtopk.train.finish"))]
+    assert not inside, inside
     assert not any(m.split(".")[1] != "core" for m in graph.get("batchtopk.core.errors", ()))
 
 

@@ -394,7 +394,7 @@ def test_a_checkpoint_of_the_old_layout_gets_one_line(synthetic_cache, tmp_path)
     """A run checkpointed by the version that trained SAEs one by one is not resumed into stacks: one line
     says what to do, and nothing is overwritten."""
     from batchtopk.train import checkpoint
-    from batchtopk.train.trainer import RUN_FILE, STATE_FILE
+    from batchtopk.train.rundir import RUN_FILE, STATE_FILE
 
     cache, _ = synthetic_cache
     s = settings(cache, tmp_path / "old", tokens=512 * 6)
@@ -414,7 +414,7 @@ def test_a_checkpoint_of_the_old_layout_gets_one_line(synthetic_cache, tmp_path)
 
 def test_resuming_with_other_stacks_says_which_stack_size(synthetic_cache, tmp_path):
     """A checkpoint's stacks decide a resumed run's unless --stack-size asks for others: then one line."""
-    from batchtopk.train.trainer import RUN_FILE
+    from batchtopk.train.rundir import RUN_FILE
 
     cache, _ = synthetic_cache
     sweep = [{"arch": "topk", "d_sae": 128, "k": 3, "replicate": r} for r in range(2)]

@@ -22,14 +22,11 @@ from batchtopk.core.errors import PipelineError
 from . import checkpoint
 from .executor import Executor
 from .finish import finish, sets_threshold
+from .rundir import RunDir, write_log_record
 from .sae import SAE, SAEConfig
 from .settings import THETA_ESTIMATORS, TrainSettings
 from .stack import SAEStack, StackTrainer, stack_configs
 from .stream import ActivationStream, warn_epochs
-
-STATE_FILE = "state.pt"
-RUN_FILE = "run.json"
-LOG_FILE = "train_log.jsonl"
 
 
 class Trainer:
@@ -72,7 +69,8 @@ class Trainer:
                                     f"{per_step}")
         self.tokens = s.tokens if s.tokens is not None else self.stream.epoch_tokens
         self.total_steps = max(1, math.ceil(self.tokens / s.batch_size))
-        self.out = Path(s.out)
+        self.run_dir = RunDir(s.out)  # what the run writes, and where (train/rundir.py)
+        self.out = self.run_dir.path
         self.identity = s.identity() | {"cache_id": self.cache.attrs["cache_id"], "site": self.site}
         self.step = 0
         self.step_t = torch.zeros((), dtype=torch.long, device=self.device)  # the step, as the step sees it
@@ -95,7 +93,7 @@ class Trainer:
 
     # ------------------------------------------------------------ state
     def sae_dir(self, cfg: SAEConfig) -> Path:
-        return self.out / cfg.name
+        return self.run_dir.sae_dir(cfg.name)
 
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "identity": self.identity, "layout": "stacks", "groups": self.groups,
@@ -107,20 +105,15 @@ class Trainer:
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(self._state(), self.out / STATE_FILE)
+        checkpoint.save(self._state(), self.run_dir.state_file)
 
     def _check_out(self) -> bool:
         """True when OUT already holds this finished run. Refuse an OUT holding another run."""
-        run_file = self.out / RUN_FILE
-        if not run_file.exists():
+        run = self.run_dir.read_run()
+        if run is None:
             if self.out.exists() and any(self.out.iterdir()):
                 raise PipelineError(f"OUT {self.out} is not empty and holds no training run; choose another OUT")
             return False
-        try:
-            run = json.loads(run_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PipelineError(f"{run_file} is unreadable ({type(e).__name__}): restore it, or delete {self.out} "
-                                "to train this run again") from None
         if run.get("identity") != json.loads(json.dumps(self.identity)):
             raise PipelineError(f"OUT {self.out} holds a different training run; refusing to touch it "
                                 "(choose another OUT, or delete it yourself)")
@@ -141,11 +134,10 @@ class Trainer:
 
     def mark_complete(self, dirs: list[Path]) -> None:
         """Record in the run file that the run finished and which SAE directories it wrote."""
-        run = json.loads((self.out / RUN_FILE).read_text())
-        (self.out / RUN_FILE).write_text(json.dumps(run | {"complete": True, "saes": [str(d) for d in dirs]}, indent=2))
+        self.run_dir.mark_complete(dirs)
 
     def _resume(self) -> None:
-        path = self.out / STATE_FILE
+        path = self.run_dir.state_file
         if not path.exists():
             return
         st = checkpoint.load(path, self.device)
@@ -175,10 +167,7 @@ class Trainer:
         if done:
             return [self.sae_dir(c) for c in self.cfgs]
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / RUN_FILE).write_text(json.dumps({"identity": self.identity, "complete": False,
-                                                         "settings": asdict(self.s), "executor": self.executor.name},
-                                                        indent=2))
+            self.run_dir.start(self.identity, asdict(self.s), self.executor.name)
             print(f"train: {len(self.cfgs)} SAE(s) in {len(self.stacks)} stack(s); the step: {self.executor.name}",
                   file=sys.stderr)
         distributed.barrier()
@@ -188,8 +177,8 @@ class Trainer:
         for c in self.cfgs:
             if self.rank == 0:
                 self.sae_dir(c).mkdir(parents=True, exist_ok=True)
-            logs.append(open(self.sae_dir(c) / LOG_FILE, "a") if self.rank == 0 else None)
-        tb = _tensorboard(self.out) if self.rank == 0 else None
+            logs.append(self.run_dir.open_log(c.name) if self.rank == 0 else None)
+        tb = _tensorboard(self.run_dir.tensorboard) if self.rank == 0 else None
         bar = tqdm(total=self.total_steps * self.s.batch_size, initial=self.step * self.s.batch_size, unit="tok",
                    unit_scale=True, desc="train", file=sys.stderr, disable=None if self.rank == 0 else True)
         interrupted = {"flag": False}
@@ -232,8 +221,7 @@ class Trainer:
                             rec = {"step": self.step, "tokens": self.step * self.s.batch_size, **m,
                                    "tokens_per_s": rate,
                                    "data_wait_fraction": waited / (time.perf_counter() - t0), **compiles[cfg.name]}
-                            f.write(json.dumps(rec) + "\n")
-                            f.flush()
+                            write_log_record(f, rec)
                             if tb is not None:
                                 for k, v in m.items():
                                     tb.add_scalar(f"{cfg.name}/{k}", v, self.step)
@@ -272,13 +260,13 @@ class Trainer:
                                     f"{self._saved_step()}); try a lower learning rate")
 
     def _saved_step(self) -> int | str:
-        p = self.out / STATE_FILE
+        p = self.run_dir.state_file
         return checkpoint.load(p)["step"] if p.exists() else "none"
 
 
-def _tensorboard(out: Path):
+def _tensorboard(folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(folder))
