@@ -30,3 +30,11 @@ def test_gpu_check_runs_here_and_fails_loudly(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "NMSE_TOL", -1.0)  # every difference is now a divergence
     res = CliRunner().invoke(main, ["gpu-check", "--device", "cpu", "--small", "--part", "archs"])
     assert res.exit_code == 1 and "FAILED batchtopk: held-out NMSE" in res.output
+
+
+def test_gpu_check_covers_every_architecture_and_the_span_case():
+    from batchtopk.bench.gpu_check import CASES
+    from batchtopk.train.sae import ARCHS
+
+    assert {a for a, _ in CASES} == set(ARCHS)
+    assert ("batchtopk", {"span": None, "aux_batch": True}) in CASES
