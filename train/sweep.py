@@ -39,7 +39,6 @@ def applies_to(key: str) -> tuple[str, ...]:
     return (f.metadata.get("applies_to") if f is not None else None) or ARCHS
 
 
-
 GRID_KEYS = tuple(k for k in FIELDS if k not in ("arch", "d_in", "d_sae")) + ("arch", "dict", "seeds", *ALIASES)
 
 
