@@ -215,14 +215,13 @@ def figures(sz: Sizes, device: str, data: Synthetic) -> list[Record]:
         fed = stream.batches(0)
         loader = _rate(one, fed, sz.perf_steps, device)  # the same stack, going on: no compile of its own
         fed.close()
-    mem_rate = rate1
     common = shape | {"executor": ex.name, **one.compile_counts()}
     recs = [Record("tokens/s, one SAE", rate1, "tok/s", f"float32 eager ({eager.name})", base, dev, common),
             Record("tokens/s per SAE, stack of 8", rate8, "tok/s", "one SAE", rate1, dev, common),
             Record("kernel launches per step", launches, "launches", "float32 eager", e_launches, dev, common),
             Record("host syncs per step", syncs, "syncs", "float32 eager", max(e_syncs, 1), dev,
                    common | {"eager_syncs": e_syncs}),
-            Record("tokens/s, loader-fed", loader, "tok/s", "memory-fed", mem_rate, dev, common)]
+            Record("tokens/s, loader-fed", loader, "tok/s", "memory-fed", rate1, dev, common)]
     if peak is not None:
         state = sum(t.numel() * t.element_size() for t in [*one.stack.parameters(), *one.opt.buffers()])
         recs.append(Record("peak GPU memory", peak / 2**30, "GiB", "parameters and Adam state", state / 2**30, dev,

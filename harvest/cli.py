@@ -20,8 +20,8 @@ def settings_from(pipeline: str | None, **cli) -> tuple[str, HarvestSettings]:
     """The pipeline's harvest settings, overridden by every command-line value that was given (keyed by
     field name; `site` may be kinds or full names; `no_wait`)."""
     name, pipe = pipelines.get(pipeline)
-    check_keys(pipe["harvest"], [*YAML_NAMES, *(f for f in settable(HarvestSettings) if f not in YAML_NAMES)],
-               f"pipelines.yaml, pipeline {name}, section harvest")
+    check_keys(pipe["harvest"], [*YAML_NAMES, *settable(HarvestSettings)], f"pipelines.yaml, pipeline {name}, "
+               "section harvest")
     section = {YAML_NAMES.get(k, k): v for k, v in pipe["harvest"].items()}
     if cli.get("model") and cli["model"] != section.get("model") and cli.get("layers") is None:
         section.pop("layers", None)  # another model: its own default layer, not this pipeline's

@@ -209,3 +209,14 @@ def test_bf16_selection_on_every_k_architecture_is_fixed_shape(arch):
     m = st.step(torch.randn(N, D), torch.tensor(0), log=True)
     assert [mi["l0"] for mi in m] == [4.0, 4.0]
 
+
+
+def test_an_older_torch_says_so_and_runs_the_fixed_shape_step_eagerly(monkeypatch, capsys):
+    from torch.torch_version import TorchVersion
+
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.12.1+cpu"))
+    ex = Executor.choose("cpu", "on", precision="bf16")
+    assert (ex.fixed, ex.compiled) == (True, False)
+    assert "not compiling (torch 2.12.1+cpu is older than 2.13" in capsys.readouterr().err
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.13.0+cpu"))
+    assert Executor.choose("cpu", "on").compiled

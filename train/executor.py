@@ -26,20 +26,26 @@ PRECISIONS = ("auto", "fp32", "bf16")
 SWITCHES = ("auto", "on", "off")
 # The compiled step traces autograd (backward) into its graph and gives each stack a compile cache of its own
 # (torch.compile's isolate_recompiles): the torch it is tested with. pyproject's `compile` extra says the same.
-COMPILE_TORCH = (2, 13)
-
-
-def torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+COMPILE_TORCH = "2.13"
 
 
 def compile_supported() -> str | None:
     """Why this torch cannot compile the step, or None when it can."""
-    if torch_version() < COMPILE_TORCH:
-        need = ".".join(map(str, COMPILE_TORCH))
-        return f"torch {torch.__version__} is older than {need}, which the compiled step needs"
+    if torch.__version__ < COMPILE_TORCH:  # (a TorchVersion: compared as a version)
+        return f"torch {torch.__version__} is older than {COMPILE_TORCH}, which the compiled step needs"
     return None
+
+
+def default_precision(device: str) -> str:
+    """The SAE math's precision where none is asked for: bfloat16 on a GPU, float32 on the CPU."""
+    return "bf16" if device.startswith("cuda") else "fp32"
+
+
+def autocast(device: str, precision: str | None = None) -> contextlib.AbstractContextManager:
+    """The context the SAE math runs in at `precision` (default: the device's): bfloat16 autocast, or float32."""
+    if (precision or default_precision(device)) == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,7 @@ class Executor:
             print(f"train: not compiling ({why}); the fixed-shape step runs eagerly", file=sys.stderr)
             compiled = False
         fixed = fixed_shape == "on" or (fixed_shape == "auto" and (cuda or compile == "on"))
-        prec = precision if precision != "auto" else ("bf16" if cuda else "fp32")
-        return cls(device, fixed, compiled, prec)
+        return cls(device, fixed, compiled, precision if precision != "auto" else default_precision(device))
 
     @property
     def name(self) -> str:
@@ -84,10 +89,8 @@ class Executor:
         return self.compiled and self.device.startswith("cuda")
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The precision the SAE math runs at: bfloat16 autocast, or float32."""
-        if self.precision == "bf16":
-            return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The context the step's forward (and finish's θ and held-out passes) run in."""
+        return autocast(self.device, self.precision)
 
 
 def compile_errors() -> tuple[type[BaseException], ...]:

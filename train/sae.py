@@ -22,7 +22,6 @@ std: the reference code's input_unit_norm, SAELens's `layer_norm`), undone on th
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -277,13 +276,6 @@ def standardized_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     x's own mean and std (its input_unit_norm); shape [n]."""
     _, (mu, std) = standardize(x)
     return ((x_hat - x) / (std + LN_EPS)).pow(2).mean(-1)
-
-
-def autocast(device: str) -> contextlib.AbstractContextManager:
-    """The precision SAE math runs at: bfloat16 autocast on a GPU, float32 on the CPU."""
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class NMSE:

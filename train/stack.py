@@ -656,9 +656,7 @@ class StackTrainer:
         f = stack.lr_factor(step_t, self.total_steps)
         parts = self._parts(n)
         logged = []
-        for sl, part in parts or [(slice(None), stack)]:
-            for p in part.parameters():
-                p.grad = None
+        for sl, part in parts or [(slice(None), stack)]:  # (no gradient is left from a step before: see below)
             with self.executor.autocast():
                 out, x_in, x_hat, code = (self.objective(x, st.since_fired, coeff) if parts is None
                                           else part.losses(x, st.since_fired[sl], coeff[sl]))
