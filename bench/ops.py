@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from batchtopk.train.kernels import FIXED
 from batchtopk.train.sae import K_ARCHS, SAE, SAEConfig
 from batchtopk.train.stack import SAEStack, StackTrainer
 
@@ -72,7 +73,7 @@ def count_step(arch: str, size: int, d: int = SHAPE["d"], m: int = SHAPE["m"], k
     """The ops of one non-log training step of a stack (after two warm-up steps), as a GPU or a compiled
     step runs it (the CPU's eager shortcuts, the host-checked BatchTopK hint and the chunked encoding, left out)."""
     st = stack_trainer(arch, size, d, m, k)
-    st.stack.cpu_eager = False
+    st.stack.kernels = FIXED
     x = torch.randn(batch, d)
     step_t = torch.zeros((), dtype=torch.long)
     for _ in range(2):
@@ -89,7 +90,7 @@ def graph_breaks(arch: str, size: int = 1) -> tuple[int, int]:
     import torch._dynamo
 
     st = stack_trainer(arch, size, SHAPE["d"], SHAPE["m"], SHAPE["k"])
-    st.stack.cpu_eager = False  # as a compiled step runs it
+    st.stack.kernels = FIXED  # as a compiled step runs it
     torch._dynamo.config.trace_autograd_ops = True
     torch._dynamo.reset()
     x, step_t = torch.randn(SHAPE["batch"], SHAPE["d"]), torch.zeros((), dtype=torch.long)

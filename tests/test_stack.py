@@ -8,6 +8,7 @@ import torch
 from batchtopk.bench.ops import OpCounter, count_step, stack_trainer
 from batchtopk.bench.train_bench import dense_losses
 from batchtopk.core.errors import PipelineError
+from batchtopk.train.kernels import EXACT, FIXED
 from batchtopk.train.sae import K_ARCHS, SAE, SAEConfig, load_sae
 from batchtopk.train.stack import SAEStack, StackKey, batch_topk, stack_configs
 
@@ -114,7 +115,7 @@ def test_the_cpus_hinted_selection_is_exact_or_says_so():
     assert flags.tolist() == [True] and (idx[:, 1:] > idx[:, :-1]).all()
     torch.testing.assert_close(ties[0].flatten()[idx[0]], torch.full((64 * 32,), 3.0), rtol=0, atol=0)
     st = stack_trainer("batchtopk", 2, D, M, 4)
-    assert st.stack.cpu_eager  # the CPU, uncompiled
+    assert st.stack.kernels is EXACT  # the CPU, uncompiled
     x = torch.randn(64, D)
     for i in range(3):  # the first batch has no hint (-inf: every entry passes): the exact path, then the hint
         with torch.no_grad():
@@ -144,10 +145,10 @@ def test_the_cpus_auxiliary_pool_selects_only_where_it_must(aux_batch):
         assert stack.aux_pool == (12 if width <= 12 else 96 if width > 48 else 48)  # doubled, at most d_sae
         dense = []
         for eager in (False, True):
-            stack.cpu_eager = eager
-            cols, block = stack._aux_pool(pre.clone(), dead, stack._aux_width(dead))
+            stack.kernels = EXACT if eager else FIXED
+            cols, block = stack._aux_pool(pre.clone(), dead, stack.kernels.aux_width(stack, dead))
             assert block.shape == (2, 64, width if eager else stack.aux_pool)
-            given = stack._aux_pool(pre.clone(), dead, stack._aux_width(dead), pre.amax(1))  # the selection's peaks
+            given = stack._aux_pool(pre.clone(), dead, stack.kernels.aux_width(stack, dead), pre.amax(1))  # the selection's peaks
             assert torch.equal(given[0], cols) and torch.equal(given[1], block)
             dense.append(torch.zeros(2, 64, M).scatter_(2, cols[:, None, :].expand(block.shape), block))
         assert torch.equal(dense[0], dense[1]) and bool((dense[0][:, :20] > 0).any())
@@ -157,16 +158,16 @@ def test_the_cpus_auxiliary_pool_selects_only_where_it_must(aux_batch):
 
 @pytest.mark.parametrize("arch", ["batchtopk", "topk", "quantile", "matryoshka"])
 def test_encoding_a_few_saes_at_a_time_changes_nothing(arch, monkeypatch):
-    """The CPU reads the pre-activations one chunk of SAEs at a time (cpu_eager): the same kept pairs,
+    """The CPU reads the pre-activations one chunk of SAEs at a time (the exact kernels): the same kept pairs,
     auxiliary pool, losses and updated weights as the whole stack at once (as a GPU runs it)."""
-    import batchtopk.train.stack as stack_mod
+    import batchtopk.train.kernels as kernels_mod
 
     x = torch.randn(64, D)
     runs = []
-    for eager, budget in ((False, stack_mod.CPU_PRE_BYTES), (True, 2 * 64 * M * 4)):  # chunks of 2 SAEs of 3
-        monkeypatch.setattr(stack_mod, "CPU_PRE_BYTES", budget)
+    for eager, budget in ((False, kernels_mod.CPU_PRE_BYTES), (True, 2 * 64 * M * 4)):  # chunks of 2 SAEs of 3
+        monkeypatch.setattr(kernels_mod, "CPU_PRE_BYTES", budget)
         st = stack_trainer(arch, 3, D, M, 4)
-        st.stack.cpu_eager = eager
+        st.stack.kernels = EXACT if eager else FIXED
         logs = [st.step(x + 0.1 * i, torch.tensor(i), log=True) for i in range(3)]
         runs.append((logs, {k: v.clone() for k, v in st.stack.state_dict().items()}, st.state.since_fired.clone()))
     (la, wa, fa), (lb, wb, fb) = runs
@@ -201,7 +202,7 @@ def test_losses_and_gradients_equal_the_dense_reference(arch, kw, eager):
         s.input_scale.fill_(0.7)
         s.init_from_data(s.normalize(x)[0])
     stack = SAEStack(saes, 1e-3, (0.9, 0.99))
-    stack.cpu_eager = eager
+    stack.kernels = EXACT if eager else FIXED
     if arch == "quantile":  # a threshold each SAE's 1.5·n·k-th largest pre-activation (inside its capacity, 2·n·k)
         with torch.no_grad():
             for i, s in enumerate(saes):
@@ -230,7 +231,7 @@ def test_aux_pool_is_exact_up_to_its_size_and_fixed_beyond():
     stack = SAEStack([sae], 1e-3, (0.9, 0.99))
     for n_dead, grow, eager, exact in ((16, 0, False, True), (40, 0, False, False), (40, 40, False, True),
                                        (40, 0, True, True), (90, 0, True, True)):
-        stack.aux_pool, stack.cpu_eager = 16, eager
+        stack.aux_pool, stack.kernels = 16, EXACT if eager else FIXED
         stack.grow_aux_pool(grow)
         since = torch.zeros(1, M, dtype=torch.long)
         since[0, :n_dead] = 10 ** 6
@@ -248,7 +249,7 @@ def test_the_pool_grows_at_log_steps_and_resumes_at_its_width():
         torch.manual_seed(0)
         saes = [SAE(SAEConfig("topk", D, M, k=4, aux_k=8, replicate=r)) for r in range(2)]
         st = StackTrainer(SAEStack(saes, 1e-3, (0.9, 0.99)), total_steps=100, theta_from=80, compile=compile)
-        st.stack.cpu_eager = False  # the fixed-shape path, as on a GPU
+        st.stack.kernels = FIXED  # the fixed-shape path, as on a GPU
         return st
 
     torch.manual_seed(4)
@@ -335,7 +336,7 @@ def test_no_host_read_and_no_growth_with_the_stack():
         assert one.ops == eight.ops and one.total > 100, arch
     # the counter does see a read-back: a step with an .item() in it is caught
     st = stack_trainer("batchtopk", 1, D, M, 4)
-    st.stack.cpu_eager = False
+    st.stack.kernels = FIXED
     x, t = torch.randn(64, D), torch.zeros((), dtype=torch.long)
     with OpCounter() as c:
         st.step(x, t)
@@ -354,7 +355,7 @@ def test_the_step_is_one_graph(arch):
 
     assert graph_breaks(arch) == (1, 0)
     st = stack_trainer(arch, 2, D, M, 4)
-    st.stack.cpu_eager = False  # as a compiled step runs it
+    st.stack.kernels = FIXED  # as a compiled step runs it
     x, t = torch.randn(64, D), torch.zeros((), dtype=torch.long)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, t: st._step(x, t, keep=False), fullgraph=True, backend="eager")
@@ -413,7 +414,7 @@ def test_span_and_aux_batch_keep_the_step_fixed_shape_and_whole():
     torch.manual_seed(4)
     saes = [SAE(SAEConfig("batchtopk", D, M, k=4, span=16, aux_batch=True, aux_k=8, replicate=r)) for r in range(2)]
     st = StackTrainer(SAEStack(saes, 1e-3, (0.9, 0.99)), total_steps=100, theta_from=80)
-    st.stack.cpu_eager = False  # as a GPU or a compiled step runs it
+    st.stack.kernels = FIXED  # as a GPU or a compiled step runs it
     st.state.since_fired[:, :40] = 10 ** 9
     x, t = torch.randn(64, D), torch.zeros((), dtype=torch.long)
     st.step(x, t)

@@ -22,6 +22,8 @@ import torch
 
 from batchtopk.core.errors import PipelineError
 
+from .kernels import EXACT, FIXED, FixedKernels
+
 PRECISIONS = ("auto", "fp32", "bf16")
 SWITCHES = ("auto", "on", "off")
 # The compiled step traces autograd (backward) into its graph and gives each stack a compile cache of its own
@@ -83,6 +85,11 @@ class Executor:
         shapes = "fixed-shape" if self.fixed else "exact"
         how = ("compiled (CUDA graphs)" if self.cuda_graphs else "compiled") if self.compiled else "eager"
         return f"{shapes}, {how}, {self.precision} on {self.device}"
+
+    @property
+    def kernels(self) -> FixedKernels:
+        """The program the math runs as (kernels.py): the fixed-shape kernels, or the CPU's exact ones."""
+        return FIXED if self.fixed else EXACT
 
     @property
     def cuda_graphs(self) -> bool:

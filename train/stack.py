@@ -20,12 +20,8 @@ Where the one-SAE code made a data-dependent choice, the stack makes a fixed-sha
   has more dead latents, so the loss stays exact but for the few steps before that (a compiled step
   compiles once more then).
 
-On the CPU, uncompiled (`cpu_eager`), where launches cost nothing and data-dependent shapes are free, a
-stack trains as fast per SAE as its SAEs alone: it steps its losses and backward a few SAEs at a time
-(`cpu_chunk`; under DDP, which needs the whole stack's forward, it encodes a few at a time), so each SAE's
-temporaries stay in the cache, and it takes shortcuts that read the host: BatchTopK's selection starts from a
-hint, the auxiliary pool is the dead set itself (the exact loss at every step) and selects only where it must,
-and the kept pairs are grouped by latent once for both sparse gradients.
+The math runs as one of two programs (kernels.py), picked once by the Executor: the fixed-shape kernels
+above, or the CPU's exact eager ones, which read the host and take data-dependent shortcuts.
 """
 from __future__ import annotations
 
@@ -40,6 +36,7 @@ from torch import nn
 from batchtopk.core import distributed
 
 from .executor import CompiledStep, Executor, compile_limit
+from .kernels import FIXED, FixedKernels
 from .sae import (
     BATCH_ARCHS,
     DENSE_DECODE_ABOVE,
@@ -55,8 +52,6 @@ from .sparsity import (
     KeptPre,
     MaskedBlock,
     batch_topk,
-    batch_topk_hinted,
-    by_latent,
     count,
     decode_pairs,
     gated,
@@ -67,20 +62,10 @@ from .sparsity import (
 )
 
 AUX_POOL = 2    # the fixed-shape auxiliary pool starts AUX_POOL·aux_k latents wide (SAEStack.grow_aux_pool)
-# cpu_eager: SAEs stepped (or encoded) together, at most this many bytes of their [n, m] pre-activations (one
-# SAE at least); measured on a 2-core machine with 300 MiB of L3, a stack of 8 at n 4096, m 4608 against 8
-# SAEs alone: 0.68-0.89x whole, 0.93-0.98x encoded in chunks, 0.98-1.04x stepped in parts (bench ops)
-CPU_PRE_BYTES = 64 * 2**20
 RESAMPLE_UNTIL = 0.8     # resampling stops after this fraction of training (the last latents get the rest to learn)
 RESAMPLE_ENC_NORM = 0.2  # a resampled latent's encoder row: this times the mean norm of the living latents' rows
 # each parameter's latent axis (after the SAE axis): what resampling re-initialises
 LATENT_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "r_mag": 0, "b_mag": 0}
-
-
-def _top_per_row(block: torch.Tensor, k: int) -> torch.Tensor:
-    """block [..., D] with each row's k largest entries kept and the rest -inf."""
-    v, i = block.topk(k, dim=-1, sorted=False)
-    return torch.full_like(block, float("-inf")).scatter_(-1, i, v)
 
 
 @dataclass(frozen=True)
@@ -169,9 +154,9 @@ class SAEStack(nn.Module):
         self.register_buffer("quantile_rate", per_sae([c.quantile_rate for c in cfgs]))
         self.register_buffer("threshold", torch.full((len(cfgs),), float("-inf"), device=dev))
         self.register_buffer("batch_quantile", torch.zeros(len(cfgs), device=dev), persistent=False)
-        # on the CPU, uncompiled: the shortcuts of the module's docstring (BatchTopK's hint: a little below the
-        # last batch's n·k-th value); a GPU's step takes the exact fixed-shape path throughout, the whole stack at once
-        self.cpu_eager = False
+        # the program the math runs as (kernels.py; the trainer sets the executor's), and the exact kernels'
+        # BatchTopK hint: a little below the last batch's n·k-th value
+        self.kernels: FixedKernels = FIXED
         self.register_buffer("hint", torch.full((len(cfgs),), float("-inf"), device=dev), persistent=False)
         self.aux_pool = min(self.key.d_sae, AUX_POOL * self.key.aux_k)  # the fixed-shape path's auxiliary pool width
 
@@ -179,17 +164,13 @@ class SAEStack(nn.Module):
     def size(self) -> int:
         return len(self.cfgs)
 
-    def cpu_chunk(self, n: int) -> int:
-        """cpu_eager: how many SAEs to step or encode together on a batch of n tokens (CPU_PRE_BYTES)."""
-        return max(1, CPU_PRE_BYTES // (n * self.key.d_sae * self.W_enc.element_size()))
-
     def part(self, sl: slice) -> SAEStack:
         """The SAEs sl of this stack as a stack of their own that shares its storage: parameters that are leaves
         (their gradients their own) viewing this stack's, buffers viewing its buffers; what either writes in
         place, the other sees."""
         sub = object.__new__(type(self))
         nn.Module.__init__(sub)
-        sub.key, sub.cfgs, sub.cpu_eager, sub.aux_pool = self.key, self.cfgs[sl], self.cpu_eager, self.aux_pool
+        sub.key, sub.cfgs, sub.kernels, sub.aux_pool = self.key, self.cfgs[sl], self.kernels, self.aux_pool
         for name, p in self.named_parameters(recurse=False):
             setattr(sub, name, nn.Parameter(p.data[sl]))
         for name, b in self.named_buffers(recurse=False):
@@ -273,8 +254,7 @@ class SAEStack(nn.Module):
             with torch.no_grad():
                 idx, kept, cols, block = self._encode(xe, xe1, dead)
             # relu: a pair keeps value 0 where fewer than n·k (TopK: k) pre-activations are positive
-            # the CPU, uncompiled: the pairs grouped by latent once, for the encoder's and the decoder's gradients
-            grouped = by_latent(idx, n, key.d_sae) if self.cpu_eager else None
+            grouped = self.kernels.by_latent(idx, n, key.d_sae)  # (exact: for the encoder's and decoder's gradients)
             vals = KeptPre.apply(kept, xe1, self.W_enc, self.b_enc, shift, idx, grouped).relu()
             if key.arch == "quantile":  # the pairs above the threshold (the first batch: its own quantile)
                 theta = torch.where(torch.isfinite(self.threshold), self.threshold, self.batch_quantile)
@@ -337,16 +317,14 @@ class SAEStack(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Without a graph, from the pre-activations xe W_enc + b_enc [S, n, m] (xe1: xe with a column of
         ones): the kept pairs (flat indices [S, P], their pre-activations [S, P]) and the auxiliary loss's pool
-        (its latents [S, D], their masked block [S, n, D], see `_aux`). The whole stack at once, or with
-        cpu_eager a chunk of SAEs at a time."""
+        (its latents [S, D], their masked block [S, n, D], see `_aux`), a chunk of SAEs at a time (the kernels')."""
         S, n, _ = xe.shape
-        chunk = self.cpu_chunk(n) if self.cpu_eager else S
-        width = self._aux_width(dead)
+        chunk = self.kernels.chunk(self, n)
+        width = self.kernels.aux_width(self, dead)
         parts = []
         for a in range(0, S, chunk):
             sl = slice(a, min(S, a + chunk))
-            pre = self._pre_cpu(xe1[sl], sl) if self.cpu_eager else torch.baddbmm(self.b_enc[sl, None, :], xe[sl],
-                                                                                 self.W_enc[sl])
+            pre = self.kernels.pre(self, xe[sl], xe1[sl], sl)
             peak = None  # each latent's largest pre-activation in the batch, where the selection finds it
             if self.key.arch in BATCH_ARCHS:
                 idx, peak = self._batch_topk(pre, sl)
@@ -356,31 +334,14 @@ class SAEStack(nn.Module):
                           *self._aux_pool(pre, dead[sl], width, peak)))
         return parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
-    def _pre_cpu(self, xe1: torch.Tensor, sl: slice) -> torch.Tensor:
-        """The pre-activations [S', n, m] of the stack's SAEs sl on their inputs with a column of ones xe1
-        [S', n, d + 1], one matrix product per SAE with the bias as the ones' weights: on the CPU faster than
-        baddbmm, which first copies the bias into every row of its output."""
-        pre = xe1.new_empty(*xe1.shape[:2], self.key.d_sae)
-        for j, s in enumerate(range(*sl.indices(self.size))):
-            torch.mm(xe1[j], torch.cat([self.W_enc[s], self.b_enc[s, None]]), out=pre[j])
-        return pre
-
     def _batch_topk(self, pre: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The n·k largest pre-activations of each SAE of pre (the stack's SAEs sl; exact, see `cpu_eager`), or
-        with a span the span·k largest of each group of span tokens; and with cpu_eager, each latent's largest
-        pre-activation [S', m] (the hinted selection's by-product; else None)."""
+        """The n·k largest pre-activations of each SAE of pre (the stack's SAEs sl), or with a span the span·k
+        largest of each group of span tokens; and each latent's largest pre-activation [S', m] where the kernels'
+        selection finds it on the way (else None)."""
         span = self.key.span
         if span is not None and span < pre.shape[1]:
             return span_topk(pre, self.key.k, span), None
-        if self.cpu_eager:
-            hint = self.hint[sl]
-            idx, ok, peak = batch_topk_hinted(pre, self.key.k, hint)
-            for s in (~ok).nonzero()[:, 0].tolist():  # the hint missed (the first batch, or a jump): the exact path
-                idx[s] = batch_topk(pre[s:s + 1], self.key.k)[0]
-            kth = pre.reshape(pre.shape[0], -1).gather(1, idx).amin(1)
-            hint.copy_(kth - 0.05 * kth.abs())
-            return idx, peak
-        return batch_topk(pre, self.key.k), None
+        return self.kernels.batch_topk(self, pre, sl)
 
     def _quantile_pairs(self, pre: torch.Tensor, sl: slice) -> torch.Tensor:
         """A quantile SAE's candidate pairs: the QUANTILE_CAPACITY·n·k largest pre-activations (exact, fixed
@@ -400,11 +361,6 @@ class SAEStack(nn.Module):
         t = self.threshold
         t.copy_(torch.where(torch.isfinite(t), t + self.quantile_rate * (q - t), q))
 
-    def _aux_width(self, dead: torch.Tensor) -> int:
-        """The auxiliary loss's pool width D: the fixed aux_pool, or with cpu_eager the most dead latents of an
-        SAE (the pool then holds every dead latent: the exact loss, with no column wider than it needs)."""
-        return max(1, int(dead.sum(1).max())) if self.cpu_eager else self.aux_pool
-
     def grow_aux_pool(self, dead: int) -> bool:
         """Double the fixed-shape auxiliary pool (up to d_sae) until it holds `dead` latents, the most dead
         latents of an SAE of the stack; True if it grew (a compiled step then compiles for the new width)."""
@@ -417,9 +373,9 @@ class SAEStack(nn.Module):
     def _aux_pool(self, pre: torch.Tensor, dead: torch.Tensor, width: int, peak: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """The auxiliary loss's pool, from the pre-activations [S, n, m] and dead latents [S, m]: the `width`
-        (`_aux_width`) dead latents with the largest pre-activation anywhere in the batch [S, D] (peak [S, m]
-        when known), and their block [S, n, D] with each token's top aux_k of them kept (aux_batch: the
-        batch's top n·aux_k), the rest 0."""
+        (the kernels' `aux_width`) dead latents with the largest pre-activation anywhere in the batch [S, D]
+        (peak [S, m] when known), and their block [S, n, D] with each token's top aux_k of them kept (aux_batch:
+        the batch's top n·aux_k), the rest 0."""
         S, n, m = pre.shape
         score = (pre.amax(1) if peak is None else peak).masked_fill(~dead, float("-inf"))
         cols = score.topk(width, dim=1, sorted=False).indices  # [S, D]
@@ -431,11 +387,7 @@ class SAEStack(nn.Module):
             keep = torch.zeros(flat.shape, dtype=torch.bool, device=block.device).scatter_(1, top, True)
             block.masked_fill_(~keep.view(block.shape), float("-inf"))
         elif cols.shape[1] > self.key.aux_k:  # each token's top aux_k of the pool
-            if self.cpu_eager:  # only the tokens with more than aux_k positive entries need a selection
-                s, t = ((block > 0).sum(2) > self.key.aux_k).nonzero().unbind(1)
-                block[s, t] = _top_per_row(block[s, t], self.key.aux_k)
-            else:
-                block = _top_per_row(block, self.key.aux_k)
+            block = self.kernels.aux_top(block, self.key.aux_k)
         return cols, block.relu_()  # -inf (not dead, or not among a token's top aux_k) -> 0
 
     def _aux(self, cols: torch.Tensor, block: torch.Tensor, xe1: torch.Tensor, shift: torch.Tensor | None,
@@ -446,7 +398,7 @@ class SAEStack(nn.Module):
 
         In a fixed shape: the pool is the aux_pool dead latents with the largest pre-activation anywhere in
         the batch, and each token takes its top aux_k of those (one dense [n, pool] block, `_aux_pool`). That
-        is the one-SAE loss exactly whenever no SAE has more dead latents (with cpu_eager, always).
+        is the one-SAE loss exactly whenever no SAE has more dead latents (with the exact kernels, always).
         xe1: the encoder's input with a column of ones (MaskedBlock)."""
         block = MaskedBlock.apply(block, xe1, self.W_enc, self.b_enc, shift, cols)
         decoded = torch.bmm(block, self.W_dec.gather(1, cols[:, :, None].expand(*cols.shape, self.key.d_in)))
@@ -599,7 +551,7 @@ class StackTrainer:
         self.total_steps, self.theta_from, self.world = total_steps, theta_from, world
         dev = stack.W_enc.device
         self.executor = executor or Executor.choose(str(dev), "on" if compile else "off", world=world)
-        stack.cpu_eager = not self.executor.fixed
+        stack.kernels = self.executor.kernels
         self.objective: nn.Module = Objective(stack)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -637,14 +589,14 @@ class StackTrainer:
         return out
 
     def _parts(self, n: int) -> list[tuple[slice, SAEStack]] | None:
-        """On the CPU, uncompiled, in one process: the stack's SAEs in parts whose [n, m] pre-activations take at
-        most CPU_PRE_BYTES together (one SAE at least), each stepped through its losses and backward on its
-        own, so that its temporaries stay in the cache as a lone SAE's do (a stack of 8 at the bench shape
+        """With the exact kernels, in one process: the stack's SAEs in parts whose [n, m] pre-activations take at
+        most CPU_PRE_BYTES together (one SAE at least, kernels.py), each stepped through its losses and backward on
+        its own, so that its temporaries stay in the cache as a lone SAE's do (a stack of 8 at the bench shape
         trained 0.93-0.97x as fast per SAE as 8 alone, whole). None: the whole stack at once."""
-        if not self.stack.cpu_eager or self.world > 1:
+        if not self.stack.kernels.steps_in_parts(self.world):
             return None
         if self._parts_for[0] != n:
-            size = self.stack.cpu_chunk(n)
+            size = self.stack.kernels.chunk(self.stack, n)
             S = self.stack.size
             self._parts_for = (n, [(sl, self.stack.part(sl)) for sl in (slice(a, min(S, a + size))
                                                                         for a in range(0, S, size))])
