@@ -7,7 +7,17 @@ import torch
 from stacked import Losses
 
 from batchtopk.train.sae import SAE, SAEConfig, load_sae
-from batchtopk.train.sparsity import batch_topk_code, sparse_decode, topk_code
+from batchtopk.train.sparsity import Code, sparse_decode
+
+
+def batch_topk_code(pre: torch.Tensor, k: int) -> Code:
+    """A BatchTopK SAE's selection as trained (its architecture's `code`, mode 'batch') of pre [n, m]."""
+    return SAE(SAEConfig("batchtopk", d_in=4, d_sae=pre.shape[1], k=k)).code(pre, "batch")
+
+
+def topk_code(pre: torch.Tensor, k: int) -> Code:
+    """A TopK SAE's selection of pre [n, m] (its architecture's `code`)."""
+    return SAE(SAEConfig("topk", d_in=4, d_sae=pre.shape[1], k=k)).code(pre)
 
 
 def test_batch_topk_code_keeps_n_k_pairs_and_their_values():

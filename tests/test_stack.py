@@ -10,7 +10,8 @@ from batchtopk.bench.train_bench import dense_losses
 from batchtopk.core.errors import PipelineError
 from batchtopk.train.kernels import EXACT, FIXED
 from batchtopk.train.sae import K_ARCHS, SAE, SAEConfig, load_sae
-from batchtopk.train.stack import SAEStack, StackKey, batch_topk, stack_configs
+from batchtopk.train.sparsity import batch_topk
+from batchtopk.train.stack import SAEStack, StackKey, stack_configs
 
 D, M = 16, 96
 
@@ -120,7 +121,7 @@ def test_the_cpus_hinted_selection_is_exact_or_says_so():
     for i in range(3):  # the first batch has no hint (-inf: every entry passes): the exact path, then the hint
         with torch.no_grad():
             pre = torch.baddbmm(st.stack.b_enc[:, None, :], st.stack.normalize(x), st.stack.W_enc)
-        idx, peak = st.stack._batch_topk(pre, slice(None))
+        idx, peak = st.stack.arch.select(st.stack, pre, slice(None))
         assert torch.equal(idx, batch_topk(pre, 4)) and torch.equal(peak, pre.amax(1))
         assert bool(torch.isfinite(st.stack.hint).all())
         st.step(x, torch.tensor(i))

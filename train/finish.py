@@ -13,6 +13,7 @@ import torch
 from batchtopk.core import distributed
 from batchtopk.harvest.models import hub_name
 
+from .archs import ARCHS
 from .sae import NMSE, SAE, THETA_ARCHS, SAEConfig, save_sae, standardized_mse
 from .theta import estimate_theta, target_shift
 
@@ -26,7 +27,7 @@ VAL_ROWS = 8192  # held-out rows of the validation NMSE in each SAE's metadata
 def sets_threshold(c: SAEConfig) -> bool:
     """Whether an SAE has a threshold set from its final weights: BatchTopK's (and a quantile SAE's) θ, or
     the factor on a target-L0 JumpReLU's thresholds."""
-    return c.arch in THETA_ARCHS or (c.arch == "jumprelu" and c.target_l0 is not None)
+    return ARCHS[c.arch].sets_threshold(c)
 
 
 def theta_estimator(t: Trainer) -> str:

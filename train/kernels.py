@@ -49,10 +49,12 @@ class FixedKernels:
         a column of ones)."""
         return torch.baddbmm(stack.b_enc[sl, None, :], xe, stack.W_enc[sl])
 
-    def batch_topk(self, stack: SAEStack, pre: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The n·k largest entries of each SAE's pre [S', n, m] (flat indices [S', n·k], sorted), and each latent's
-        largest pre-activation [S', m] where the selection finds it on the way (else None)."""
-        return batch_topk(pre, stack.key.k), None
+    def batch_topk(self, pre: torch.Tensor, k: int, hint: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The n·k largest entries of each pre[s] [n, m] (flat indices [S, n·k], sorted), and each latent's largest
+        entry [S, m] where the selection finds it on the way (else None). hint [S]: a little below the last
+        batch's n·k-th values (the exact kernels' shortcut, updated in place), or None."""
+        return batch_topk(pre, k), None
 
     def aux_width(self, stack: SAEStack, dead: torch.Tensor) -> int:
         """The auxiliary loss's pool width D for the dead latents [S, m]."""
@@ -93,8 +95,10 @@ class ExactKernels(FixedKernels):
             torch.mm(xe1[j], torch.cat([stack.W_enc[s], stack.b_enc[s, None]]), out=pre[j])
         return pre
 
-    def batch_topk(self, stack: SAEStack, pre: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-        k, hint = stack.key.k, stack.hint[sl]
+    def batch_topk(self, pre: torch.Tensor, k: int, hint: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if hint is None:
+            return super().batch_topk(pre, k)
         idx, ok, peak = batch_topk_hinted(pre, k, hint)
         for s in (~ok).nonzero()[:, 0].tolist():  # the hint missed (the first batch, or a jump): the exact path
             idx[s] = batch_topk(pre[s:s + 1], k)[0]

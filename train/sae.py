@@ -1,4 +1,5 @@
-"""Sparse autoencoders: one base (W_enc, b_enc, W_dec, b_dec), seven ways to pick latents.
+"""Sparse autoencoders: one base (W_enc, b_enc, W_dec, b_dec), seven ways to pick latents (train/archs/, one
+file each; SAE and SAEStack call them and never ask which they hold).
 
     x_in = norm(x) [- b_dec]   pre = x_in W_enc + b_enc   f = sigma(pre)   x_hat = denorm(f W_dec + b_dec)
 
@@ -37,31 +38,15 @@ from torch import nn
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.options import IF_SET, RECIPE, setting
 
-from .sparsity import Code, batch_topk_code, gated, jumprelu, sparse_decode, topk_code
+from .archs import ARCHS, BATCH_ARCHS, K_ARCHS, L1_ARCHS, THETA_ARCHS
+from .archs.base import DEAD_TOKENS_DEFAULT, DENSE_DECODE_ABOVE, Arch
+from .archs.matryoshka import MATRYOSHKA_GROUPS
+from .sparsity import Code, sparse_decode
 
-ARCHS = ("batchtopk", "topk", "quantile", "matryoshka", "jumprelu", "relu", "gated")
-K_ARCHS = ("batchtopk", "topk", "quantile", "matryoshka")  # those with k latents per token (on average)
-THETA_ARCHS = ("batchtopk", "quantile", "matryoshka")      # those with one global θ at inference
-BATCH_ARCHS = ("batchtopk", "matryoshka")  # those training on the batch's n·k largest (and scored so too)
-L1_ARCHS = ("relu", "gated")               # those with an L1 penalty
-# Matryoshka's default groups, as fractions of the dictionary: its authors' spacing (prefixes of 1/16, 1/8, 1/4,
-# 1/2 and all of it; bartbussmann/matryoshka_sae)
-MATRYOSHKA_GROUPS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
-QUANTILE_CAPACITY = 2  # a quantile SAE's training step keeps at most this many times n·k pairs (fixed shape)
+__all__ = ["ARCHS", "BATCH_ARCHS", "K_ARCHS", "L1_ARCHS", "THETA_ARCHS", "DENSE_DECODE_ABOVE"]
 NORMS = ("global", "token")
 B_DEC_INITS = ("mean", "geometric_median", "zero")
 MSE_REDUCTIONS = ("mean", "sum")
-DENSE_DECODE_ABOVE = 0.05  # decode densely when more than this fraction of latents is active
-# Dead-latent window by architecture (bench/ablation.py rounds 4 and 5, the peers' batches at 8xd): one
-# batch of 4096 tokens for BatchTopK; TopK, whose latents fire less evenly at small k, 8192 (at k = 16,
-# 4096 left it 2.4% worse and 4% of latents dead; at k = 32 the two are equal).
-DEAD_TOKENS = {"topk": 8192}
-DEAD_TOKENS_DEFAULT = 4096
-# Gated's recipe around its loss, as its authors trained it: dead latents resampled, the L1 coefficient warmed up
-# (at 0.01 on the peers' batches: latents silent on held-out rows 18% -> 9%, NMSE at equal L0 unchanged; docs)
-RESAMPLE = {"gated": 0.1}
-SPARSITY_WARMUP = {"gated": 0.1}
-RESAMPLE_ARCHS = L1_ARCHS  # those without an auxiliary loss of their own on dead latents
 DEFAULT_K = 32             # a k architecture's k where none is given
 LN_EPS = 1e-5              # token standardisation: (x - mean) / (std + eps), as SAELens's layer_norm
 
@@ -103,7 +88,7 @@ class SAEConfig:
     threshold_lr: float | None = setting(None, "JumpReLU: learning rate of the log-thresholds (default: the SAE's "
                                          "lr).", group=RECIPE, applies_to=("jumprelu",))
     sparsity_warmup: float | None = setting(None, "Fraction of training over which the L0/L1 coefficient ramps up "
-                                            f"from 0 (default: Gated {SPARSITY_WARMUP['gated']:g}, others 0).",
+                                            f"from 0 (default: Gated {ARCHS['gated'].sparsity_warmup:g}, others 0).",
                                             group=RECIPE, cli=False, applies_to=("jumprelu", *L1_ARCHS))
     preact_coeff: float = setting(0.0, "JumpReLU: Anthropic's pre-activation loss, sum_i relu(theta_i - pre_i).",
                                   group=RECIPE, cli=False, applies_to=("jumprelu",))
@@ -128,10 +113,10 @@ class SAEConfig:
     resample: float | None = setting(None, "ReLU and Gated: every this fraction of training, through its first 80%, "
                                      "re-initialise the latents that did not fire since the last time from badly "
                                      "reconstructed tokens (Bricken et al. 2023; default: Gated "
-                                     f"{RESAMPLE['gated']:g}, ReLU 0 (never)).", group=RECIPE, identity=IF_SET,
+                                     f"{ARCHS['gated'].resample:g}, ReLU 0 (never)).", group=RECIPE, identity=IF_SET,
                                      applies_to=L1_ARCHS)
     dead_tokens: int | None = setting(None, "Tokens without firing after which a latent counts as dead (default: "
-                                      f"{DEAD_TOKENS_DEFAULT}, TopK {DEAD_TOKENS['topk']}).", group=RECIPE,
+                                      f"{DEAD_TOKENS_DEFAULT}, TopK {ARCHS['topk'].dead_tokens}).", group=RECIPE,
                                       applies_to=K_ARCHS)
     # optimiser (None: the run's setting)
     lr: float | None = setting(None, "This SAE's Adam learning rate (default: the run's --lr).", cli=False)
@@ -147,28 +132,15 @@ class SAEConfig:
             raise PipelineError(f"unknown architecture {self.arch!r}; allowed: {', '.join(ARCHS)}")
         if self.d_sae < 1:
             raise PipelineError(f"dictionary size {self.d_sae} must be at least 1")
-        if self.arch in K_ARCHS:
-            if self.k is None:
-                self.k = DEFAULT_K
-            if not 0 < self.k <= self.d_sae:
-                raise PipelineError(f"k={self.k} must satisfy 0 < k <= dictionary size ({self.d_sae})")
-        elif self.k is not None:
-            raise PipelineError(f"k={self.k} is a setting of {', '.join(K_ARCHS)} SAEs, not of {self.arch} (whose "
-                                "sparsity comes from its coefficient)")
         if self.groups is not None:
             self.groups = tuple(float(g) for g in self.groups)
-            if self.arch != "matryoshka":
-                raise PipelineError(f"groups is a Matryoshka setting, not one of {self.arch}")
-        if self.arch == "matryoshka":
-            self.group_sizes  # noqa: B018  (checks the groups)
+        ARCHS[self.arch].check(self)  # its defaults, and the settings it does not take refused
         for name, value, allowed in (("norm", self.norm, NORMS), ("b_dec_init", self.b_dec_init, B_DEC_INITS),
                                      ("mse", self.mse, MSE_REDUCTIONS)):
             if value not in allowed:
                 raise PipelineError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
         if self.target_l0 is not None and not 0 < self.target_l0 <= self.d_sae:
             raise PipelineError(f"target_l0={self.target_l0} must satisfy 0 < target_l0 <= dictionary size")
-        if self.sparsity_warmup is None:
-            self.sparsity_warmup = SPARSITY_WARMUP.get(self.arch, 0.0)
         for name in ("warmup", "decay", "sparsity_warmup"):
             if not 0 <= getattr(self, name) < 1:
                 raise PipelineError(f"{name}={getattr(self, name)} must be a fraction of training in [0, 1)")
@@ -176,15 +148,8 @@ class SAEConfig:
             raise PipelineError(f"warmup ({self.warmup}) and decay ({self.decay}) together must stay below 1")
         if self.betas is not None:
             self.betas = tuple(float(b) for b in self.betas)
-        if self.resample is None and self.arch in RESAMPLE:
-            self.resample = RESAMPLE[self.arch]
         if self.resample is not None and not 0 <= self.resample <= 0.5:
             raise PipelineError(f"resample={self.resample} must be a fraction of training in [0, 0.5] (0: never)")
-        if self.resample and self.arch not in RESAMPLE_ARCHS:
-            raise PipelineError(f"resample applies to {', '.join(RESAMPLE_ARCHS)} SAEs, not {self.arch} (whose "
-                                "auxiliary loss revives dead latents); leave it unset")
-        if self.dead_tokens is None:
-            self.dead_tokens = DEAD_TOKENS.get(self.arch, DEAD_TOKENS_DEFAULT)
         if self.dead_tokens < 1:
             raise PipelineError(f"dead_tokens={self.dead_tokens} must be at least 1")
         for name in ("lr", "threshold_lr", "grad_clip"):
@@ -192,12 +157,6 @@ class SAEConfig:
                 raise PipelineError(f"{name}={getattr(self, name)} must be positive (or none)")
         if self.betas is not None and not all(0 <= b < 1 for b in self.betas):
             raise PipelineError(f"betas={self.betas} must each lie in [0, 1)")
-        if self.span is not None and (self.arch not in BATCH_ARCHS or self.span < 1):
-            raise PipelineError(f"span={self.span}: a BatchTopK setting, a positive number of tokens per selection "
-                                f"(this SAE is {self.arch}; leave span unset for the whole batch)")
-        if self.aux_batch and self.arch not in K_ARCHS:
-            raise PipelineError(f"aux_batch applies to {', '.join(K_ARCHS)} SAEs (their auxiliary loss), "
-                                f"not {self.arch}")
         if not 0 < self.quantile_rate <= 1:
             raise PipelineError(f"quantile_rate={self.quantile_rate} must lie in (0, 1]")
         if self.aux_k < 1 or self.aux_coeff < 0:
@@ -223,13 +182,7 @@ class SAEConfig:
     @property
     def name(self) -> str:
         """A directory name: the architecture's identity, then every other setting that is not the default."""
-        if self.arch in K_ARCHS:
-            base = f"{self.arch}_k{self.k}_m{self.d_sae}"
-        elif self.arch == "jumprelu":
-            target = f"t{self.target_l0:g}_" if self.target_l0 is not None else ""
-            base = f"jumprelu_{target}l{self.l0_coeff:g}_i{self.jumprelu_init_l0:g}_m{self.d_sae}"
-        else:
-            base = f"{self.arch}_l{self.l1_coeff:g}_m{self.d_sae}"
+        base = ARCHS[self.arch].title(self)
         label = recipe_label(self.changed(keep_replicate=True))
         return f"{base}_{label}" if label else base
 
@@ -339,6 +292,7 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, run_seed: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.arch: Arch = ARCHS[cfg.arch]
         d, m = cfg.d_in, cfg.d_sae
         gen = torch.Generator().manual_seed(init_seed(run_seed, cfg.replicate, d, m))
         W = torch.randn(m, d, generator=gen)
@@ -347,11 +301,7 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W.t().clone())  # tied initialisation
         self.b_enc = nn.Parameter(torch.zeros(m))
         self.b_dec = nn.Parameter(torch.zeros(d))
-        if cfg.arch == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.full((m,), math.log(0.001)))
-        if cfg.arch == "gated":  # the magnitude path: W_enc scaled per latent by exp(r_mag), its own bias
-            self.r_mag = nn.Parameter(torch.zeros(m))
-            self.b_mag = nn.Parameter(torch.zeros(m))
+        self.arch.init(self)  # its own parameters (JumpReLU's thresholds, Gated's magnitude path)
         # batchtopk: the global inference threshold (estimated after training)
         self.register_buffer("theta", torch.zeros(()))
         # global norm: raw activations are multiplied by this before encoding (1 once saved: folded in)
@@ -380,7 +330,7 @@ class SAE(nn.Module):
     @property
     def modes(self) -> tuple[str, ...]:
         """Inference modes to measure: BatchTopK both ways (threshold first, its inference mode)."""
-        return ("threshold", "batch") if self.cfg.arch in BATCH_ARCHS else ("threshold",)
+        return self.arch.modes
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -392,20 +342,9 @@ class SAE(nn.Module):
         return self.cfg.bandwidth * math.sqrt(self.cfg.d_in)
 
     def code(self, pre: torch.Tensor, mode: str = "train") -> Code:
-        """Select latents. mode: 'train'/'batch' (batchtopk over the batch) or 'threshold' (inference).
-        (Training itself runs on stacks: train/stack.py.)"""
-        a = self.cfg.arch
-        if a in THETA_ARCHS and mode == "threshold":
-            return Code.from_dense(pre * (pre > self.theta.clamp_min(0)))
-        if a in THETA_ARCHS:
-            return batch_topk_code(pre, self.cfg.k, self.cfg.span)
-        if a == "topk":
-            return topk_code(pre, self.cfg.k)
-        if a == "jumprelu":
-            return Code.from_dense(jumprelu(pre, self.threshold, self.eps))
-        if a == "gated":
-            return Code.from_dense(gated(pre, self.b_enc, self.r_mag, self.b_mag))
-        return Code.from_dense(pre.relu())
+        """Select latents (the architecture's `code`). mode: 'train'/'batch' (batchtopk over the batch, per span
+        if it has one) or 'threshold' (inference). (Training itself runs on stacks: train/stack.py.)"""
+        return self.arch.code(self, pre, mode)
 
     def decode_code(self, code: Code) -> torch.Tensor:
         if code.pairs > DENSE_DECODE_ABOVE * code.n * code.m:
@@ -437,10 +376,7 @@ class SAE(nn.Module):
             self.b_dec.copy_(geometric_median(x.float()))
         else:
             self.b_dec.zero_()
-        if self.cfg.arch == "jumprelu":
-            q = 1.0 - min(1.0, self.cfg.jumprelu_init_l0 / self.cfg.d_sae)
-            theta = torch.quantile(self.pre(x).float(), q, dim=0).clamp_min(1e-3)
-            self.log_threshold.copy_(theta.log())
+        self.arch.init_from_data(self, x)
 
 
 SWAPPABLE = ("batchtopk", "topk")  # architectures whose activation another SAE can be scored with (--encode-as)
@@ -465,8 +401,6 @@ def with_activation(sae: SAE, arch: str) -> SAE:
 
 # ---------------------------------------------------------------- SAELens on-disk format
 WEIGHTS_FILE = "sae_weights.safetensors"
-EXPORT = {"batchtopk": "jumprelu", "topk": "topk", "quantile": "jumprelu", "matryoshka": "jumprelu",
-          "jumprelu": "jumprelu", "relu": "standard", "gated": "gated"}  # each architecture's SAELens one
 CFG_FILE = "cfg.json"
 
 
@@ -487,26 +421,16 @@ def save_sae(sae: SAE, directory: Path, metadata: dict[str, Any]) -> None:
     b_dec = (sae.b_dec.detach().float() / s).contiguous()
     b_enc = sae.b_enc.detach().float().contiguous()
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    export = EXPORT[cfg.arch]
-    if cfg.arch == "gated":
-        del tensors["b_enc"]
-        tensors |= {"b_gate": b_enc, "r_mag": sae.r_mag.detach().float().contiguous(),
-                    "b_mag": sae.b_mag.detach().float().contiguous()}
-    if cfg.arch in THETA_ARCHS:
-        tensors["threshold"] = torch.full((cfg.d_sae,), float(sae.theta))
-    elif cfg.arch == "jumprelu":
-        tensors["threshold"] = sae.threshold.detach().float().contiguous()
+    sae.arch.saved(sae, tensors)
     out = {
-        "architecture": export, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32", "device": "cpu",
+        "architecture": sae.arch.export, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": cfg.center,
         "normalize_activations": "layer_norm" if cfg.norm == "token" else "none", "reshape_activations": "none",
         "metadata": {"sae_lens_version": "6.0.0", "sae_lens_training_version": "6.0.0",
                      "trained_architecture": cfg.arch, "sae_config": asdict(cfg), "input_scale": s,
                      **metadata},
     }
-    if cfg.arch == "topk":
-        out["k"] = cfg.k
-        out["rescale_acts_by_decoder_norm"] = False
+    out |= sae.arch.saved_config(sae)
     blob = safetensors_save(tensors)
     out["metadata"]["weights_blake2b"] = hashlib.blake2b(blob, digest_size=16).hexdigest()
     for name, data in ((WEIGHTS_FILE, blob), (CFG_FILE, json.dumps(out, indent=2).encode())):
@@ -536,7 +460,7 @@ def load_config(directory: str | Path) -> tuple[SAEConfig, dict[str, Any]]:
         saved = LEGACY | meta["metadata"]["sae_config"]
         if saved.get("arch") not in K_ARCHS:  # written before k was refused for these (it was ignored)
             saved["k"] = None
-        if saved.get("arch") in RESAMPLE:  # trained before the default resampling
+        if saved.get("arch") in ARCHS and ARCHS[saved["arch"]].resample:  # trained before the default resampling
             saved.setdefault("resample", 0.0)
         return SAEConfig(**saved), meta
     except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -555,12 +479,10 @@ def load_sae(directory: str | Path, device: str = "cpu") -> tuple[SAE, dict[str,
         if want is not None and hashlib.blake2b(blob, digest_size=16).hexdigest() != want:
             raise ValueError(f"its bytes do not match the digest in {CFG_FILE}")
         tensors = {k: v.to(device) for k, v in safetensors_load(blob).items()}
-        if cfg.arch == "gated":
-            tensors["b_enc"] = tensors.pop("b_gate")
+        arch = ARCHS[cfg.arch]
+        arch.loaded(tensors)
         shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
-                  "b_dec": (cfg.d_in,)}
-        if cfg.arch == "gated":
-            shapes |= {"r_mag": (cfg.d_sae,), "b_mag": (cfg.d_sae,)}
+                  "b_dec": (cfg.d_in,)} | arch.file_shapes(cfg)
         bad = [n for n, shape in shapes.items() if tuple(tensors[n].shape) != shape]
         if bad:
             raise ValueError(f"{', '.join(bad)} not of the shape cfg.json gives")
@@ -571,11 +493,5 @@ def load_sae(directory: str | Path, device: str = "cpu") -> tuple[SAE, dict[str,
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(sae, name).copy_(tensors[name])
-        if cfg.arch in THETA_ARCHS:
-            sae.theta.fill_(float(tensors["threshold"][0]))
-        elif cfg.arch == "jumprelu":
-            sae.log_threshold.copy_(tensors["threshold"].clamp_min(1e-30).log())
-        elif cfg.arch == "gated":
-            sae.r_mag.copy_(tensors["r_mag"])
-            sae.b_mag.copy_(tensors["b_mag"])
+        sae.arch.restore(sae, tensors)
     return sae.eval(), meta

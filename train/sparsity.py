@@ -29,6 +29,13 @@ class Code:
     def from_dense(cls, f: torch.Tensor) -> Code:
         return cls(None, None, None, f.shape[0], f.shape[1], f)
 
+    @classmethod
+    def from_pairs(cls, pre: torch.Tensor, idx: torch.Tensor) -> Code:
+        """The code keeping relu(pre) [n, m] at the flat indices idx (sorted by row; a value of 0 where the
+        pre-activation is not positive, kept as a pair so the code's size is known without a device read)."""
+        n, m = pre.shape
+        return cls(idx // m, idx % m, pre.flatten()[idx].relu(), n, m)
+
     def _index(self) -> None:
         if self._rows is None:
             idx = self.f.flatten().nonzero().squeeze(1)  # sorted, so rows come out grouped
@@ -110,30 +117,6 @@ def sparse_decode(code: Code, W_dec: torch.Tensor) -> torch.Tensor:
     per_row = count(code.rows, code.n)  # stored pairs, zeros included
     offsets = torch.cumsum(per_row, 0) - per_row
     return F.embedding_bag(code.cols, W_dec, offsets, mode="sum", per_sample_weights=code.vals.to(W_dec.dtype))
-
-
-def topk_code(pre: torch.Tensor, k: int) -> Code:
-    """The k largest of relu(pre) per token: k pairs per row, a value of 0 where fewer than k are
-    positive (kept as pairs, so the code's size is known without reading anything back)."""
-    n, m = pre.shape
-    idx = topk_rows(pre[None], k)[0]
-    return Code(idx // m, idx % m, pre.flatten()[idx].relu(), n, m)
-
-
-def batch_topk_code(pre: torch.Tensor, k: int, span: int | None = None) -> Code:
-    """The n*k largest activations relu(pre) across the whole batch: k per token on average (pairs of
-    value 0 where fewer than n*k are positive). With a span, the span·k largest of each group of `span`
-    consecutive tokens, as a span-trained SAE selects (a last, shorter group of r tokens: its r·k largest)."""
-    n, m = pre.shape
-    if span is None or span >= n:
-        idx = batch_topk(pre[None], k)[0]
-    else:
-        whole = n // span * span
-        parts = [span_topk(pre[None, :whole], k, span)[0]]
-        if whole < n:
-            parts.append(batch_topk(pre[None, whole:], k)[0] + whole * m)
-        idx = torch.cat(parts)
-    return Code(idx // m, idx % m, pre.flatten()[idx].relu(), n, m)
 
 
 # ---------------------------------------------------------------- stacked kernels: selection (fixed shapes, exact)

@@ -35,31 +35,12 @@ from torch import nn
 
 from batchtopk.core import distributed
 
+from .archs import ARCHS, K_ARCHS
+from .archs.base import Arch
 from .executor import CompiledStep, Executor, compile_limit
 from .kernels import FIXED, FixedKernels
-from .sae import (
-    BATCH_ARCHS,
-    DENSE_DECODE_ABOVE,
-    K_ARCHS,
-    L1_ARCHS,
-    NMSE,
-    QUANTILE_CAPACITY,
-    SAE,
-    SAEConfig,
-    standardize,
-)
-from .sparsity import (
-    KeptPre,
-    MaskedBlock,
-    batch_topk,
-    count,
-    decode_pairs,
-    gated,
-    jumprelu,
-    span_topk,
-    step,
-    topk_rows,
-)
+from .sae import NMSE, SAE, SAEConfig, standardize
+from .sparsity import MaskedBlock, count
 
 AUX_POOL = 2    # the fixed-shape auxiliary pool starts AUX_POOL·aux_k latents wide (SAEStack.grow_aux_pool)
 RESAMPLE_UNTIL = 0.8     # resampling stops after this fraction of training (the last latents get the rest to learn)
@@ -116,17 +97,15 @@ class SAEStack(nn.Module):
         if len(keys) != 1:
             raise ValueError(f"a stack holds SAEs of one key, not {len(keys)}")
         self.key = keys.pop()
+        self.arch: Arch = ARCHS[self.key.arch]
         self.cfgs = cfgs
         stack = lambda name: torch.stack([getattr(s, name).detach() for s in saes])  # noqa: E731
         self.W_enc = nn.Parameter(stack("W_enc").clone())
         self.b_enc = nn.Parameter(stack("b_enc").clone())
         self.W_dec = nn.Parameter(stack("W_dec").clone())
         self.b_dec = nn.Parameter(stack("b_dec").clone())
-        if self.key.arch == "jumprelu":
-            self.log_threshold = nn.Parameter(stack("log_threshold").clone())
-        if self.key.arch == "gated":
-            self.r_mag = nn.Parameter(stack("r_mag").clone())
-            self.b_mag = nn.Parameter(stack("b_mag").clone())
+        for name in self.arch.params:  # (JumpReLU's thresholds, Gated's magnitude path)
+            setattr(self, name, nn.Parameter(stack(name).clone()))
         self.register_buffer("input_scale", stack("input_scale").clone())
         dev = self.W_enc.device
 
@@ -142,8 +121,8 @@ class SAEStack(nn.Module):
         self.register_buffer("grad_clip", per_sae([c.grad_clip if c.grad_clip else inf for c in cfgs]))
         self.register_buffer("aux_coeff", per_sae([c.aux_coeff for c in cfgs]))
         self.register_buffer("dead_tokens", per_sae([c.dead_tokens for c in cfgs], torch.long))
-        base = {"jumprelu": [c.l0_coeff for c in cfgs]} | {a: [c.l1_coeff for c in cfgs] for a in L1_ARCHS}
-        self.register_buffer("coeff", per_sae(base.get(self.key.arch, [0.0] * len(cfgs))))
+        coeff = self.arch.coeff_setting
+        self.register_buffer("coeff", per_sae([getattr(c, coeff) if coeff else 0.0 for c in cfgs]))
         self.register_buffer("target_l0", per_sae([c.target_l0 or 1.0 for c in cfgs]))
         self.register_buffer("preact_coeff", per_sae([c.preact_coeff for c in cfgs]))
         self.register_buffer("eps", per_sae([s.eps for s in saes]))
@@ -170,7 +149,8 @@ class SAEStack(nn.Module):
         place, the other sees."""
         sub = object.__new__(type(self))
         nn.Module.__init__(sub)
-        sub.key, sub.cfgs, sub.kernels, sub.aux_pool = self.key, self.cfgs[sl], self.kernels, self.aux_pool
+        sub.key, sub.arch, sub.cfgs = self.key, self.arch, self.cfgs[sl]
+        sub.kernels, sub.aux_pool = self.kernels, self.aux_pool
         for name, p in self.named_parameters(recurse=False):
             setattr(sub, name, nn.Parameter(p.data[sl]))
         for name, b in self.named_buffers(recurse=False):
@@ -181,15 +161,9 @@ class SAEStack(nn.Module):
         """SAE i as a plain SAE (sharing nothing with the stack)."""
         sae = SAE(self.cfgs[i]).to(self.W_enc.device)
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec", "input_scale"):
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec", "input_scale", *self.arch.params):
                 getattr(sae, name).copy_(getattr(self, name)[i])
-            if self.key.arch == "jumprelu":
-                sae.log_threshold.copy_(self.log_threshold[i])
-            if self.key.arch == "gated":
-                sae.r_mag.copy_(self.r_mag[i])
-                sae.b_mag.copy_(self.b_mag[i])
-            if self.key.arch == "quantile":  # its training threshold (finish sets the inference θ)
-                sae.theta.fill_(float(self.threshold[i].clamp_min(0)))
+            self.arch.to_sae(self, i, sae)
         return sae
 
     @torch.no_grad()
@@ -199,9 +173,8 @@ class SAEStack(nn.Module):
         for i in range(self.size):
             sae = self.sae(i)
             sae.init_from_data(sae.normalize(x)[0])
-            self.b_dec[i].copy_(sae.b_dec)
-            if self.key.arch == "jumprelu":
-                self.log_threshold[i].copy_(sae.log_threshold)
+            for name in ("b_dec", *self.arch.params):
+                getattr(self, name)[i].copy_(getattr(sae, name))
 
     # ------------------------------------------------------------ schedules (device tensors of the step)
     def lr_factor(self, step: torch.Tensor, total: int) -> torch.Tensor:
@@ -230,10 +203,6 @@ class SAEStack(nn.Module):
             return standardize(x)[0][None].expand(self.size, *x.shape)
         return x[None] * self.input_scale[:, None, None]
 
-    def _mse(self, err: torch.Tensor) -> torch.Tensor:
-        sq = err.pow(2)
-        return sq.sum(-1).mean(-1) if self.key.mse == "sum" else sq.mean((-1, -2))
-
     def losses(self, x: torch.Tensor, since_fired: torch.Tensor, coeff: torch.Tensor
                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         """The training losses of every SAE on a batch of raw activations x [n, d].
@@ -241,79 +210,19 @@ class SAEStack(nn.Module):
         Returns ({name: [S] per-SAE values, 'loss': [S]}, x_in [S, n, d], x_hat [S, n, d] (detached),
         kept (idx [S, P] flat indices, vals [S, P]) packed as (idx, vals) for the sparse codes, or the
         dense code [S, n, m])."""
-        key = self.key
         x_in = self.normalize(x)
-        x_enc = x_in - self.b_dec[:, None, :] if key.center else x_in
-        n = x.shape[0]
+        x_enc = x_in - self.b_dec[:, None, :] if self.key.center else x_in
         out: dict[str, torch.Tensor] = {}
-        if key.arch in K_ARCHS:
-            shift = self.b_dec if key.center else None
-            xe = x_enc.detach()
-            xe1 = torch.cat([xe, xe.new_ones(*xe.shape[:2], 1)], 2)  # with a column of ones: b_enc's input
-            dead = since_fired >= self.dead_tokens[:, None]                                  # [S, m]
-            with torch.no_grad():
-                idx, kept, cols, block = self._encode(xe, xe1, dead)
-            # relu: a pair keeps value 0 where fewer than n·k (TopK: k) pre-activations are positive
-            grouped = self.kernels.by_latent(idx, n, key.d_sae)  # (exact: for the encoder's and decoder's gradients)
-            vals = KeptPre.apply(kept, xe1, self.W_enc, self.b_enc, shift, idx, grouped).relu()
-            if key.arch == "quantile":  # the pairs above the threshold (the first batch: its own quantile)
-                theta = torch.where(torch.isfinite(self.threshold), self.threshold, self.batch_quantile)
-                vals = vals * (vals.detach() > theta[:, None])
-            dense = None
-            if idx.shape[1] > DENSE_DECODE_ABOVE * key.d_sae * n:
-                shape = (self.size, n, key.d_sae)
-                dense = torch.zeros(shape, dtype=vals.dtype, device=vals.device)
-                dense = dense.view(self.size, -1).scatter(1, idx, vals).view(shape)
-                x_hat = torch.bmm(dense, self.W_dec) + self.b_dec[:, None, :]
-            else:
-                x_hat = decode_pairs(idx, vals, self.W_dec, n, grouped) + self.b_dec[:, None, :]
-            code = (idx, vals)
-            out["mse"] = self._mse(x_hat - x_in)
-            if key.groups is not None:
-                out["prefix_mse"] = self._prefix_mse(idx, vals, dense, x_in, grouped)
-            out["aux"] = self._aux(cols, block, xe1, shift, dead, (x_in - x_hat).detach())
-        else:
-            pre = torch.baddbmm(self.b_enc[:, None, :], x_enc, self.W_enc)
-            unit = key.d_in if key.mse == "sum" else 1  # coefficients weigh against the per-element MSE
-            if key.arch == "gated":  # the gate's own reconstruction through the frozen decoder fits x too
-                f = gated(pre, self.b_enc[:, None, :], self.r_mag[:, None, :], self.b_mag[:, None, :])
-                gate = pre.relu()
-                out["sparsity"] = unit * coeff * gate.sum(-1).mean(-1)
-                x_gate = torch.bmm(gate, self.W_dec.detach()) + self.b_dec.detach()[:, None, :]
-                out["aux"] = self._mse(x_gate - x_in)
-            elif key.arch == "jumprelu":
-                theta = self.log_threshold.exp()[:, None, :]
-                eps = self.eps[:, None, None]
-                f = jumprelu(pre, theta, eps)
-                l0 = step(pre, theta, eps).sum(-1).mean(-1)
-                penalty = (l0 / self.target_l0 - 1) ** 2 if key.target else l0
-                out["sparsity"] = unit * coeff * penalty
-                if key.preact:
-                    out["preact"] = unit * self.preact_coeff * (theta - pre).relu().sum(-1).mean(-1)
-            else:
-                f = pre.relu()
-                out["sparsity"] = unit * coeff * f.abs().sum(-1).mean(-1)
-            x_hat = torch.bmm(f, self.W_dec) + self.b_dec[:, None, :]
-            code = f
-            out["mse"] = self._mse(x_hat - x_in)
+        x_hat, code = self.arch.losses(self, x_in, x_enc, since_fired, coeff, out)
         out["loss"] = sum(out.values())
         return out, x_in, x_hat.detach(), code
 
-    def _prefix_mse(self, idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor | None,
-                    x_in: torch.Tensor, grouped: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-        """Matryoshka: the summed MSEs of the reconstructions by each proper prefix of the dictionary (its first
-        group, its first two, ...; the whole dictionary's is `mse`), from the same kept pairs (or dense code)."""
-        m, n = self.key.d_sae, x_in.shape[1]
-        total = torch.zeros(self.size, device=x_in.device)
-        for end in itertools.accumulate(self.key.groups[:-1]):
-            if dense is not None:
-                part = torch.bmm(dense[..., :end], self.W_dec[:, :end])
-            else:
-                part = decode_pairs(idx, vals * (idx % m < end), self.W_dec, n, grouped)
-            total = total + self._mse(part + self.b_dec[:, None, :] - x_in)
-        return total
+    def mse(self, err: torch.Tensor) -> torch.Tensor:
+        """Each SAE's MSE [S] of err [S, n, d]: summed over dimensions and averaged over tokens, or averaged."""
+        sq = err.pow(2)
+        return sq.sum(-1).mean(-1) if self.key.mse == "sum" else sq.mean((-1, -2))
 
-    def _encode(self, xe: torch.Tensor, xe1: torch.Tensor, dead: torch.Tensor
+    def encode_pairs(self, xe: torch.Tensor, xe1: torch.Tensor, dead: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Without a graph, from the pre-activations xe W_enc + b_enc [S, n, m] (xe1: xe with a column of
         ones): the kept pairs (flat indices [S, P], their pre-activations [S, P]) and the auxiliary loss's pool
@@ -325,41 +234,10 @@ class SAEStack(nn.Module):
         for a in range(0, S, chunk):
             sl = slice(a, min(S, a + chunk))
             pre = self.kernels.pre(self, xe[sl], xe1[sl], sl)
-            peak = None  # each latent's largest pre-activation in the batch, where the selection finds it
-            if self.key.arch in BATCH_ARCHS:
-                idx, peak = self._batch_topk(pre, sl)
-            else:
-                idx = topk_rows(pre, self.key.k) if self.key.arch == "topk" else self._quantile_pairs(pre, sl)
+            idx, peak = self.arch.select(self, pre, sl)  # (peak: each latent's largest pre-activation, or None)
             parts.append((idx, pre.reshape(pre.shape[0], -1).gather(1, idx),
                           *self._aux_pool(pre, dead[sl], width, peak)))
         return parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
-
-    def _batch_topk(self, pre: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The n·k largest pre-activations of each SAE of pre (the stack's SAEs sl), or with a span the span·k
-        largest of each group of span tokens; and each latent's largest pre-activation [S', m] where the kernels'
-        selection finds it on the way (else None)."""
-        span = self.key.span
-        if span is not None and span < pre.shape[1]:
-            return span_topk(pre, self.key.k, span), None
-        return self.kernels.batch_topk(self, pre, sl)
-
-    def _quantile_pairs(self, pre: torch.Tensor, sl: slice) -> torch.Tensor:
-        """A quantile SAE's candidate pairs: the QUANTILE_CAPACITY·n·k largest pre-activations (exact, fixed
-        shape; those above the threshold are kept, all of them unless more than that pass it). Notes the
-        batch's n·k-th largest value, the (1 - k/m) quantile the threshold follows."""
-        S, n, _ = pre.shape
-        idx = batch_topk(pre, QUANTILE_CAPACITY * self.key.k)
-        top = pre.reshape(S, -1).gather(1, idx)
-        self.batch_quantile[sl].copy_(top.topk(n * self.key.k, dim=1, sorted=False).values.amin(1))
-        return idx
-
-    @torch.no_grad()
-    def follow_quantile(self, world: int = 1) -> None:
-        """Move each quantile SAE's threshold quantile_rate of the way to the last batch's quantile (averaged
-        over ranks); the first batch sets it."""
-        q = distributed.all_reduce_(self.batch_quantile.clone()) / world
-        t = self.threshold
-        t.copy_(torch.where(torch.isfinite(t), t + self.quantile_rate * (q - t), q))
 
     def grow_aux_pool(self, dead: int) -> bool:
         """Double the fixed-shape auxiliary pool (up to d_sae) until it holds `dead` latents, the most dead
@@ -390,7 +268,7 @@ class SAEStack(nn.Module):
             block = self.kernels.aux_top(block, self.key.aux_k)
         return cols, block.relu_()  # -inf (not dead, or not among a token's top aux_k) -> 0
 
-    def _aux(self, cols: torch.Tensor, block: torch.Tensor, xe1: torch.Tensor, shift: torch.Tensor | None,
+    def aux_loss(self, cols: torch.Tensor, block: torch.Tensor, xe1: torch.Tensor, shift: torch.Tensor | None,
              dead: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Gao et al.'s auxiliary loss: the residual fitted with each token's top aux_k dead latents (with
         aux_batch, the BatchTopK authors' open idea: the top n·aux_k dead-latent pre-activations of the whole
@@ -402,9 +280,9 @@ class SAEStack(nn.Module):
         xe1: the encoder's input with a column of ones (MaskedBlock)."""
         block = MaskedBlock.apply(block, xe1, self.W_enc, self.b_enc, shift, cols)
         decoded = torch.bmm(block, self.W_dec.gather(1, cols[:, :, None].expand(*cols.shape, self.key.d_in)))
-        aux = self._mse(decoded - residual)
+        aux = self.mse(decoded - residual)
         if self.key.aux_norm:
-            aux = aux / self._mse(residual - residual.mean(1, keepdim=True)).clamp_min(1e-12)
+            aux = aux / self.mse(residual - residual.mean(1, keepdim=True)).clamp_min(1e-12)
         return self.aux_coeff * aux * dead.any(1)  # no dead latent, no auxiliary loss
 
     @torch.no_grad()
@@ -432,9 +310,8 @@ class SAEStack(nn.Module):
         self.W_dec[i, lat] = u
         self.W_enc[i][:, lat] = u.t() * scale
         self.b_enc[i, lat] = 0.0
-        if self.key.arch == "gated":
-            self.r_mag[i, lat] = 0.0
-            self.b_mag[i, lat] = 0.0
+        for name in self.arch.params:  # (Gated's magnitude path: only ReLU and Gated resample)
+            getattr(self, name)[i, lat] = 0.0
         return lat
 
     # ------------------------------------------------------------ after backward
@@ -625,7 +502,7 @@ class StackTrainer:
                 distributed.all_reduce_(fired)
                 since = st.since_fired[sl]
                 since.copy_(torch.where(fired > 0, 0, since + n * self.world))
-                if stack.key.arch in BATCH_ARCHS:  # the running θ over the last steps: each batch's smallest kept value
+                if stack.arch.batch:  # the running θ over the last steps: each batch's smallest kept value
                     vals = code[1]
                     mn = torch.where(vals > 0, vals, torch.inf).amin(1).double()
                     use = (step_t >= self.theta_from) & torch.isfinite(mn)
@@ -640,8 +517,7 @@ class StackTrainer:
             for p in part.parameters():                  # would live in memory its next replay overwrites)
                 p.grad = None
         stack.normalize_decoder()
-        if stack.key.arch == "quantile":
-            stack.follow_quantile(self.world)
+        stack.arch.after_step(stack, self.world)  # (a quantile SAE's threshold moves)
         if not keep:
             return None
         if len(logged) == 1:
@@ -693,7 +569,7 @@ class StackTrainer:
             mi = {k: float(v) for k, v in zip(names, agg[:, i])}
             mi.update(nmse=err.value, l0=float(agg[-1, i]) / (n * self.world),
                       dead=int((st.since_fired[i] >= stack.dead_tokens[i]).sum()), lr_factor=float(f[i]))
-            if stack.key.arch in ("jumprelu", *L1_ARCHS):
+            if stack.arch.coeff_setting:
                 mi["sparsity_coeff"] = float(coeff[i])
             if self.resample_every[i]:
                 mi["resampled"] = self.resampled[i]
@@ -705,9 +581,7 @@ class StackTrainer:
     def running_theta(self, i: int) -> float:
         """SAE i's running θ: BatchTopK's mean smallest kept activation over the steps since theta_from, a
         quantile SAE's training threshold."""
-        if self.stack.key.arch == "quantile":
-            return float(self.stack.threshold[i])
-        return float(self.state.theta_sum[i]) / max(1.0, float(self.state.theta_n[i]))
+        return self.stack.arch.running_theta(self.stack, self.state, i)
 
     def first_bad(self) -> tuple[int, int, float] | None:
         """(SAE, step, loss) of the first SAE whose loss became non-finite, or None (reads the device)."""
