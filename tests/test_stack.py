@@ -181,16 +181,20 @@ def test_encoding_a_few_saes_at_a_time_changes_nothing(arch, monkeypatch):
     assert torch.equal(fa, fb)
 
 
-@pytest.mark.parametrize("arch,kw", [("batchtopk", {"k": 4}), ("topk", {"k": 4}), ("jumprelu", {"target_l0": 5.0}),
-                                     ("jumprelu", {"preact_coeff": 1e-3}),
-                                     ("relu", {}), ("batchtopk", {"k": 4, "center": True, "norm": "token"}),
-                                     ("topk", {"k": 4, "aux_norm": True, "mse": "mean"}),
-                                     ("batchtopk", {"k": 4, "span": 16}), ("batchtopk", {"k": 4, "span": 1}),
-                                     ("batchtopk", {"k": 4, "aux_batch": True, "aux_k": 32}),
-                                     ("topk", {"k": 4, "aux_batch": True, "aux_k": 32}), ("quantile", {"k": 4}),
-                                     ("matryoshka", {"k": 4}), ("matryoshka", {"k": 4, "groups": (8, 24, 64)}),
-                                     ("matryoshka", {"k": 8, "center": True}),  # the dense decoding of the prefixes
-                                     ("gated", {"l1_coeff": 0.05}), ("gated", {"center": True, "norm": "token"})])
+# every architecture with the settings that change its math (tests/test_archs.py keeps every architecture here)
+REFERENCE_CASES = [("batchtopk", {"k": 4}), ("topk", {"k": 4}), ("jumprelu", {"target_l0": 5.0}),
+                   ("jumprelu", {"preact_coeff": 1e-3}),
+                   ("relu", {}), ("batchtopk", {"k": 4, "center": True, "norm": "token"}),
+                   ("topk", {"k": 4, "aux_norm": True, "mse": "mean"}),
+                   ("batchtopk", {"k": 4, "span": 16}), ("batchtopk", {"k": 4, "span": 1}),
+                   ("batchtopk", {"k": 4, "aux_batch": True, "aux_k": 32}),
+                   ("topk", {"k": 4, "aux_batch": True, "aux_k": 32}), ("quantile", {"k": 4}),
+                   ("matryoshka", {"k": 4}), ("matryoshka", {"k": 4, "groups": (8, 24, 64)}),
+                   ("matryoshka", {"k": 8, "center": True}),  # the dense decoding of the prefixes
+                   ("gated", {"l1_coeff": 0.05}), ("gated", {"center": True, "norm": "token"})]
+
+
+@pytest.mark.parametrize("arch,kw", REFERENCE_CASES)
 @pytest.mark.parametrize("eager", [False, True])
 def test_losses_and_gradients_equal_the_dense_reference(arch, kw, eager):
     """Each SAE of a stack gets the losses and gradients of the textbook dense implementation, with a

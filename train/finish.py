@@ -1,24 +1,26 @@
 """What finishes a training run once its last step is taken: the thresholds set from the final weights
 (BatchTopK's θ, a target-L0 JumpReLU's factor), one pass over the held-out rows (validation NMSE and
-the inference-mode L0), each SAE's metadata, and the saved SAEs."""
+the inference-mode L0), each SAE's metadata, and the saved SAEs. It reads the values of `Ending`, which the
+trainer fills; it knows nothing of the trainer."""
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from batchtopk.cache.split import Rows, Split
 from batchtopk.core import distributed
-from batchtopk.harvest.models import hub_name
 
 from .archs import ARCHS
+from .executor import Executor
 from .sae import NMSE, SAE, THETA_ARCHS, SAEConfig, save_sae, standardized_mse
+from .settings import TrainSettings
 from .theta import estimate_theta, target_shift
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 HELDOUT_L0_ROWS = 1 << 17  # held-out rows the final L0 check reads at most (the paper pipeline has 31,608)
 VAL_ROWS = 8192  # held-out rows of the validation NMSE in each SAE's metadata
@@ -30,26 +32,50 @@ def sets_threshold(c: SAEConfig) -> bool:
     return ARCHS[c.arch].sets_threshold(c)
 
 
-def theta_estimator(t: Trainer) -> str:
+@dataclass
+class Ending:
+    """What finishing a run reads, as values: the trained SAEs, where they go, and where the rows that set
+    and check their thresholds come from."""
+
+    saes: list[SAE]               # every SAE of the run, final weights, as plain SAEs
+    dirs: list[Path]              # where each is saved
+    running: list[float | None]   # each SAE's running θ (the log's theta_running; None where it has none)
+    settings: TrainSettings
+    train_batches: Iterator[torch.Tensor]  # the training batches that follow the last step
+    rows: Rows                    # the cache's held-out and calibration rows
+    split: Split
+    run_metadata: dict[str, Any]  # what every SAE's cfg.json records of the run (model, cache, data, ...)
+    executor: Executor
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def cfgs(self) -> list[SAEConfig]:
+        return [sae.cfg for sae in self.saes]
+
+    @property
+    def device(self) -> str:
+        return self.executor.device
+
+
+def theta_estimator(s: TrainSettings, split: Split) -> str:
     """The estimator θ is set by: `unseen` needs a calibration part (none without held-out rows)."""
-    return "pooled" if t.s.theta_estimator == "unseen" and not t.split.calibrate else t.s.theta_estimator
+    return "pooled" if s.theta_estimator == "unseen" and not split.calibrate else s.theta_estimator
 
 
-def finish(t: Trainer) -> list[Path]:
-    """Set the thresholds, measure the held-out rows, save every SAE and mark the run complete."""
-    saes = t.unstack()
-    thetas = estimate_thresholds(t, saes)
-    chosen = theta_estimator(t)
-    dirs = []
+def finish(t: Ending) -> list[Path]:
+    """Set the thresholds, measure the held-out rows and save every SAE (rank 0); returns their directories."""
+    saes, dirs = t.saes, t.dirs
+    thetas = estimate_thresholds(t)
+    chosen = theta_estimator(t.settings, t.split)
     for sae, cfg, est in zip(saes, t.cfgs, thetas):
         if est is not None and cfg.arch in THETA_ARCHS:
             sae.theta.fill_(est[chosen])
         elif est is not None:
             with torch.no_grad():
                 sae.log_threshold.add_(math.log(est["threshold_factor"]))
-        dirs.append(t.sae_dir(cfg))
     if t.rank == 0:
-        val, l0s = heldout_pass(t, saes, thetas) if t.split.heldout_chunks else (None, [None] * len(saes))
+        val, l0s = heldout_pass(t, thetas) if t.split.heldout_chunks else (None, [None] * len(saes))
         for sae, cfg, d, est, l0 in zip(saes, t.cfgs, dirs, thetas, l0s):
             meta = metadata(t, cfg, sae, chosen)
             if est is not None:
@@ -62,30 +88,26 @@ def finish(t: Trainer) -> list[Path]:
                     meta[f"val_nmse_{mode}"] = NMSE().add(val, x_hat).value
                     meta[f"val_standardized_mse_{mode}"] = float(standardized_mse(val, x_hat).mean())
             save_sae(sae, d, meta)
-        t.save_state()
-        t.mark_complete(dirs)
-    distributed.barrier()
     return dirs
 
 
-def estimate_thresholds(t: Trainer, saes: list[SAE]) -> list[dict[str, float] | None]:
+def estimate_thresholds(t: Ending) -> list[dict[str, float] | None]:
     """Thresholds from the final weights: every BatchTopK SAE's θ estimates (theta.py) over the training
     batches that follow the last step (theta_tokens tokens, at the training batch size) and, with a
     calibration part, over its rows (`unseen`, the same batch size); for a JumpReLU with a target L0 the
     factor on its thresholds that lands it there, over the calibration part if there is one, else those
     training batches."""
+    saes, s = t.saes, t.settings
     todo = [i for i, c in enumerate(t.cfgs) if sets_threshold(c)]
     out: list[dict[str, float] | None] = [None] * len(saes)
     if not todo:
         return out
-    n = max(1, math.ceil(t.s.theta_tokens / t.s.batch_size))
-    it = t.stream.batches(t.total_steps)
-    xs = [next(it) for _ in range(n)]
-    it.close()
+    n = max(1, math.ceil(s.theta_tokens / s.batch_size))
+    xs = [next(t.train_batches) for _ in range(n)]
     unseen = []
     if t.split.calibrate:
-        rows = t.rows.take(t.s.theta_tokens, part="calibration")
-        unseen = [x.to(t.device) for x in rows.split(t.s.batch_size)]
+        rows = t.rows.take(s.theta_tokens, part="calibration")
+        unseen = [x.to(t.device) for x in rows.split(s.batch_size)]
     for i in todo:
         sae, cfg = saes[i], t.cfgs[i]
         with torch.no_grad(), t.executor.autocast():
@@ -95,7 +117,7 @@ def estimate_thresholds(t: Trainer, saes: list[SAE]) -> list[dict[str, float] | 
                 est = estimate_theta(xs, pre, cfg.k)
                 if unseen:
                     est["unseen"] = estimate_theta(unseen, pre, cfg.k)["pooled"]
-                est["running"] = t.running_theta(i)
+                est["running"] = t.running[i]
             else:
                 est = {"threshold_factor": target_shift(unseen or xs, pre, sae.threshold, cfg.target_l0) or 1.0}
         for key in est:  # ranks saw different batches: average their estimates
@@ -106,13 +128,14 @@ def estimate_thresholds(t: Trainer, saes: list[SAE]) -> list[dict[str, float] | 
 
 
 @torch.no_grad()
-def heldout_pass(t: Trainer, saes: list[SAE], thetas: list[dict[str, float] | None], val_rows: int = VAL_ROWS
+def heldout_pass(t: Ending, thetas: list[dict[str, float] | None], val_rows: int = VAL_ROWS
                  ) -> tuple[torch.Tensor, list[dict[str, Any] | None]]:
     """One read of the held-out rows evaluation reads: their first val_rows rows (the validation NMSE),
     and the inference-mode L0 of every SAE whose L0 is not fixed by construction (BatchTopK's θ, also at
     each of its other θ estimates; JumpReLU's thresholds) over whole chunks, up to HELDOUT_L0_ROWS,
     chunk by chunk: held-out text differs from chunk to chunk, and the spread over chunks says how far
     a difference from k (or the target) is more than that."""
+    saes = t.saes
     todo = [i for i, c in enumerate(t.cfgs) if c.arch in (*THETA_ARCHS, "jumprelu")]
     sums: dict[int, list[float]] = {i: [] for i in todo}
     at: dict[int, dict[str, float]] = {i: dict.fromkeys(thetas[i], 0.0) for i in todo
@@ -149,12 +172,11 @@ def heldout_pass(t: Trainer, saes: list[SAE], thetas: list[dict[str, float] | No
     return torch.cat(val)[:val_rows].to(t.device), out
 
 
-def metadata(t: Trainer, cfg: SAEConfig, sae: SAE, chosen: str) -> dict[str, Any]:
-    """An SAE's cfg.json metadata: what SAELens-based tools read, where its data came from (the rows it
-    saw, the batches), its recipe as data, and how its θ was set."""
-    a = t.cache.attrs
-    s = t.s
-    cal = t.split.sequences(t.cache, "calibration")
+def metadata(t: Ending, cfg: SAEConfig, sae: SAE, chosen: str) -> dict[str, Any]:
+    """An SAE's cfg.json metadata: the run's (what SAELens-based tools read, where its data came from: the rows it
+    saw, the batches), then its own: its recipe as data, its learning rate, and how its θ was set."""
+    s = t.settings
+    cal = t.split.sequences(t.rows.cache, "calibration")
     theta_doc = {"unseen": f"the smallest activation kept by one batch top-k over up to {s.theta_tokens} tokens "
                            f"of held-out sequences range({cal.start}, {cal.stop}, {cal.step}), never trained on, "
                            "final weights",
@@ -167,20 +189,10 @@ def metadata(t: Trainer, cfg: SAEConfig, sae: SAE, chosen: str) -> dict[str, Any
                             f"the mean smallest kept activation over the last {s.theta_window:.0%} of "
                             "training batches, weights of each step"}
     bt = cfg.arch in THETA_ARCHS
-    return {
-        # what SAELens-based tools (SAEBench, Neuronpedia uploads) read: the model by its hub id
-        "model_name": hub_name(a["model"]), "hook_name": t.site, "context_size": a["ctx_len"],
-        "prepend_bos": True, "dataset_path": a["dataset"].get("dataset"),
-        "model": a["model"], "dataset": {k: a["dataset"].get(k) for k in ("dataset", "config", "split", "revision")},
-        "cache": t.cache.location, "cache_id": a["cache_id"],
-        "architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae, "pipeline": s.pipeline,
+    return t.run_metadata | {
+        "architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae,
         "recipe": cfg.changed(),  # the settings beyond the name's that differ from the defaults
-        **t.rows.metadata(),  # heldout_sequences, heldout_every, calibration_sequences, include_bos, ...
-        "training_tokens": t.step * s.batch_size, "batch_size": s.batch_size,
-        "data_parts": t.stream.parts, "shuffle_mb": s.shuffle_mb,  # with the seed: the batches
-        "lr": cfg.lr if cfg.lr is not None else s.lr, "betas": list(cfg.betas or s.betas),
-        "seed": s.seed, "replicate": cfg.replicate, "world_size": t.world,
-        "global_input_scale": t.scale,
+        "lr": cfg.lr if cfg.lr is not None else s.lr, "betas": list(cfg.betas or s.betas), "replicate": cfg.replicate,
         "theta": float(sae.theta) if bt else None,
         "theta_estimator": chosen if bt else None,
         "theta_estimate": theta_doc[chosen] if bt else None,

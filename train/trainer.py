@@ -18,10 +18,12 @@ from batchtopk.cache.format import Cache
 from batchtopk.cache.split import Rows, Split
 from batchtopk.core import distributed
 from batchtopk.core.errors import PipelineError
+from batchtopk.harvest.models import hub_name
 
 from . import checkpoint
+from .archs import ARCHS
 from .executor import Executor
-from .finish import finish, sets_threshold
+from .finish import Ending, finish, sets_threshold
 from .rundir import RunDir, write_log_record
 from .sae import SAE, SAEConfig
 from .settings import THETA_ESTIMATORS, TrainSettings
@@ -127,14 +129,44 @@ class Trainer:
                 saes[i] = st.stack.sae(s_i)
         return saes
 
-    def running_theta(self, i: int) -> float:
-        """SAE i's running θ (see StackTrainer.running_theta)."""
+    def running_theta(self, i: int) -> float | None:
+        """SAE i's running θ (see StackTrainer.running_theta), or None where it has none."""
+        if not ARCHS[self.cfgs[i].arch].global_theta:
+            return None
         j = next(j for j, g in enumerate(self.groups) if i in g)
         return self.stacks[j].running_theta(self.groups[j].index(i))
 
-    def mark_complete(self, dirs: list[Path]) -> None:
-        """Record in the run file that the run finished and which SAE directories it wrote."""
-        self.run_dir.mark_complete(dirs)
+    def run_metadata(self) -> dict[str, Any]:
+        """What every SAE's cfg.json records of the run: what SAELens-based tools (SAEBench, Neuronpedia
+        uploads) read, the model by its hub id; where its data came from (the rows it saw, the batches)."""
+        a, s = self.cache.attrs, self.s
+        return {
+            "model_name": hub_name(a["model"]), "hook_name": self.site, "context_size": a["ctx_len"],
+            "prepend_bos": True, "dataset_path": a["dataset"].get("dataset"),
+            "model": a["model"],
+            "dataset": {k: a["dataset"].get(k) for k in ("dataset", "config", "split", "revision")},
+            "cache": self.cache.location, "cache_id": a["cache_id"], "pipeline": s.pipeline,
+            **self.rows.metadata(),  # heldout_sequences, heldout_every, calibration_sequences, include_bos, ...
+            "training_tokens": self.step * s.batch_size, "batch_size": s.batch_size,
+            "data_parts": self.stream.parts, "shuffle_mb": s.shuffle_mb,  # with the seed: the batches
+            "seed": s.seed, "world_size": self.world, "global_input_scale": self.scale,
+        }
+
+    def finish(self) -> list[Path]:
+        """Finish the run (finish.py: thresholds, the held-out pass, the saved SAEs), then save the state and mark
+        the run complete."""
+        batches = self.stream.batches(self.total_steps)  # the θ estimates' batches: those after the last step
+        try:
+            dirs = finish(Ending(self.unstack(), [self.sae_dir(c) for c in self.cfgs],
+                                 [self.running_theta(i) for i in range(len(self.cfgs))], self.s, batches, self.rows,
+                                 self.split, self.run_metadata(), self.executor, self.rank, self.world))
+        finally:
+            batches.close()
+        if self.rank == 0:
+            self.save_state()
+            self.run_dir.mark_complete(dirs)
+        distributed.barrier()
+        return dirs
 
     def _resume(self) -> None:
         path = self.run_dir.state_file
@@ -243,7 +275,7 @@ class Trainer:
                 if f is not None:
                     f.close()
         bar.close()
-        return finish(self)
+        return self.finish()
 
     def _compile_counts(self) -> dict[str, dict[str, int]]:
         """Per SAE (by name): its stack's compile counts so far (StackTrainer.compile_counts; empty uncompiled)."""

@@ -19,14 +19,24 @@ import torch
 
 from batchtopk.core.errors import PipelineError
 
-from ..sparsity import Code, KeptPre, decode_pairs
+from ..sparsity import KeptPre, decode_pairs
 
 if TYPE_CHECKING:
     from ..sae import SAE, SAEConfig
+    from ..sparsity import Code
     from ..stack import SAEStack
 
+DEFAULT_K = 32             # a k architecture's k where none is given
 DEAD_TOKENS_DEFAULT = 4096
 DENSE_DECODE_ABOVE = 0.05  # decode densely when more than this fraction of latents is active
+
+
+ALL: dict[str, Arch] = {}  # every architecture by name, in the order the help lists them (archs/__init__.py)
+
+
+def names(flag: str) -> tuple[str, ...]:
+    """The names of the architectures whose `flag` is set (e.g. "takes_k")."""
+    return tuple(n for n, a in ALL.items() if getattr(a, flag))
 
 
 class Arch:
@@ -47,25 +57,23 @@ class Arch:
     # ------------------------------------------------------------ settings
     def check(self, cfg: SAEConfig) -> None:
         """Fill the defaults of cfg's architecture-dependent settings and refuse those it does not take."""
-        from . import K_ARCHS, L1_ARCHS
-
         if cfg.k is not None and not self.takes_k:
-            raise PipelineError(f"k={cfg.k} is a setting of {', '.join(K_ARCHS)} SAEs, not of {cfg.arch} (whose "
-                                "sparsity comes from its coefficient)")
+            raise PipelineError(f"k={cfg.k} is a setting of {', '.join(names('takes_k'))} SAEs, not of {cfg.arch} "
+                                "(whose sparsity comes from its coefficient)")
         if cfg.groups is not None and cfg.arch != "matryoshka":
             raise PipelineError(f"groups is a Matryoshka setting, not one of {cfg.arch}")
         if cfg.span is not None and (not self.batch or cfg.span < 1):
             raise PipelineError(f"span={cfg.span}: a BatchTopK setting, a positive number of tokens per selection "
                                 f"(this SAE is {cfg.arch}; leave span unset for the whole batch)")
         if cfg.aux_batch and not self.takes_k:
-            raise PipelineError(f"aux_batch applies to {', '.join(K_ARCHS)} SAEs (their auxiliary loss), "
+            raise PipelineError(f"aux_batch applies to {', '.join(names('takes_k'))} SAEs (their auxiliary loss), "
                                 f"not {cfg.arch}")
         if cfg.sparsity_warmup is None:
             cfg.sparsity_warmup = self.sparsity_warmup
         if cfg.resample is None and self.resample is not None:
             cfg.resample = self.resample
         if cfg.resample and not self.l1:
-            raise PipelineError(f"resample applies to {', '.join(L1_ARCHS)} SAEs, not {cfg.arch} (whose auxiliary "
+            raise PipelineError(f"resample applies to {', '.join(names('l1'))} SAEs, not {cfg.arch} (whose auxiliary "
                                 "loss revives dead latents); leave it unset")
         if cfg.dead_tokens is None:
             cfg.dead_tokens = self.dead_tokens
@@ -137,8 +145,6 @@ class KArch(Arch):
     takes_k = True
 
     def check(self, cfg: SAEConfig) -> None:
-        from ..sae import DEFAULT_K
-
         if cfg.k is None:
             cfg.k = DEFAULT_K
         if not 0 < cfg.k <= cfg.d_sae:
@@ -185,27 +191,6 @@ class KArch(Arch):
         self.extra_losses(stack, idx, vals, dense, x_in, grouped, out)
         out["aux"] = stack.aux_loss(cols, block, xe1, shift, dead, (x_in - x_hat).detach())
         return x_hat, (idx, vals)
-
-
-class GlobalThetaArch(KArch):
-    """A k architecture whose inference is JumpReLU with one θ, the SAE's `theta` (set from its final weights);
-    as trained ('train'/'batch'), the batch's n·k largest."""
-
-    global_theta = True
-    export = "jumprelu"
-
-    def code(self, sae: SAE, pre: torch.Tensor, mode: str) -> Code:
-        if mode == "threshold":
-            return Code.from_dense(pre * (pre > sae.theta.clamp_min(0)))
-        from .batchtopk import select_batch
-
-        return Code.from_pairs(pre, select_batch(pre[None], sae.cfg.k, sae.cfg.span)[0][0])
-
-    def saved(self, sae: SAE, tensors: dict[str, torch.Tensor]) -> None:
-        tensors["threshold"] = torch.full((sae.cfg.d_sae,), float(sae.theta))  # θ in every latent
-
-    def restore(self, sae: SAE, tensors: dict[str, torch.Tensor]) -> None:
-        sae.theta.fill_(float(tensors["threshold"][0]))
 
 
 class DenseArch(Arch):

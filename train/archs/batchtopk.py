@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..kernels import FIXED, FixedKernels
-from ..sparsity import batch_topk, span_topk
-from .base import GlobalThetaArch
+from ..sparsity import Code, batch_topk, span_topk
+from .base import KArch
 
 
 def select_batch(pre: torch.Tensor, k: int, span: int | None = None, kernels: FixedKernels = FIXED,
@@ -26,12 +26,28 @@ def select_batch(pre: torch.Tensor, k: int, span: int | None = None, kernels: Fi
     return idx, None
 
 
-class BatchTopK(GlobalThetaArch):
+class BatchTopK(KArch):
+    """Inference is JumpReLU with one θ, the SAE's `theta` (set from its final weights); as trained
+    ('train'/'batch' mode), the batch's n·k largest (per span)."""
+
     name = "batchtopk"
     batch = True
+    global_theta = True
+    export = "jumprelu"
 
     def select(self, stack, pre, sl):
         return select_batch(pre, stack.key.k, stack.key.span, stack.kernels, stack.hint[sl])
+
+    def code(self, sae, pre, mode):
+        if mode == "threshold":
+            return Code.from_dense(pre * (pre > sae.theta.clamp_min(0)))
+        return Code.from_pairs(pre, select_batch(pre[None], sae.cfg.k, sae.cfg.span)[0][0])
+
+    def saved(self, sae, tensors):
+        tensors["threshold"] = torch.full((sae.cfg.d_sae,), float(sae.theta))  # θ in every latent
+
+    def restore(self, sae, tensors):
+        sae.theta.fill_(float(tensors["threshold"][0]))
 
 
 ARCH = BatchTopK()

@@ -8,13 +8,16 @@ import torch
 from batchtopk.core import distributed
 
 from ..sparsity import batch_topk
-from .base import GlobalThetaArch
+from .batchtopk import BatchTopK
 
 QUANTILE_CAPACITY = 2  # a training step keeps at most this many times n·k pairs (fixed shape)
 
 
-class Quantile(GlobalThetaArch):
+class Quantile(BatchTopK):
+    """BatchTopK's θ and inference (its 'train' mode: the batch's n·k largest); trained on a threshold."""
+
     name = "quantile"
+    batch = False
 
     def select(self, stack, pre, sl):
         """The QUANTILE_CAPACITY·n·k largest pre-activations (exact, fixed shape; those above the threshold are
