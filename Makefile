@@ -80,7 +80,7 @@ pipeline-run:
 
 # The results tables in README.md and docs/*.md, from the JSON kept under docs/ (and the declared options).
 docs: setup
-	$(PY) -m batchtopk.bench docs
+	$(PY) -m batchtopk.docgen
 
 bench: setup
 	$(PY) -m batchtopk.bench $(BENCH_ARGS)

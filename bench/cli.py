@@ -146,15 +146,10 @@ def gpu_check(device, small, parts, out_name) -> None:
         raise SystemExit(1)
 
 
-@main.command()
-@click.option("--check", is_flag=True, help="Only check that every table is up to date (exit 1 if not).")
-@one_line_errors
-def docs(check: bool) -> None:
-    """Render the tables of README.md and docs/*.md from the JSON kept under docs/ (and the declared options)."""
-    from . import docs as d
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
+@click.pass_context
+def docs(ctx: click.Context) -> None:
+    """The docs tool's old spelling: `python -m docgen` (`make docs`) renders the tables of README.md and docs/*.md."""
+    from batchtopk.docgen.cli import main as docgen
 
-    changed = d.render_all(write=not check)
-    for f in changed:
-        click.echo(f"{'out of date' if check else 'updated'}: {f}")
-    if check and changed:
-        raise SystemExit(1)
+    docgen.main(ctx.args, prog_name="python -m bench docs")

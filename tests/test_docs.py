@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchtopk.bench import docs
+from batchtopk.docgen import render as docs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -249,7 +249,7 @@ def test_readme_python_snippets_run(tmp_path):
 
 
 def test_peers_table_adds_matryoshka_and_gated_rows_when_measured():
-    from batchtopk.bench.docs import _newer_archs
+    from batchtopk.docgen.render import _newer_archs
 
     def rec(impl, arch, mode, value, **settings):
         return {"value": value, "settings": {"implementation": impl, "arch": arch, "mode": mode, "lr": 1e-3,
@@ -271,7 +271,7 @@ def test_peers_table_adds_matryoshka_and_gated_rows_when_measured():
 def test_a_peers_file_of_matryoshka_only_renders_its_own_table(tmp_path):
     import json
 
-    from batchtopk.bench.docs import render_peers
+    from batchtopk.docgen.render import render_peers
 
     common = {"pipeline": "p", "site": "s", "d_sae": 64, "k": 4, "steps": 3, "batch_size": 8, "training_tokens": 24,
               "seeds": 1, "heldout_rows": 10, "lr": 1e-3, "l0": 4.0, "dead_fraction": 0.0, "standardized_mse": 0.1}
@@ -287,8 +287,8 @@ def test_a_peers_file_of_matryoshka_only_renders_its_own_table(tmp_path):
 def test_a_later_peers_file_replaces_the_rows_it_measured_again(tmp_path):
     import json
 
-    from batchtopk.bench.docs import render_peers
     from batchtopk.core.errors import PipelineError
+    from batchtopk.docgen.render import render_peers
 
     common = {"pipeline": "p", "site": "s", "d_sae": 64, "k": 4, "steps": 3, "batch_size": 8, "training_tokens": 24,
               "seeds": 1, "heldout_rows": 10, "lr": 1e-3, "l0": 4.0, "dead_fraction": 0.0, "standardized_mse": 0.1}

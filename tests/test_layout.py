@@ -1,4 +1,4 @@
-"""The code's layout: imports run one way (core <- cache <- harvest <- train <- evaluate <- bench), no
+"""The code's layout: imports run one way (core <- cache <- harvest <- train <- evaluate <- docgen <- bench), no
 module imports itself through others, the install takes over no common module name, and every spelling
 of the entry points works."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("core", "cache", "harvest", "train", "evaluate", "bench")  # each may import those before it
+LAYERS = ("core", "cache", "harvest", "train", "evaluate", "docgen", "bench")  # each may import those before it
 
 
 def imports_of(path: Path, package: str) -> list[tuple[str, int, bool]]:
@@ -107,12 +107,19 @@ def test_install_takes_over_no_common_module_name(tmp_path):
     assert r.stdout.strip() == "['batchtopk']"
 
 
-@pytest.mark.parametrize("module", ["harvest", "train", "evaluate", "bench", "batchtopk.harvest",
-                                    "batchtopk.train", "batchtopk.evaluate", "batchtopk.bench"])
+@pytest.mark.parametrize("module", ["harvest", "train", "evaluate", "bench", "docgen", "batchtopk.harvest",
+                                    "batchtopk.train", "batchtopk.evaluate", "batchtopk.bench", "batchtopk.docgen"])
 def test_every_spelling_of_the_entry_points(module):
     r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"Usage: python -m {module.removeprefix('batchtopk.')}" in r.stdout
+
+
+def test_the_docs_tools_old_spelling_still_works():
+    """`python -m bench docs` was the docs tool before it had its own package (docgen/): it forwards there."""
+    r = subprocess.run([sys.executable, "-m", "bench", "docs", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "--check" in r.stdout and "Usage: python -m bench docs" in r.stdout, r.stderr[-2000:]
 
 
 def test_help_fits_on_a_screen_and_names_the_recipe_options():

@@ -1,6 +1,7 @@
-"""`make docs` (`python -m bench docs`): the tables of README.md and docs/*.md, rendered from the JSON kept
-under docs/ (what `make bench`, `make peers`, `bench ablation` and `make paper` wrote) and from the
-options as the code declares them. A figure then exists in one place, its JSON file.
+"""`make docs` (`python -m docgen`; the old spelling `python -m bench docs` works too): the tables of README.md
+and docs/*.md, rendered from the JSON kept under docs/ (what `make bench`, `make peers`, `bench ablation` and
+`make paper` wrote) and from the options as the code declares them. A figure then exists in one place, its
+JSON file.
 
 A table lives between two markers in a markdown file; everything between them is rewritten:
 
