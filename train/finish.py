@@ -18,7 +18,7 @@ from batchtopk.core import distributed
 
 from .archs import ARCHS
 from .executor import Executor
-from .sae import NMSE, SAE, THETA_ARCHS, SAEConfig, save_sae, standardized_mse
+from .sae import NMSE, SAE, SAEConfig, save_sae, standardized_mse
 from .settings import TrainSettings
 from .theta import estimate_theta, target_shift
 
@@ -68,8 +68,8 @@ def finish(t: Ending) -> list[Path]:
     saes, dirs = t.saes, t.dirs
     thetas = estimate_thresholds(t)
     chosen = theta_estimator(t.settings, t.split)
-    for sae, cfg, est in zip(saes, t.cfgs, thetas):
-        if est is not None and cfg.arch in THETA_ARCHS:
+    for sae, est in zip(saes, thetas):
+        if est is not None and sae.arch.global_theta:
             sae.theta.fill_(est[chosen])
         elif est is not None:
             with torch.no_grad():
@@ -79,7 +79,7 @@ def finish(t: Ending) -> list[Path]:
         for sae, cfg, d, est, l0 in zip(saes, t.cfgs, dirs, thetas, l0s):
             meta = metadata(t, cfg, sae, chosen)
             if est is not None:
-                meta["theta_estimates" if cfg.arch in THETA_ARCHS else "target_l0_calibration"] = est
+                meta["theta_estimates" if sae.arch.global_theta else "target_l0_calibration"] = est
             if l0 is not None:
                 meta["heldout_l0"] = l0
             with torch.no_grad():
@@ -113,7 +113,7 @@ def estimate_thresholds(t: Ending) -> list[dict[str, float] | None]:
         with torch.no_grad(), t.executor.autocast():
             def pre(x, sae=sae):
                 return sae.pre(sae.normalize(x)[0])
-            if cfg.arch in THETA_ARCHS:
+            if sae.arch.global_theta:
                 est = estimate_theta(xs, pre, cfg.k)
                 if unseen:
                     est["unseen"] = estimate_theta(unseen, pre, cfg.k)["pooled"]
@@ -136,10 +136,10 @@ def heldout_pass(t: Ending, thetas: list[dict[str, float] | None], val_rows: int
     chunk by chunk: held-out text differs from chunk to chunk, and the spread over chunks says how far
     a difference from k (or the target) is more than that."""
     saes = t.saes
-    todo = [i for i, c in enumerate(t.cfgs) if c.arch in (*THETA_ARCHS, "jumprelu")]
+    todo = [i for i, sae in enumerate(saes) if sae.arch.checks_l0]
     sums: dict[int, list[float]] = {i: [] for i in todo}
     at: dict[int, dict[str, float]] = {i: dict.fromkeys(thetas[i], 0.0) for i in todo
-                                       if t.cfgs[i].arch in THETA_ARCHS and thetas[i]}
+                                       if saes[i].arch.global_theta and thetas[i]}
     rows: list[int] = []  # per chunk the L0 check saw
     val: list[torch.Tensor] = []
     for x in t.rows.chunks("heldout"):
@@ -188,7 +188,7 @@ def metadata(t: Ending, cfg: SAEConfig, sae: SAE, chosen: str) -> dict[str, Any]
                             "(1 - k/m) quantile of pre-activations)" if cfg.arch == "quantile" else
                             f"the mean smallest kept activation over the last {s.theta_window:.0%} of "
                             "training batches, weights of each step"}
-    bt = cfg.arch in THETA_ARCHS
+    bt = sae.arch.global_theta
     return t.run_metadata | {
         "architecture": cfg.arch, "k": cfg.k, "d_sae": cfg.d_sae,
         "recipe": cfg.changed(),  # the settings beyond the name's that differ from the defaults

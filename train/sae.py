@@ -161,6 +161,10 @@ class SAEConfig:
         if self.aux_k < 1 or self.aux_coeff < 0:
             raise PipelineError(f"aux_k={self.aux_k} must be at least 1 and aux_coeff={self.aux_coeff} at least 0")
 
+    def takes(self, name: str) -> bool:
+        """Whether this SAE's architecture has the setting `name` (its declaration's applies_to)."""
+        return self.arch in (SETTINGS[name].metadata.get("applies_to") or (self.arch,))
+
     @property
     def group_sizes(self) -> tuple[int, ...]:
         """A Matryoshka SAE's groups in latents (fractions: each rounded down, the last one taking the rest)."""
@@ -194,6 +198,7 @@ class SAEConfig:
                 if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)}
 
 
+SETTINGS = {f.name: f for f in fields(SAEConfig)}
 SHOWN_IN_NAME = {f.name for f in fields(SAEConfig) if f.metadata.get("in_name")}  # (declared with in_name=True)
 
 

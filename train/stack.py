@@ -35,7 +35,7 @@ from torch import nn
 
 from batchtopk.core import distributed
 
-from .archs import ARCHS, K_ARCHS
+from .archs import ARCHS
 from .archs.base import Arch
 from .executor import CompiledStep, Executor, compile_limit
 from .kernels import FIXED, FixedKernels
@@ -70,10 +70,12 @@ class StackKey:
 
     @classmethod
     def of(cls, c: SAEConfig) -> StackKey:
-        sparse = c.arch in K_ARCHS
-        return cls(c.arch, c.d_in, c.d_sae, c.k if sparse else None, c.aux_k if sparse else 0, c.norm, c.center,
-                   c.mse, c.aux_norm if sparse else False, c.aux_batch, c.span,
-                   c.group_sizes if c.arch == "matryoshka" else None, c.target_l0 is not None, c.preact_coeff > 0)
+        """The key of an SAE: a setting its architecture does not take (its declaration's applies_to) counts as
+        absent."""
+        t = c.takes
+        return cls(c.arch, c.d_in, c.d_sae, c.k if t("k") else None, c.aux_k if t("aux_k") else 0, c.norm, c.center,
+                   c.mse, c.aux_norm if t("aux_norm") else False, c.aux_batch, c.span,
+                   c.group_sizes if t("groups") else None, c.target_l0 is not None, c.preact_coeff > 0)
 
 
 def stack_configs(cfgs: list[SAEConfig], size: int | None = None) -> list[list[int]]:

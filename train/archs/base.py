@@ -47,6 +47,7 @@ class Arch:
     global_theta: ClassVar[bool] = False  # inference is JumpReLU with one θ, set from the final weights
     batch: ClassVar[bool] = False         # trains on the batch's n·k largest (a span; scored in batch mode too)
     l1: ClassVar[bool] = False            # an L1 penalty (and resampling instead of an auxiliary loss)
+    checks_l0: ClassVar[bool] = False     # aims at an L0 its thresholds do not fix: finish measures it held out
     coeff_setting: ClassVar[str | None] = None  # its sparsity coefficient's setting (ramped over sparsity_warmup)
     export: ClassVar[str]                 # its SAELens architecture
     params: ClassVar[tuple[str, ...]] = ()  # per-latent parameters beyond the base's

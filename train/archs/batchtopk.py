@@ -33,6 +33,7 @@ class BatchTopK(KArch):
     name = "batchtopk"
     batch = True
     global_theta = True
+    checks_l0 = True
     export = "jumprelu"
 
     def select(self, stack, pre, sl):

@@ -17,6 +17,7 @@ class JumpReLU(DenseArch):
     export = "jumprelu"
     coeff_setting = "l0_coeff"
     params = ("log_threshold",)
+    checks_l0 = True
 
     def title(self, cfg):
         target = f"t{cfg.target_l0:g}_" if cfg.target_l0 is not None else ""
