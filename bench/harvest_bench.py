@@ -9,7 +9,7 @@ import torch
 from batchtopk.cache.format import Cache
 from batchtopk.harvest import models
 from batchtopk.harvest.cli import settings_from
-from batchtopk.harvest.run import _harvest_activations, _prepare, plan
+from batchtopk.harvest.run import harvest_activations, plan, prepare_tokens
 
 from .records import Record, device_name, timed
 
@@ -19,7 +19,7 @@ def run(tokens: int = 8192, batch_size: int = 32, device: str | None = None) -> 
         s = settings_from(None)[1]  # the default pipeline: the embedded model and corpus
         s.tokens, s.cache_root, s.device, s.batch_size = tokens, tmp, device, batch_size
         p = plan(s)
-        _prepare(p)
+        prepare_tokens(p)
         cache = Cache.open(p.location, mode="r+", need_complete=False)
         model = models.load_model(p.model, p.device, p.torch_dtype)
         ids = torch.from_numpy(cache.tokens[:].astype(np.int64)).to(p.device)
@@ -42,7 +42,7 @@ def run(tokens: int = 8192, batch_size: int = 32, device: str | None = None) -> 
         def harvest():
             fresh = Cache.open(p.location, mode="r+", need_complete=False)
             fresh.checksums[:, 1:] = 0  # forget finished chunks: write everything again
-            _harvest_activations(p, fresh, 0, 1, None, model=model)
+            harvest_activations(p, fresh, 0, 1, None, model=model)
 
         t_trunc = timed(truncated, repeat=2, device=p.device)
         t_full = timed(full, repeat=2, device=p.device)

@@ -137,10 +137,10 @@ def harvest(s: HarvestSettings) -> str:
         return p.location
     try:
         if rank == 0:
-            _prepare(p)
+            prepare_tokens(p)
         distributed.barrier()
         cache = Cache.open(p.location, mode="r+", need_complete=False)
-        _harvest_activations(p, cache, rank, world, lock)
+        harvest_activations(p, cache, rank, world, lock)
         distributed.barrier()
         if rank == 0:
             _finish(p, cache)
@@ -212,7 +212,7 @@ def _claim(p: Plan) -> tuple[str, store.WriterLock | None]:
 
 
 # ------------------------------------------------------------------ phase 1: tokens
-def _prepare(p: Plan) -> None:
+def prepare_tokens(p: Plan) -> None:
     """Create the group and write `tokens` (phase 1); a half-done phase 1 is simply redone."""
     if store.exists(p.location):
         c = Cache.open(p.location, mode="r", need_complete=False)
@@ -299,7 +299,7 @@ def _to_storage(h: torch.Tensor, dtype: str, site: str) -> np.ndarray:
     return stored
 
 
-def _harvest_activations(p: Plan, cache: Cache, rank: int, world: int, lock, model=None) -> None:
+def harvest_activations(p: Plan, cache: Cache, rank: int, world: int, lock, model=None) -> None:
     """Compute and write every chunk this rank owns that is not yet done."""
     s = p.settings
     done = cache.done_chunks()

@@ -94,6 +94,20 @@ def test_imports_run_one_way_and_form_no_cycle():
     assert not any(m.split(".")[1] != "core" for m in graph.get("batchtopk.core.errors", ()))
 
 
+def test_no_stage_reaches_into_anothers_private_names():
+    """Stages talk through public functions and artifacts: no module imports a `_private` name of another
+    stage (within a stage, a module may)."""
+    wrong = []
+    for pkg, path in product_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("batchtopk."):
+                other = node.module.split(".")[1]
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                if private and other != pkg.split(".")[1]:
+                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {', '.join(private)} from {node.module}")
+    assert not wrong, wrong
+
+
 def test_install_takes_over_no_common_module_name(tmp_path):
     """Hugging Face's `evaluate` and ours import side by side, away from the repository root."""
     pytest.importorskip("evaluate")
