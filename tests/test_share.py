@@ -50,7 +50,10 @@ def _configure(endpoint: str, proc: subprocess.Popen):
     kw = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
     iam, s3c = boto3.client("iam", **kw), boto3.client("s3", **kw)
     users = {}
-    for name, actions in (("writer", ["s3:*"]), ("reader", ["s3:GetObject", "s3:ListBucket", "s3:HeadObject"])):
+    # AWS authorises a listing as s3:ListBucket; moto 5.2.6 checks the operation's name (s3:ListObjectsV2) instead,
+    # so the reader is granted both spellings of "list the bucket" (and still nothing that writes)
+    reader = ["s3:GetObject", "s3:ListBucket", "s3:HeadObject", "s3:ListObjectsV2", "s3:ListObjects"]
+    for name, actions in (("writer", ["s3:*"]), ("reader", reader)):
         iam.create_user(UserName=name)
         iam.put_user_policy(UserName=name, PolicyName="p", PolicyDocument=json.dumps(
             {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
