@@ -45,15 +45,16 @@ class FixedKernels:
         return False
 
     def pre(self, stack: SAEStack, xe: torch.Tensor, xe1: torch.Tensor, sl: slice) -> torch.Tensor:
-        """The pre-activations [S', n, m] of the stack's SAEs sl (xe: their encoder inputs [S', n, d]; xe1: with
-        a column of ones)."""
-        return torch.baddbmm(stack.b_enc[sl, None, :], xe, stack.W_enc[sl])
+        """The pre-activations [S', n, m] of the stack's SAEs sl (xe: every SAE's encoder input [S, n, d]; xe1:
+        with a column of ones)."""
+        return torch.baddbmm(stack.b_enc[sl, None, :], xe[sl], stack.W_enc[sl])
 
-    def batch_topk(self, pre: torch.Tensor, k: int, hint: torch.Tensor | None = None
+    def batch_topk(self, pre: torch.Tensor, k: int, hint: torch.Tensor | None = None, sl: slice = slice(None)
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The n·k largest entries of each pre[s] [n, m] (flat indices [S, n·k], sorted), and each latent's largest
-        entry [S, m] where the selection finds it on the way (else None). hint [S]: a little below the last
-        batch's n·k-th values (the exact kernels' shortcut, updated in place), or None."""
+        """The n·k largest entries of each pre[s] [n, m] (flat indices [S', n·k], sorted), and each latent's
+        largest entry [S', m] where the selection finds it on the way (else None). hint: the stack's [S], a little
+        below the last batch's n·k-th values, of which pre's SAEs are sl (the exact kernels' shortcut, updated in
+        place), or None."""
         return batch_topk(pre, k), None
 
     def aux_width(self, stack: SAEStack, dead: torch.Tensor) -> int:
@@ -90,15 +91,17 @@ class ExactKernels(FixedKernels):
     def pre(self, stack: SAEStack, xe: torch.Tensor, xe1: torch.Tensor, sl: slice) -> torch.Tensor:
         """One matrix product per SAE with the bias as the ones' weights: on the CPU faster than baddbmm, which
         first copies the bias into every row of its output."""
+        xe1 = xe1[sl]
         pre = xe1.new_empty(*xe1.shape[:2], stack.key.d_sae)
         for j, s in enumerate(range(*sl.indices(stack.size))):
             torch.mm(xe1[j], torch.cat([stack.W_enc[s], stack.b_enc[s, None]]), out=pre[j])
         return pre
 
-    def batch_topk(self, pre: torch.Tensor, k: int, hint: torch.Tensor | None = None
+    def batch_topk(self, pre: torch.Tensor, k: int, hint: torch.Tensor | None = None, sl: slice = slice(None)
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if hint is None:
             return super().batch_topk(pre, k)
+        hint = hint[sl]
         idx, ok, peak = batch_topk_hinted(pre, k, hint)
         for s in (~ok).nonzero()[:, 0].tolist():  # the hint missed (the first batch, or a jump): the exact path
             idx[s] = batch_topk(pre[s:s + 1], k)[0]

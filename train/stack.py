@@ -235,7 +235,7 @@ class SAEStack(nn.Module):
         parts = []
         for a in range(0, S, chunk):
             sl = slice(a, min(S, a + chunk))
-            pre = self.kernels.pre(self, xe[sl], xe1[sl], sl)
+            pre = self.kernels.pre(self, xe, xe1, sl)
             idx, peak = self.arch.select(self, pre, sl)  # (peak: each latent's largest pre-activation, or None)
             parts.append((idx, pre.reshape(pre.shape[0], -1).gather(1, idx),
                           *self._aux_pool(pre, dead[sl], width, peak)))

@@ -11,14 +11,14 @@ from .base import KArch
 
 
 def select_batch(pre: torch.Tensor, k: int, span: int | None = None, kernels: FixedKernels = FIXED,
-                 hint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 hint: torch.Tensor | None = None, sl: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The n·k largest entries of each pre[s] [n, m] (flat indices [S, n·k], sorted), or with a span the span·k
     largest of each group of span consecutive tokens (a last, shorter group of r tokens: its r·k largest); and
     each latent's largest entry [S, m] where the kernels' selection finds it on the way (else None). Training,
     evaluation's batch mode and the θ estimates all select with this."""
     S, n, m = pre.shape
     if span is None or span >= n:
-        return kernels.batch_topk(pre, k, hint)
+        return kernels.batch_topk(pre, k, hint, sl)
     whole = n // span * span
     idx = span_topk(pre[:, :whole], k, span)
     if whole < n:
@@ -37,7 +37,7 @@ class BatchTopK(KArch):
     export = "jumprelu"
 
     def select(self, stack, pre, sl):
-        return select_batch(pre, stack.key.k, stack.key.span, stack.kernels, stack.hint[sl])
+        return select_batch(pre, stack.key.k, stack.key.span, stack.kernels, stack.hint, sl)
 
     def code(self, sae, pre, mode):
         if mode == "threshold":
