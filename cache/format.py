@@ -270,7 +270,7 @@ class Cache:
         path = DATA_DIR / "cache-index" / f"{self.attrs['cache_id']}.chunk_counts.npy"
         if path.exists():
             return np.load(path)
-        counts = compute_chunk_counts(self.tokens[:], self.chunk_seqs,
+        counts = compute_chunk_counts(self.tokens, self.chunk_seqs,
                                       [self.outliers(s)[0] for s in self.sites])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
@@ -350,14 +350,25 @@ def compute_stats(arr, dtype: str, tokens=None) -> dict[str, Any]:
     return out
 
 
-def compute_chunk_counts(tokens: np.ndarray, chunk_seqs: int, outlier_rows: list[np.ndarray]) -> np.ndarray:
-    """Per chunk: positions holding the BOS token (tokens[0, 0]), then each site's outlier rows."""
-    n_chunks = -(-len(tokens) // chunk_seqs)
+COUNT_BLOCK_CHUNKS = 4096  # compute_chunk_counts reads the tokens this many chunks at a time (bounded memory)
+
+
+def compute_chunk_counts(tokens, chunk_seqs: int, outlier_rows: list[np.ndarray],
+                         block_chunks: int = COUNT_BLOCK_CHUNKS) -> np.ndarray:
+    """Per chunk: positions holding the BOS token (tokens[0, 0]), then each site's outlier rows. tokens: the
+    [n_seq, ctx] array (numpy or zarr), read block_chunks chunks at a time, never whole."""
+    n_seq, ctx = tokens.shape
+    n_chunks = -(-n_seq // chunk_seqs)
     counts = np.zeros((n_chunks, 1 + len(outlier_rows)), dtype=np.int64)
-    if len(tokens):
-        per_seq = (tokens == tokens[0, 0]).sum(1)
-        counts[:, 0] = np.add.reduceat(per_seq, np.arange(0, len(tokens), chunk_seqs))
-    rows_per_chunk = chunk_seqs * tokens.shape[1]
+    if n_seq:
+        bos = np.asarray(tokens[0, 0])
+        step = chunk_seqs * block_chunks
+        for a in range(0, n_seq, step):
+            per_seq = (np.asarray(tokens[a:a + step]) == bos).sum(1)
+            first = a // chunk_seqs
+            sums = np.add.reduceat(per_seq, np.arange(0, len(per_seq), chunk_seqs))
+            counts[first:first + len(sums), 0] = sums
+    rows_per_chunk = chunk_seqs * ctx
     for j, rows in enumerate(outlier_rows):
         counts[:, 1 + j] = np.bincount(np.asarray(rows, dtype=np.int64) // rows_per_chunk, minlength=n_chunks)
     return counts

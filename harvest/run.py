@@ -398,7 +398,7 @@ def _finish(p: Plan, cache: Cache) -> None:
         raise PipelineError(f"{missing} chunks of {p.location} are still missing after the harvest; rerun it")
     stats = {site: compute_stats(cache.activations(site), cache.dtype, cache.tokens) for site in p.sites}
     outliers = [np.asarray(stats[s].get("outliers", {}).get("rows", []), dtype=np.int64) for s in p.sites]
-    write_chunk_counts(cache.group, compute_chunk_counts(cache.tokens[:], cache.chunk_seqs, outliers))
+    write_chunk_counts(cache.group, compute_chunk_counts(cache.tokens, cache.chunk_seqs, outliers))
     # One metadata write: statistics and `complete: true` together, last of all.
     cache.group.attrs.update({"stats": stats, "complete": True,
                               "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

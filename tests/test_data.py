@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchtopk.cache.format import Cache, synthetic_tokens, write_cache
+from batchtopk.cache.format import Cache, compute_chunk_counts, synthetic_tokens, write_cache
 from batchtopk.cache.split import Rows, Split, keep_mask
 from batchtopk.core.errors import PipelineError
 from batchtopk.train.stream import ActivationStream, BufferPool
@@ -63,6 +63,9 @@ def test_chunk_counts_match_brute_force(cache, tmp_path, monkeypatch):
     legacy = Cache.open(str(old))
     np.testing.assert_array_equal(legacy.chunk_counts(), counts)
     assert (tmp_path / "data" / "cache-index" / f"{legacy.attrs['cache_id']}.chunk_counts.npy").exists()
+    # the tokens are read a block of chunks at a time, never whole: any block size gives the same counts
+    for block in (1, 2, cache.n_chunks - 1):
+        np.testing.assert_array_equal(compute_chunk_counts(cache.tokens, cache.chunk_seqs, [rows], block), counts)
 
 
 def test_every_kept_row_once_per_epoch(cache):
