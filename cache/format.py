@@ -14,6 +14,7 @@ group attributes is written last of all.
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +144,15 @@ class Cache:
     @property
     def dtype(self) -> str:
         return self.attrs["dtype"]
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of every array's chunk objects (stored uncompressed, an edge chunk whole: the cache's size on
+        disk but for its metadata files; a partial cache's once complete), from the arrays' metadata alone: no
+        object is listed."""
+        names = ["tokens", "checksums", "chunk_counts", *(f"activations/{s}" for s in self.sites)]
+        arrays = [self.group[n] for n in names if n in self.group]  # (a partial cache: the arrays made so far)
+        return int(sum(a.nchunks * math.prod(a.chunks) * a.dtype.itemsize for a in arrays))
 
     def d_model(self) -> int:
         return int(self.attrs["d_model"])

@@ -68,6 +68,24 @@ def test_chunk_counts_match_brute_force(cache, tmp_path, monkeypatch):
         np.testing.assert_array_equal(compute_chunk_counts(cache.tokens, cache.chunk_seqs, [rows], block), counts)
 
 
+def test_ls_reads_sizes_from_the_manifest_not_the_objects(cache, monkeypatch):
+    """`harvest ls` lists no object of a cache (at the paper's scale, millions): its size comes from the arrays'
+    metadata, and equals the bytes of the chunk objects (uncompressed; no chunk padded here)."""
+    import os
+
+    import fsspec.implementations.local as local
+
+    from batchtopk.cache.share import list_caches
+
+    def refuse(*a, **k):
+        raise AssertionError("ls walked the cache's objects")
+    monkeypatch.setattr(local.LocalFileSystem, "du", refuse)
+    [row] = [r for r in list_caches(os.path.dirname(cache.location)) if r["location"] == cache.location]
+    chunks = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache.location) for f in fs
+                 if f != "zarr.json")
+    assert row["size"] == cache.nbytes == chunks and row["complete"]
+
+
 def test_every_kept_row_once_per_epoch(cache):
     s = stream(cache)
     it = s.batches(0)
