@@ -11,8 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from batchtopk.train.archs import K_ARCHS
 from batchtopk.train.recipe import JUMPRELU_TARGET_RECIPE
-from batchtopk.train.sae import K_ARCHS, load_sae
+from batchtopk.train.sae import load_sae
 from batchtopk.train.settings import TrainSettings
 from batchtopk.train.trainer import Trainer
 

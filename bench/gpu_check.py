@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from batchtopk.train.archs import K_ARCHS
 from batchtopk.train.executor import Executor
-from batchtopk.train.sae import K_ARCHS, NMSE, SAE, SAEConfig
+from batchtopk.train.sae import NMSE, SAE, SAEConfig
 from batchtopk.train.stack import SAEStack, StackTrainer
 
 from .records import Record, device_name

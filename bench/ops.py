@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from batchtopk.train.archs import K_ARCHS
 from batchtopk.train.kernels import FIXED
-from batchtopk.train.sae import K_ARCHS, SAE, SAEConfig
+from batchtopk.train.sae import SAE, SAEConfig
 from batchtopk.train.stack import SAEStack, StackTrainer
 
 from .records import Record, device_name

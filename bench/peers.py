@@ -36,8 +36,10 @@ import torch
 from batchtopk.cache.format import Cache
 from batchtopk.cache.split import Rows, Split
 from batchtopk.core.pipelines import DATA_DIR
+from batchtopk.train.archs import BATCH_ARCHS
+from batchtopk.train.archs.matryoshka import MATRYOSHKA_GROUPS
 from batchtopk.train.recipe import JUMPRELU_TARGET_RECIPE
-from batchtopk.train.sae import BATCH_ARCHS, MATRYOSHKA_GROUPS, NMSE, SAEConfig, load_sae, standardized_mse
+from batchtopk.train.sae import NMSE, SAEConfig, load_sae, standardized_mse
 from batchtopk.train.settings import TrainSettings
 from batchtopk.train.stream import ActivationStream
 from batchtopk.train.trainer import Trainer

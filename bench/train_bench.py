@@ -13,7 +13,8 @@ import torch
 
 from batchtopk.cache.format import Cache, synthetic_tokens, write_cache
 from batchtopk.cache.split import Rows, Split
-from batchtopk.train.sae import K_ARCHS, SAE, SAEConfig
+from batchtopk.train.archs import K_ARCHS
+from batchtopk.train.sae import SAE, SAEConfig
 from batchtopk.train.sparsity import batch_topk, jumprelu, step
 from batchtopk.train.stream import ActivationStream
 

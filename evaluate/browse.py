@@ -25,7 +25,8 @@ from batchtopk.cache.split import Rows, Split, heldout_sequences
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.pipelines import DATA_DIR
 from batchtopk.harvest import models
-from batchtopk.train.sae import SAE, THETA_ARCHS, load_sae
+from batchtopk.train.archs import THETA_ARCHS
+from batchtopk.train.sae import SAE, load_sae
 
 from .latents import LatentStats
 from .settings import BrowseSettings

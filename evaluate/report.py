@@ -21,7 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from batchtopk.core.errors import PipelineError  # noqa: E402
 from batchtopk.core.pipelines import DATA_DIR  # noqa: E402
-from batchtopk.train.sae import ARCHS, load_config, recipe_label  # noqa: E402
+from batchtopk.train.archs import ARCHS  # noqa: E402
+from batchtopk.train.sae import load_config, recipe_label  # noqa: E402
 
 from .run import METRICS_FILE  # noqa: E402
 

@@ -18,8 +18,9 @@ from batchtopk.cache.split import Rows, Split, heldout_sequences
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.pipelines import DATA_DIR
 from batchtopk.harvest import models
+from batchtopk.train.archs import L1_ARCHS
 from batchtopk.train.executor import autocast
-from batchtopk.train.sae import L1_ARCHS, SAE, SWAPPABLE, load_sae, with_activation
+from batchtopk.train.sae import SAE, SWAPPABLE, load_sae, with_activation
 from batchtopk.train.settings import TrainSettings
 from batchtopk.train.theta import estimate_theta
 

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from batchtopk.train.archs import BATCH_ARCHS
 from batchtopk.train.executor import CompiledStep, Executor, compile_limit
-from batchtopk.train.sae import BATCH_ARCHS, SAE, SAEConfig
+from batchtopk.train.sae import SAE, SAEConfig
 from batchtopk.train.sparsity import batch_topk, span_topk
 from batchtopk.train.stack import SAEStack, StackTrainer
 

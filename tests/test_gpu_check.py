@@ -34,7 +34,7 @@ def test_gpu_check_runs_here_and_fails_loudly(tmp_path, monkeypatch):
 
 def test_gpu_check_covers_every_architecture_and_the_span_case():
     from batchtopk.bench.gpu_check import CASES
-    from batchtopk.train.sae import ARCHS
+    from batchtopk.train.archs import ARCHS
 
     assert {a for a, _ in CASES} == set(ARCHS)
     assert ("batchtopk", {"span": None, "aux_batch": True}) in CASES

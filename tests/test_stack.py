@@ -8,8 +8,9 @@ import torch
 from batchtopk.bench.ops import OpCounter, count_step, stack_trainer
 from batchtopk.bench.train_bench import dense_losses
 from batchtopk.core.errors import PipelineError
+from batchtopk.train.archs import K_ARCHS
 from batchtopk.train.kernels import EXACT, FIXED
-from batchtopk.train.sae import K_ARCHS, SAE, SAEConfig, load_sae
+from batchtopk.train.sae import SAE, SAEConfig, load_sae
 from batchtopk.train.sparsity import batch_topk
 from batchtopk.train.stack import SAEStack, StackKey, stack_configs
 

@@ -82,9 +82,8 @@ class Executor:
     @property
     def name(self) -> str:
         """In words, for the log's first line: e.g. 'fixed-shape, compiled (CUDA graphs), bf16 on cuda'."""
-        shapes = "fixed-shape" if self.fixed else "exact"
         how = ("compiled (CUDA graphs)" if self.cuda_graphs else "compiled") if self.compiled else "eager"
-        return f"{shapes}, {how}, {self.precision} on {self.device}"
+        return f"{self.kernels.name}, {how}, {self.precision} on {self.device}"
 
     @property
     def kernels(self) -> FixedKernels:

@@ -109,7 +109,8 @@ def estimate_thresholds(t: Ending) -> list[dict[str, float] | None]:
         rows = t.rows.take(s.theta_tokens, part="calibration")
         unseen = [x.to(t.device) for x in rows.split(s.batch_size)]
     for i in todo:
-        sae, cfg = saes[i], t.cfgs[i]
+        sae = saes[i]
+        cfg = sae.cfg
         with torch.no_grad(), t.executor.autocast():
             def pre(x, sae=sae):
                 return sae.pre(sae.normalize(x)[0])

@@ -33,8 +33,7 @@ class FixedKernels:
     """The fixed-shape program: the whole stack at once, exact selections of fixed size, the auxiliary loss over
     the stack's fixed pool (`SAEStack.aux_pool`), and nothing read from the device."""
 
-    name = "fixed-shape"
-    reads_host = False
+    name = "fixed-shape"  # (the executor's name for it)
 
     def chunk(self, stack: SAEStack, n: int) -> int:
         """How many of the stack's SAEs to encode together on a batch of n tokens."""
@@ -80,7 +79,6 @@ class ExactKernels(FixedKernels):
     only where it must, and the kept pairs are grouped by latent once for both sparse gradients."""
 
     name = "exact"
-    reads_host = True
 
     def chunk(self, stack: SAEStack, n: int) -> int:
         return max(1, CPU_PRE_BYTES // (n * stack.key.d_sae * stack.W_enc.element_size()))

@@ -38,12 +38,11 @@ from torch import nn
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.options import IF_SET, RECIPE, setting
 
-from .archs import ARCHS, BATCH_ARCHS, K_ARCHS, L1_ARCHS, THETA_ARCHS
+from .archs import ARCHS, BATCH_ARCHS, K_ARCHS, L1_ARCHS
 from .archs.base import DEAD_TOKENS_DEFAULT, DEFAULT_K, DENSE_DECODE_ABOVE, Arch
 from .archs.matryoshka import MATRYOSHKA_GROUPS
 from .sparsity import Code, sparse_decode
 
-__all__ = ["ARCHS", "BATCH_ARCHS", "K_ARCHS", "L1_ARCHS", "THETA_ARCHS", "DEFAULT_K", "DENSE_DECODE_ABOVE"]
 NORMS = ("global", "token")
 B_DEC_INITS = ("mean", "geometric_median", "zero")
 MSE_REDUCTIONS = ("mean", "sum")

@@ -228,7 +228,7 @@ class SAEStack(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Without a graph, from the pre-activations xe W_enc + b_enc [S, n, m] (xe1: xe with a column of
         ones): the kept pairs (flat indices [S, P], their pre-activations [S, P]) and the auxiliary loss's pool
-        (its latents [S, D], their masked block [S, n, D], see `_aux`), a chunk of SAEs at a time (the kernels')."""
+        (its latents [S, D], their masked block [S, n, D], see `aux_loss`), a chunk of SAEs at a time (the kernels')."""
         S, n, _ = xe.shape
         chunk = self.kernels.chunk(self, n)
         width = self.kernels.aux_width(self, dead)

@@ -18,7 +18,8 @@ from typing import Any
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.options import check_keys, declared, option_name, setting
 
-from .sae import ARCHS, SAEConfig
+from .archs import ARCHS
+from .sae import SAEConfig
 
 ALIASES = {"init_l0": "jumprelu_init_l0"}
 
