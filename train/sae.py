@@ -161,8 +161,8 @@ class SAEConfig:
             raise PipelineError(f"aux_k={self.aux_k} must be at least 1 and aux_coeff={self.aux_coeff} at least 0")
 
     def takes(self, name: str) -> bool:
-        """Whether this SAE's architecture has the setting `name` (its declaration's applies_to)."""
-        return self.arch in (SETTINGS[name].metadata.get("applies_to") or (self.arch,))
+        """Whether this SAE's architecture has the setting `name`."""
+        return self.arch in applies_to(name)
 
     @property
     def group_sizes(self) -> tuple[int, ...]:
@@ -198,6 +198,13 @@ class SAEConfig:
 
 
 SETTINGS = {f.name: f for f in fields(SAEConfig)}
+
+
+def applies_to(name: str) -> tuple[str, ...]:
+    """The architectures that have the setting `name` (its declaration's applies_to; every one by default)."""
+    return SETTINGS[name].metadata.get("applies_to") or tuple(ARCHS)
+
+
 SHOWN_IN_NAME = {f.name for f in fields(SAEConfig) if f.metadata.get("in_name")}  # (declared with in_name=True)
 
 

@@ -12,14 +12,15 @@ of each of its grids, as do the SAE settings written directly in the pipeline's 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from batchtopk.core.errors import PipelineError
 from batchtopk.core.options import check_keys, declared, option_name, setting
 
 from .archs import ARCHS
-from .sae import SAEConfig
+from .sae import SETTINGS, SAEConfig
+from .sae import applies_to as settings_applies_to
 
 ALIASES = {"init_l0": "jumprelu_init_l0"}
 
@@ -31,16 +32,13 @@ class Grid:
     dict: str = setting("4x", "Dictionary size(s): integers, or multiples of d_model like 8x.", metavar="SIZES",
                         selects=True)
     seeds: int = setting(1, "Seeds (replicates 0..n-1) of every SAE, trained in the same pass.", metavar="N")
-FIELDS = {f.name: f for f in fields(SAEConfig)}
-
-
 def applies_to(key: str) -> tuple[str, ...]:
-    """The architectures that have a sweep key (its declaration's applies_to; every one by default)."""
-    f = FIELDS.get(ALIASES.get(key, key))
-    return (f.metadata.get("applies_to") if f is not None else None) or ARCHS
+    """The architectures that have a sweep key (every one for a key that is not an SAE setting)."""
+    name = ALIASES.get(key, key)
+    return settings_applies_to(name) if name in SETTINGS else tuple(ARCHS)
 
 
-GRID_KEYS = tuple(k for k in FIELDS if k not in ("arch", "d_in", "d_sae")) + ("arch", "dict", "seeds", *ALIASES)
+GRID_KEYS = tuple(k for k in SETTINGS if k not in ("arch", "d_in", "d_sae")) + ("arch", "dict", "seeds", *ALIASES)
 
 
 def _split(value: Any) -> list:
@@ -69,7 +67,7 @@ def dict_size(v: Any, d_in: int) -> int:
 
 def _coerce(key: str, v: Any) -> Any:
     """One value of a key, as the SAEConfig field's type wants it."""
-    kind = str(FIELDS[key].type)
+    kind = str(SETTINGS[key].type)
     if v is None or (isinstance(v, str) and v.lower() in ("none", "null")):
         if "None" not in kind:
             raise PipelineError(f"{key} cannot be none")
@@ -118,7 +116,7 @@ def expand(grid: dict[str, Any], d_in: int) -> list[dict[str, Any]]:
     seeds = _int(grid.get("seeds", Grid.seeds), "seeds")
     if seeds < 1:
         raise PipelineError(f"seeds={seeds} must be at least 1")
-    keys = [k for k in grid if k in FIELDS and k not in ("arch", "d_in", "d_sae")]
+    keys = [k for k in grid if k in SETTINGS and k not in ("arch", "d_in", "d_sae")]
     out = []
     for arch in archs:
         mine = [k for k in keys if arch in applies_to(k)]
